@@ -1,0 +1,33 @@
+# Two commands: `make demo` (set up, run the default pretraining) and `make test` (set up, run the tests).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.stamp-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast eval-demo clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	@rm -f $(VENV)/.stamp-*
+	@touch $@
+
+demo: setup
+	$(BIN)/python launch/pretrain.py
+
+test: setup
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -m "not slow and not system" $(PYTEST_ARGS)
+
+eval-demo: setup
+	$(BIN)/python launch/eval_demo.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

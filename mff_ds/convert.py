@@ -1,0 +1,384 @@
+"""Checkpoint interop: this project's model files, mmpretrain MFF/MAE, official MAE, timm, safetensors.
+
+Our parameter names are the official MAE / timm names (patch_embed.proj, blocks.i.norm1, ..., decoder_*),
+plus the MFF fusion: fusion_proj.j (mmpretrain backbone.proj_layers.j) and fusion_logits (K,)
+(mmpretrain backbone.proj_weights, (K,1,1,1)). CLI:
+
+    python -m mff_ds.convert {from-mmpretrain,from-mae,to-timm,to-mae,to-mmpretrain} IN OUT
+
+Files ending in .safetensors are written/read with safetensors, anything else with torch.save.
+"""
+import argparse
+import ast
+import json
+import os
+import re
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from .models import ModelConfig, build_model
+from .models.archs import default_out_indices
+
+FORMAT = "mff_ds.model.v1"
+
+# (pattern, replacement) pairs, first match wins; then the block-internal renames.
+_TO_MM = [
+    (r"^patch_embed\.proj\.", "backbone.patch_embed.projection."),
+    (r"^(cls_token|pos_embed)$", r"backbone.\1"),
+    (r"^blocks\.", "backbone.layers."),
+    (r"^norm\.", "backbone.ln1."),
+    (r"^fusion_proj\.", "backbone.proj_layers."),
+    (r"^fusion_logits$", "backbone.proj_weights"),
+    (r"^decoder_norm\.", "neck.ln1."),
+    (r"^(decoder_embed|decoder_pred|decoder_blocks|mask_token|decoder_pos_embed)\b", r"neck.\1"),
+]
+_FROM_MM = [
+    (r"^backbone\.patch_embed\.projection\.", "patch_embed.proj."),
+    (r"^backbone\.(cls_token|pos_embed)$", r"\1"),
+    (r"^backbone\.layers\.", "blocks."),
+    (r"^backbone\.ln1\.", "norm."),
+    (r"^backbone\.proj_layers\.", "fusion_proj."),
+    (r"^backbone\.proj_weights$", "fusion_logits"),
+    (r"^neck\.ln1\.", "decoder_norm."),
+    (r"^neck\.(decoder_embed|decoder_pred|decoder_blocks|mask_token|decoder_pos_embed)\b", r"\1"),
+]
+_BLOCK_OURS_MM = [(".norm1.", ".ln1."), (".norm2.", ".ln2."), (".mlp.fc1.", ".ffn.layers.0.0."),
+                  (".mlp.fc2.", ".ffn.layers.1.")]
+_IN_BLOCK = re.compile(r"^(backbone\.layers|blocks|neck\.decoder_blocks|decoder_blocks)\.\d+\.")
+
+
+def _rename(name: str, rules, what: str) -> str:
+    for pat, rep in rules:
+        new, n = re.subn(pat, rep, name)
+        if n:
+            return new
+    raise ValueError(f"no {what} counterpart for key {name!r}")
+
+
+def _to_mm_name(name: str) -> str:
+    name = _rename(name, _TO_MM, "mmpretrain")
+    if _IN_BLOCK.match(name):
+        for ours, mm in _BLOCK_OURS_MM:
+            name = name.replace(ours, mm)
+    return name
+
+
+def _from_mm_name(name: str) -> str:
+    if _IN_BLOCK.match(name):
+        for ours, mm in _BLOCK_OURS_MM:
+            name = name.replace(mm, ours)
+    return _rename(name, _FROM_MM, "mff_ds")
+
+
+def to_mmpretrain(tensors: dict) -> dict:
+    """Any dict keyed by our parameter names (state dict, gradients) -> mmpretrain keys and layouts."""
+    out = {}
+    for k, v in tensors.items():
+        mk = _to_mm_name(k)
+        out[mk] = v.reshape(-1, 1, 1, 1) if k == "fusion_logits" and v is not None else v
+    return out
+
+
+def from_mmpretrain(tensors: dict) -> dict:
+    """mmpretrain keys (backbone./neck.) -> our names and layouts. Data-preprocessor/head keys are dropped."""
+    out = {}
+    for k, v in tensors.items():
+        if not k.startswith(("backbone.", "neck.")):
+            continue
+        ok = _from_mm_name(k)
+        out[ok] = v.reshape(-1) if ok == "fusion_logits" else v
+    return out
+
+
+# ------------------------------------------------------------------ mmpretrain config text
+def _literal(node):
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        vals = [_literal(e) for e in node.elts]
+        return vals if isinstance(node, ast.List) else tuple(vals)
+    if isinstance(node, ast.Dict):
+        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values)}
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" and not node.args:
+        return {kw.arg: _literal(kw.value) for kw in node.keywords}
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_literal(node.operand)
+    raise ValueError(f"unsupported config expression {ast.dump(node)[:60]}")
+
+
+def parse_mm_config(text: str) -> dict:
+    """Evaluate the literal assignments of an mmengine config dump (no code is executed)."""
+    out = {}
+    for stmt in ast.parse(text).body:
+        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+            try:
+                out[stmt.targets[0].id] = _literal(stmt.value)
+            except ValueError:
+                pass
+    return out
+
+
+# mmpretrain VisionTransformer arch_zoo heads / the string presets we can meet in configs
+_MM_ARCH_HEADS = {"s": 8, "small": 8, "b": 12, "base": 12, "l": 16, "large": 16, "h": 16, "huge": 16,
+                  "deit-t": 3, "deit-tiny": 3, "deit-s": 6, "deit-small": 6, "deit-b": 12, "deit-base": 12}
+
+
+def _hints_from_cfg(model_cfg: dict) -> dict:
+    hints = {}
+    bb, neck, head = model_cfg.get("backbone", {}), model_cfg.get("neck", {}), model_cfg.get("head", {})
+    arch = bb.get("arch", "b")
+    if isinstance(arch, dict):
+        if "num_heads" in arch:
+            hints["num_heads"] = arch["num_heads"]
+    elif str(arch).lower() in _MM_ARCH_HEADS:
+        hints["num_heads"] = _MM_ARCH_HEADS[str(arch).lower()]
+    oi = bb.get("out_indices", -1)  # mmpretrain's defaults where the config is silent
+    hints["out_indices"] = list(oi) if isinstance(oi, (list, tuple)) else [oi]
+    hints["mask_ratio"] = float(bb.get("mask_ratio", 0.75))
+    hints["decoder_num_heads"] = neck.get("decoder_num_heads", 16)
+    hints["norm_pix_loss"] = bool(head.get("norm_pix", False))
+    return hints
+
+
+# ------------------------------------------------------------------ shape inference
+def _count(sd: dict, prefix: str) -> int:
+    idx = {int(m.group(1)) for k in sd for m in [re.match(re.escape(prefix) + r"(\d+)\.", k)] if m}
+    return max(idx) + 1 if idx else 0
+
+
+def infer_config(sd: dict) -> dict:
+    """Sizes that the state dict (our names) determines; heads, out_indices and mask ratio it cannot."""
+    for k in ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight"):
+        if k not in sd:
+            raise ValueError(f"not an MAE/MFF ViT checkpoint: expected key {k!r}, found keys like {sorted(sd)[:5]}")
+    w = sd["patch_embed.proj.weight"]
+    C, in_chans, p = w.shape[0], w.shape[1], w.shape[-1]
+    L = sd["pos_embed"].shape[1] - 1
+    grid = int(round(L ** 0.5))
+    if grid * grid != L:
+        raise ValueError(f"pos_embed: expected a square grid of patches (+1 cls), got {L} patches")
+    cfg = dict(embed_dim=C, in_chans=in_chans, patch_size=p, img_size=grid * p, depth=_count(sd, "blocks."),
+               mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / C)
+    if "decoder_embed.weight" in sd:
+        D = sd["decoder_embed.weight"].shape[0]
+        cfg.update(decoder_embed_dim=D, decoder_depth=_count(sd, "decoder_blocks."),
+                   decoder_mlp_ratio=sd["decoder_blocks.0.mlp.fc1.weight"].shape[0] / D)
+    return cfg
+
+
+def _build_and_load(sd: dict, hints: dict, overrides: dict, source: str, strict_decoder: bool = True):
+    cfg = infer_config(sd)
+    K = sd["fusion_logits"].numel() if "fusion_logits" in sd else 1
+    guessed = []
+    cfg.setdefault("decoder_num_heads", 16)
+    for key, default in (("num_heads", max(1, cfg["embed_dim"] // 64)),
+                         ("decoder_num_heads", max(1, cfg.get("decoder_embed_dim", 512) // 32)),
+                         ("out_indices", default_out_indices(cfg["depth"], K) if K > 1 else [cfg["depth"] - 1]),
+                         ("mask_ratio", 0.75), ("norm_pix_loss", True)):
+        if key in hints:
+            cfg[key] = hints[key]
+        elif key not in overrides:
+            cfg[key] = default
+            guessed.append(f"{key}={default}")
+    cfg.update(overrides)
+    if guessed:
+        warnings.warn(f"{source}: no config says {', '.join(k.split('=')[0] for k in guessed)}; "
+                      f"using the standard defaults {', '.join(guessed)} (pass them as overrides to change)")
+    if len(cfg["out_indices"]) != K:
+        raise ValueError(f"{source}: the checkpoint has {K} fusion level(s) but out_indices is "
+                         f"{cfg['out_indices']} ({len(cfg['out_indices'])} levels)")
+    model = build_model(cfg)
+    load_state_dict_checked(model, sd, source, allow_missing_decoder=not strict_decoder)
+    return model
+
+
+def load_state_dict_checked(model, sd: dict, source: str = "checkpoint", allow_missing_decoder: bool = False):
+    """load_state_dict that names every missing, unexpected or mis-shaped key."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and not (allow_missing_decoder and _is_decoder(k))]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(sd[k].shape)}"
+              for k in sd if k in own and own[k].shape != sd[k].shape]
+    if missing or unexpected or shapes:
+        msg = [f"{source} does not match the model architecture:"]
+        if shapes:
+            msg.append("  shape mismatch: " + "; ".join(shapes[:8]) + (" ..." if len(shapes) > 8 else ""))
+        if missing:
+            msg.append(f"  missing keys ({len(missing)}): {missing[:8]}")
+        if unexpected:
+            msg.append(f"  unexpected keys ({len(unexpected)}): {unexpected[:8]}")
+        raise ValueError("\n".join(msg))
+    model.load_state_dict(sd, strict=not allow_missing_decoder)
+    return model
+
+
+def _is_decoder(k: str) -> bool:
+    return k.startswith(("decoder_", "mask_token"))
+
+
+# ------------------------------------------------------------------ file IO
+def _torch_load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_file(obj: dict, path, metadata: dict | None = None):
+    """Atomic save: write a temp file beside the target, then rename. .safetensors takes a flat tensor dict."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file as st_save
+            flat = {k: v.detach().contiguous().clone() for k, v in obj.items()}
+            st_save(flat, tmp, metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
+        else:
+            torch.save(obj if metadata is None else {**obj, **metadata}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _read(path):
+    """-> (tensors, metadata) for .safetensors or torch files."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    return _torch_load(path), {}
+
+
+def save_model(model, path):
+    """Our native model file: state dict + model config (torch or safetensors by suffix)."""
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if Path(path).suffix == ".safetensors":
+        save_file(sd, path, {"format": FORMAT, "model_config": model.cfg.to_dict()})
+    else:
+        save_file({"model": sd}, path, {"format": FORMAT, "model_config": model.cfg.to_dict()})
+
+
+def load_model(path, **overrides):
+    """Load a file written by save_model (or the engine's final export)."""
+    obj, meta = _read(path)
+    if meta:  # safetensors
+        sd, cfg = obj, meta.get("model_config")
+    else:
+        if obj.get("format") != FORMAT:
+            raise ValueError(f"{path}: expected an mff_ds model file (format {FORMAT!r}); for other layouts use "
+                             f"load_mmpretrain / load_mae")
+        sd, cfg = obj["model"], obj["model_config"]
+    model = build_model({**cfg, **overrides})
+    return load_state_dict_checked(model, sd, str(path))
+
+
+# ------------------------------------------------------------------ mmpretrain
+def load_mmpretrain(path, **overrides):
+    """Load an mmpretrain MFF or MAE pretraining checkpoint ({'meta': {'cfg': ...}, 'state_dict': ...})."""
+    obj, _ = _read(path)
+    sd_mm = obj.get("state_dict", obj)
+    if not any(k.startswith("backbone.") for k in sd_mm):
+        raise ValueError(f"{path}: expected mmpretrain keys starting with 'backbone.', got {sorted(sd_mm)[:5]}")
+    hints = {}
+    cfg_text = (obj.get("meta") or {}).get("cfg") if isinstance(obj.get("meta"), dict) else None
+    if cfg_text:
+        hints = _hints_from_cfg(parse_mm_config(cfg_text).get("model", {}))
+    return _build_and_load(from_mmpretrain(sd_mm), hints, overrides, f"mmpretrain checkpoint {path}")
+
+
+def mm_config_text(cfg: ModelConfig) -> str:
+    """The model part of an mmengine config, enough for load_mmpretrain (and readable by mmengine)."""
+    kind = "MFF" if len(cfg.out_indices) > 1 else "MAE"
+    return (f"model = dict(type='{kind}', backbone=dict(type='{kind}ViT', arch=dict(embed_dims={cfg.embed_dim}, "
+            f"num_layers={cfg.depth}, num_heads={cfg.num_heads}, feedforward_channels={int(cfg.embed_dim * cfg.mlp_ratio)}), "
+            f"img_size={cfg.img_size}, patch_size={cfg.patch_size}, mask_ratio={cfg.mask_ratio}, "
+            f"out_indices={list(cfg.out_indices)}), neck=dict(type='MAEPretrainDecoder', "
+            f"decoder_embed_dim={cfg.decoder_embed_dim}, decoder_depth={cfg.decoder_depth}, "
+            f"decoder_num_heads={cfg.decoder_num_heads}), head=dict(type='MAEPretrainHead', "
+            f"norm_pix={cfg.norm_pix_loss}, patch_size={cfg.patch_size}))\n")
+
+
+def mmpretrain_checkpoint(model) -> dict:
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {"meta": {"cfg": mm_config_text(model.cfg)}, "state_dict": to_mmpretrain(sd)}
+
+
+# ------------------------------------------------------------------ timm / official MAE
+def _encoder_state(model_or_sd) -> dict:
+    sd = model_or_sd.state_dict() if hasattr(model_or_sd, "state_dict") else model_or_sd
+    return {k: v for k, v in sd.items() if not (_is_decoder(k) or k.startswith("fusion_"))}
+
+
+def to_timm(model_or_sd) -> dict:
+    """Encoder state dict for timm VisionTransformer(num_classes=0, global_pool='token'), strict=True."""
+    return {k: v.detach().cpu() for k, v in _encoder_state(model_or_sd).items()}
+
+
+def timm_name(cfg: ModelConfig) -> str:
+    """The timm model whose layout matches (for the named sizes; custom sizes: build VisionTransformer)."""
+    from .models.archs import SIZES
+    for size, (dim, depth, heads) in SIZES.items():
+        if (cfg.embed_dim, cfg.depth, cfg.num_heads) == (dim, depth, heads):
+            return f"vit_{size}_patch{cfg.patch_size}_{cfg.img_size}"
+    raise ValueError(f"no named timm ViT with embed {cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads}")
+
+
+def to_mae(model_or_sd, full: bool = True) -> dict:
+    """Official facebookresearch/mae layout: {'model': ...}; full=False gives the encoder-only file."""
+    sd = model_or_sd.state_dict() if hasattr(model_or_sd, "state_dict") else model_or_sd
+    keep = {k: v.detach().cpu() for k, v in sd.items() if not k.startswith("fusion_")}
+    return {"model": keep if full else _encoder_state(keep)}
+
+
+def load_mae(path, **overrides):
+    """Load an official MAE checkpoint (encoder-only or _full; training checkpoints too)."""
+    obj, _ = _read(path)
+    sd = obj.get("model", obj)
+    sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}
+    full = "decoder_embed.weight" in sd
+    if not full:
+        warnings.warn(f"{path}: encoder-only MAE checkpoint; the decoder is freshly initialised")
+    return _build_and_load(sd, {}, overrides, f"MAE checkpoint {path}", strict_decoder=full)
+
+
+# ------------------------------------------------------------------ CLI
+def _load_ours(path):
+    return load_model(path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m mff_ds.convert", description=__doc__.split("\n")[0])
+    ap.add_argument("command", choices=["from-mmpretrain", "from-mae", "to-timm", "to-mae", "to-mmpretrain"])
+    ap.add_argument("src")
+    ap.add_argument("dst")
+    ap.add_argument("--encoder-only", action="store_true", help="to-mae: write the encoder-only layout")
+    a = ap.parse_args(argv)
+    st = Path(a.dst).suffix == ".safetensors"
+    if a.command in ("from-mmpretrain", "from-mae"):
+        model = load_mmpretrain(a.src) if a.command == "from-mmpretrain" else load_mae(a.src)
+        save_model(model, a.dst)
+    else:
+        model = _load_ours(a.src)
+        if a.command == "to-timm":
+            sd = to_timm(model)
+            save_file(sd if st else sd, a.dst)
+        elif a.command == "to-mae":
+            out = to_mae(model, full=not a.encoder_only)
+            save_file(out["model"] if st else out, a.dst)
+        else:
+            ck = mmpretrain_checkpoint(model)
+            save_file(ck["state_dict"], a.dst, ck["meta"]) if st else save_file(ck, a.dst)
+    print(f"{a.command}: {a.src} -> {a.dst} ({model.cfg.depth} blocks, embed {model.cfg.embed_dim}, "
+          f"{len(model.levels)} fused level(s))")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""build_loader(): uint8 batches for one rank, equal length on every rank, exact resume, bad-sample accounting.
+
+Workers build whole batches (decode + augment + stack into uint8 (B, 3, S, S)); the main process restores
+batch order, counts bad samples and stops the run when their fraction exceeds `max_bad_fraction`.
+A bad sample is replaced by a copy of a good one of the same batch, so batch b always covers the same stream
+positions: that is what makes `skip_batches` exact (skipped shard samples are read but not decoded).
+Normalisation happens on the device: `normalize(images.to(device))`.
+"""
+import dataclasses
+import math
+import multiprocessing as mp
+import warnings
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from . import sources
+from .transforms import AUGMENTS, make_augment, process
+
+SOURCES = ("demo", "imagefolder", "webdataset", "synthetic")
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+SYNTHETIC_SAMPLES = 1_281_167  # ImageNet-1k train size, the synthetic epoch length unless num_samples is set
+MAX_EXAMPLES = 10
+
+
+class BadDataError(RuntimeError):
+    """Too many unreadable samples."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: str = "demo"                # demo | imagefolder | webdataset | synthetic
+    path: str | None = None             # ImageFolder root, or shard path / brace pattern
+    augment: str = "mff"                # mff (MFF reference) | mae (RandomResizedCrop 0.2-1) | center (eval)
+    num_workers: int = 4
+    prefetch_factor: int = 2
+    pin_memory: bool = True
+    fast_decode: bool = True            # reduced-size JPEG decoding with libjpeg-turbo
+    resample_shards: bool = False       # draw shards with replacement (allows fewer shards than readers)
+    max_bad_fraction: float = 0.01
+    shuffle_buffer: int = 1000          # samples, per worker (webdataset)
+    num_samples: int | None = None      # epoch size for shards without _info.json (and for synthetic)
+
+    def validate(self):
+        """-> list of problems, each naming its key ("data.<key>: expected ..., got ...")."""
+        p = []
+
+        def bad(key, expected):
+            p.append(f"data.{key}: expected {expected}, got {getattr(self, key)!r}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if self.source not in SOURCES:
+            bad("source", f"one of {list(SOURCES)}")
+        if self.source in ("imagefolder", "webdataset") and not (isinstance(self.path, str) and self.path):
+            bad("path", f"a directory or shard pattern for source {self.source!r}")
+        elif self.path is not None and not isinstance(self.path, str):
+            bad("path", "a string or null")
+        if self.augment not in AUGMENTS:
+            bad("augment", f"one of {list(AUGMENTS)}")
+        if not is_int(self.num_workers) or self.num_workers < 0:
+            bad("num_workers", "an integer >= 0")
+        if not is_int(self.prefetch_factor) or self.prefetch_factor < 1:
+            bad("prefetch_factor", "an integer >= 1")
+        for key in ("pin_memory", "fast_decode", "resample_shards"):
+            if not isinstance(getattr(self, key), bool):
+                bad(key, "true or false")
+        f = self.max_bad_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1:
+            bad("max_bad_fraction", "a number in [0, 1]")
+        if not is_int(self.shuffle_buffer) or self.shuffle_buffer < 0:
+            bad("shuffle_buffer", "an integer >= 0")
+        if self.num_samples is not None and (not is_int(self.num_samples) or self.num_samples < 1):
+            bad("num_samples", "null or an integer >= 1")
+        return p
+
+
+def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=torch.float32):
+    """uint8 (B, 3, H, W) or (3, H, W) in 0-255 RGB -> (x - mean) / std as `dtype`, on the images' device."""
+    if images.dtype != torch.uint8 or images.dim() not in (3, 4) or images.shape[-3] != 3:
+        raise ValueError(f"normalize: expected uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    return images.float().sub_(m).div_(s).to(dtype)
+
+
+class _Batches(IterableDataset):
+    """Yields (batch_index, images uint8, labels int64, bad [str], n_samples) for the batches of this worker."""
+
+    def __init__(self, cfg, kind, items, img_size, batch, rank, world, seed, nb, last, drop_last, state):
+        self.cfg, self.kind, self.items, self.drop_last = cfg, kind, items, drop_last
+        self.size, self.batch, self.rank, self.world, self.seed = img_size, batch, rank, world, seed
+        self.nb, self.last, self.state = nb, last, state  # state: shared [epoch, skip_batches]
+        self.aug = make_augment(cfg.augment, img_size)
+
+    def _len(self, b):
+        return self.last if b == self.nb - 1 else self.batch
+
+    def __iter__(self):
+        info = get_worker_info()
+        w, nw = (info.id, info.num_workers) if info else (0, 1)
+        epoch, skip = int(self.state[0]), int(self.state[1])
+        if self.kind == "synthetic":
+            for b in range(skip + w, self.nb, nw):
+                g = torch.Generator().manual_seed(int(np.random.SeedSequence(
+                    [self.seed, epoch, self.rank, b]).generate_state(1)[0]))
+                n = self._len(b)
+                imgs = torch.randint(0, 256, (n, 3, self.size, self.size), dtype=torch.uint8, generator=g)
+                yield b, imgs, torch.full((n,), -1, dtype=torch.int64), [], n
+        elif self.kind == "imagefolder":
+            idx = sources.rank_indices(len(self.items), self.rank, self.world, self.seed, epoch,
+                                       self.drop_last)
+            for b in range(skip + w, self.nb, nw):
+                chunk = [self.items[i] for i in idx[b * self.batch:b * self.batch + self._len(b)]]
+                yield self._make(b, epoch, [(p, _read(p), lab) for p, lab in chunk])
+        else:
+            stream = sources.sample_stream(self.items, self.rank, self.world, w, nw, self.seed, epoch,
+                                           self.cfg.resample_shards, self.cfg.shuffle_buffer)
+            for b in range(w, self.nb, nw):
+                raw = [next(stream) for _ in range(self._len(b))]
+                if b >= skip:  # skipped batches are read but not decoded
+                    yield self._make(b, epoch, raw)
+
+    def _make(self, b, epoch, raw):
+        rng = np.random.default_rng([self.seed, epoch, self.rank, b])
+        n = len(raw)
+        imgs = torch.empty((n, 3, self.size, self.size), dtype=torch.uint8)
+        labels = torch.empty((n,), dtype=torch.int64)
+        good, bad = [], []
+        for k, (name, data, label) in enumerate(raw):
+            try:
+                if not isinstance(data, bytes):  # str: read error or broken shard; None: no image entry
+                    raise ValueError(data or "sample has no image entry")
+                imgs[k] = process(data, self.aug, rng, self.cfg.fast_decode)
+                labels[k] = label
+                good.append(k)
+            except Exception as e:  # never let one file kill a worker
+                bad.append((k, f"{name}: {str(e)[:200]}"))
+        for k, _ in bad:  # replace by a good sample of the same batch (keeps stream positions fixed)
+            if good:
+                src = good[k % len(good)]
+                imgs[k], labels[k] = imgs[src], labels[src]
+            else:
+                imgs[k], labels[k] = 0, -1
+        return b, imgs, labels, [msg for _, msg in bad], n
+
+
+def _read(path):
+    try:
+        return sources.read_file(path)
+    except OSError as e:
+        return f"cannot read: {e}"
+
+
+class Loader:
+    """Iterable over this rank's (images uint8 (B,3,S,S), labels int64 (B,)) for one epoch.
+
+    len(loader)          batches per epoch on this rank (equal on every rank); iterating yields
+                         len(loader) - skip_batches batches, starting at batch index `skip_batches`.
+    loader.bad_samples   samples skipped (replaced) so far this epoch; `bad_examples` lists up to 10 as
+                         "path-or-shard:key: reason"; `stats()` returns both plus `seen_samples`.
+    loader.set_epoch(e, skip_batches=0)   reuse the same (persistent) workers for another epoch.
+    Raises BadDataError when bad_samples / seen_samples exceeds max_bad_fraction (checked once 1000 samples,
+    or the whole epoch when shorter, have been seen).
+    """
+
+    def __init__(self, dataset, cfg, num_samples, epoch, skip_batches):
+        self.dataset, self.cfg, self.num_samples = dataset, cfg, num_samples
+        self.batches_per_epoch, self.micro_batch = dataset.nb, dataset.batch
+        nw = cfg.num_workers
+        self._dl = DataLoader(dataset, batch_size=None, num_workers=nw,
+                              pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+                              persistent_workers=nw > 0, prefetch_factor=cfg.prefetch_factor if nw else None)
+        self.set_epoch(epoch, skip_batches)
+
+    def set_epoch(self, epoch, skip_batches=0):
+        if not 0 <= skip_batches <= self.batches_per_epoch:
+            raise ValueError(f"skip_batches: expected 0..{self.batches_per_epoch}, got {skip_batches}")
+        self.epoch, self.skip_batches = epoch, skip_batches
+        self.bad_samples, self.bad_examples, self.seen_samples = 0, [], 0
+
+    def __len__(self):
+        return self.batches_per_epoch
+
+    def stats(self):
+        return {"bad_samples": self.bad_samples, "seen_samples": self.seen_samples,
+                "bad_examples": list(self.bad_examples)}
+
+    def __iter__(self):
+        self.bad_samples, self.bad_examples, self.seen_samples = 0, [], 0
+        self.dataset.state[0], self.dataset.state[1] = self.epoch, self.skip_batches
+        remaining = sum(self.dataset._len(b) for b in range(self.skip_batches, self.batches_per_epoch))
+        check_after = min(1000, remaining)
+        pending, nxt = {}, self.skip_batches
+        it = iter(self._dl) if self.cfg.num_workers else iter(self.dataset)
+        for item in it:
+            pending[item[0]] = item
+            while nxt in pending:  # shard workers resume out of order after a skip
+                _, imgs, labels, bad, n = pending.pop(nxt)
+                nxt += 1
+                self.seen_samples += n
+                self.bad_samples += len(bad)
+                self.bad_examples += bad[:MAX_EXAMPLES - len(self.bad_examples)]
+                if (self.seen_samples >= check_after
+                        and self.bad_samples > self.cfg.max_bad_fraction * self.seen_samples):
+                    raise BadDataError(
+                        f"{self.bad_samples} of {self.seen_samples} samples could not be read "
+                        f"({self.bad_samples / self.seen_samples:.1%} > data.max_bad_fraction="
+                        f"{self.cfg.max_bad_fraction}); e.g. " + "; ".join(self.bad_examples[:5]))
+                yield imgs, labels
+        if nxt != self.batches_per_epoch:
+            raise RuntimeError(f"data loader ended at batch {nxt} of {self.batches_per_epoch}")
+
+
+def build_loader(cfg, *, img_size, micro_batch, rank, world_size, seed, epoch, skip_batches=0,
+                 drop_last=True):
+    """DataConfig -> Loader for (rank, world_size). Same (seed, epoch, world_size, num_workers) => same stream."""
+    if isinstance(cfg, dict):
+        cfg = DataConfig(**cfg)
+    problems = cfg.validate()
+    for key, v, lo in (("img_size", img_size, 1), ("micro_batch", micro_batch, 1), ("world_size", world_size, 1),
+                       ("rank", rank, 0), ("skip_batches", skip_batches, 0)):
+        if not isinstance(v, int) or v < lo:
+            problems.append(f"{key}: expected an integer >= {lo}, got {v!r}")
+    if not problems and rank >= world_size:
+        problems.append(f"rank: expected < world_size={world_size}, got {rank}")
+    if problems:
+        raise ValueError("invalid data configuration:\n  " + "\n  ".join(problems))
+
+    kind = {"demo": "imagefolder"}.get(cfg.source, cfg.source)
+    if cfg.source == "demo":
+        from .demo import demo_root
+        items = sources.scan_imagefolder(str(demo_root()))[0]
+        total = len(items)
+    elif kind == "imagefolder":
+        items = sources.scan_imagefolder(cfg.path)[0]
+        total = len(items)
+    elif kind == "webdataset":
+        items = sources.expand_shards(cfg.path)
+        counts = sources.shard_counts(items)
+        total = cfg.num_samples or (sum(counts) if counts else None)
+        if total is None:
+            raise ValueError(f"data.num_samples: required for shards without {sources.INFO_NAME} "
+                             f"({cfg.path!r}); write shards with `python -m mff_ds.data.make_shards`")
+        if not cfg.resample_shards:  # fail now rather than in a worker
+            next(sources.worker_shards(items, rank, world_size, 0, max(cfg.num_workers, 1), seed, epoch, False))
+    else:
+        items, total = None, cfg.num_samples or SYNTHETIC_SAMPLES
+
+    per_rank = total // world_size if drop_last else math.ceil(total / world_size)
+    nb = per_rank // micro_batch if drop_last else math.ceil(per_rank / micro_batch)
+    if nb < 1:
+        raise ValueError(f"data: {total} samples over {world_size} ranks give {per_rank} per rank, "
+                         f"fewer than micro_batch={micro_batch}: no full batch")
+    last = micro_batch if drop_last else per_rank - (nb - 1) * micro_batch
+    if cfg.num_workers > nb:
+        warnings.warn(f"data.num_workers={cfg.num_workers} > {nb} batches per epoch; extra workers idle")
+    state = mp.RawArray("q", 2)  # shared with persistent workers: [epoch, skip_batches]
+    ds = _Batches(cfg, kind, items, img_size, micro_batch, rank, world_size, seed, nb, last, drop_last, state)
+    return Loader(ds, cfg, total, epoch, skip_batches)

@@ -1,0 +1,145 @@
+"""Where samples come from: an ImageFolder tree or WebDataset tar shards, and how an epoch is split.
+
+ImageFolder: one seeded permutation of all files per epoch; rank r takes every world-th index, so every rank
+gets the same count (truncated, or wrapped when drop_last=False, as DistributedSampler does). Batch b of a rank
+is fixed by (seed, epoch, rank, b) whatever the number of workers.
+
+Shards: the shard list is shuffled with (seed, epoch), split by rank then by worker; each worker reads its
+shards through a seeded shuffle buffer, wrapping around its shards (reshuffled) when it needs more samples and
+stopping when it has its quota, so every rank yields the same number of samples. The stream of a rank is fixed
+by (seed, epoch, rank, num_workers). Sample counts come from `_info.json` (written by make_shards) next to the
+shards, or from `num_samples`.
+"""
+import functools
+import json
+import os
+import random
+
+import numpy as np
+import webdataset as wds
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+IMG_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "pgm", "gif", "img")
+INFO_NAME = "_info.json"
+
+
+# ------------------------------------------------------------------------------------------ ImageFolder
+@functools.lru_cache(maxsize=8)
+def scan_imagefolder(root):
+    """-> (samples [(path, label)], classes). Class = first-level sub-directory (sorted, files found
+    recursively); image files directly under `root` make an unlabelled set (label -1)."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data.path: ImageFolder root {root!r} is not a directory")
+    entries = sorted(os.scandir(root), key=lambda e: e.name)
+    classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    samples = [(e.path, -1) for e in entries if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS)]
+    if samples and classes:
+        raise ValueError(f"data.path: {root!r} mixes image files and class directories; use one layout")
+    for label, c in enumerate(classes):
+        for dirpath, dirnames, filenames in sorted(os.walk(os.path.join(root, c), followlinks=True)):
+            dirnames.sort()
+            samples += [(os.path.join(dirpath, f), label) for f in sorted(filenames)
+                        if f.lower().endswith(IMG_EXTENSIONS)]
+    if not samples:
+        raise ValueError(f"data.path: no image files ({', '.join(IMG_EXTENSIONS)}) under {root!r}")
+    return samples, classes
+
+
+def rank_indices(n, rank, world, seed, epoch, drop_last):
+    """This rank's sample indices for the epoch (same length on every rank)."""
+    perm = np.random.default_rng([seed, epoch, 7919]).permutation(n)
+    per_rank = n // world if drop_last else -(-n // world)
+    if per_rank * world > n:
+        perm = np.resize(perm, per_rank * world)  # wraps around
+    return perm[rank:per_rank * world:world]
+
+
+def read_file(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+# ----------------------------------------------------------------------------------------------- shards
+def expand_shards(path):
+    """Brace pattern, '::'-separated list or single path -> list of shard urls (webdataset's expansion)."""
+    urls = [u for u in wds.shardlists.expand_urls(str(path)) if u]
+    if not urls:
+        raise ValueError(f"data.path: no shards in {path!r}")
+    return urls
+
+
+def shard_counts(urls):
+    """Sample count per shard from the `_info.json` next to the shards, or None if not available."""
+    info_path = os.path.join(os.path.dirname(urls[0]), INFO_NAME)
+    if "://" in urls[0] or urls[0].startswith("pipe:") or not os.path.exists(info_path):
+        return None
+    with open(info_path) as f:
+        info = json.load(f)
+    counts = {s["name"]: s["count"] for split in info["splits"].values() for s in split["shards"]}
+    try:
+        return [counts[os.path.basename(u)] for u in urls]
+    except KeyError as e:
+        raise ValueError(f"data.path: shard {e.args[0]} is not listed in {info_path}") from None
+
+
+def iter_shard(url):
+    """Samples of one tar shard as (name, data, label); data is the image bytes, None when the sample has no
+    image entry, or a str error message when the tar itself is broken (which ends the shard)."""
+    errors = []
+
+    def handler(exn):
+        errors.append(f"{type(exn).__name__}: {exn}")
+        return False
+
+    for s in wds.tariterators.tarfile_samples([{"url": url}], handler=handler):
+        key = next((k for k in IMG_KEYS if k in s), None)
+        label = s.get("cls", b"-1")
+        try:
+            label = int(label.decode() if isinstance(label, bytes) else label)
+        except ValueError:
+            label = -1
+        yield f"{url}:{s['__key__']}", (s[key] if key else None), label
+    if errors:
+        yield url, "broken shard: " + errors[0][:300], -1
+
+
+def worker_shards(urls, rank, world, worker, num_workers, seed, epoch, resample):
+    """Endless iterator over the shards this (rank, worker) reads this epoch."""
+    if resample:
+        rng = random.Random(f"{seed}-{epoch}-{rank}-{worker}")
+        while True:
+            yield rng.choice(urls)
+    readers = world * num_workers
+    if len(urls) < readers:
+        raise ValueError(
+            f"data.path: {len(urls)} shards for {world} ranks x {num_workers} workers = {readers} readers; "
+            f"need at least {readers} shards, or set data.resample_shards=true, or lower data.num_workers")
+    order = list(urls)
+    random.Random(f"{seed}-{epoch}").shuffle(order)
+    mine = order[rank::world][worker::num_workers]
+    for rnd in range(1 << 30):
+        if rnd:
+            random.Random(f"{seed}-{epoch}-{rank}-{worker}-{rnd}").shuffle(mine)
+        yield from mine
+
+
+def sample_stream(urls, rank, world, worker, num_workers, seed, epoch, resample, shuffle_buffer):
+    """Endless stream of (name, data, label) for one (rank, worker), through a seeded shuffle buffer."""
+    rng = random.Random(f"{seed}-{epoch}-{rank}-{worker}-buffer")
+    buf, empty_run = [], 0
+    for url in worker_shards(urls, rank, world, worker, num_workers, seed, epoch, resample):
+        n = 0
+        for sample in iter_shard(url):
+            n += 1
+            if shuffle_buffer <= 1:
+                yield sample
+                continue
+            buf.append(sample)
+            if len(buf) >= shuffle_buffer:
+                k = rng.randrange(len(buf))
+                buf[k], buf[-1] = buf[-1], buf[k]
+                yield buf.pop()
+        empty_run = 0 if n else empty_run + 1
+        if empty_run > 2 * len(urls) + 10:
+            raise RuntimeError(f"data.path: no samples could be read from the shards (last tried {url})")

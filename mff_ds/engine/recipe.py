@@ -1,0 +1,412 @@
+"""The pretraining recipe: YAML + `--set a.b=c` overrides -> a validated `Recipe`.
+
+Every problem (unknown key, wrong type, impossible batch arithmetic, bad model or data option) is collected
+and raised at once as a `RecipeError`, before any work starts.
+"""
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional
+
+import yaml
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; `.problems` lists every problem as 'key: expected ..., got ...'."""
+
+    def __init__(self, problems: List[str], source: str = "recipe"):
+        self.problems = list(problems)
+        super().__init__(f"{source} has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+
+
+@dataclass
+class BatchConfig:
+    global_batch: int = 4096          # images per optimizer step, all ranks together
+    micro_batch: int = 512            # images per forward on one device; accumulation = global / (micro * world)
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4           # lr = base_lr * global_batch / 256
+    min_lr: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    decay_fusion_logits: bool = True  # the reference decays the raw fusion logits
+    grad_clip: float = 0.0            # 0 = no clipping (the reference)
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 300
+    warmup_epochs: float = 40.0
+    warmup_start_factor: float = 1e-4  # mmengine LinearLR start factor: 1e-4 (300e) / 1e-9 (800e)
+
+
+@dataclass
+class DeepSpeedSection:
+    config: str = "ds_configs/zero2.json"   # relative to the repo root or absolute
+    zero_stage: Optional[int] = None        # override zero_optimization.stage
+    load_universal: bool = False            # resume from a ds_to_universal checkpoint (other world size)
+    overrides: Dict[str, Any] = field(default_factory=dict)  # deep-merged into the DeepSpeed config
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000           # 0 = only at the end
+    keep_last: int = 3
+    export: bool = True               # consolidated fp32 model + timm encoder at the end
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 50
+    image_every_steps: int = 1000     # reconstruction grid (TensorBoard + PNG); 0 = off
+    num_images: int = 4
+    tensorboard: bool = True
+    progress_bar: bool = True
+    peak_tflops: Optional[float] = None  # per device, for MFU; None = from the device name (CUDA only)
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    on_nonfinite: Literal["stop", "rollback"] = "stop"
+    max_rollbacks: int = 3
+    model: Dict[str, Any] = field(default_factory=lambda: {"arch": "mff_vit_base_patch16"})
+    data: Any = None                  # mff_ds.data.DataConfig
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return _to_plain(self)
+
+    def model_config(self):
+        """The resolved mff_ds.models.ModelConfig."""
+        from mff_ds.models import resolve_config
+        return resolve_config(dict(self.model))
+
+    def grad_accum(self, world_size: int) -> int:
+        return self.batch.global_batch // (self.batch.micro_batch * world_size)
+
+    def lr(self) -> float:
+        return self.optim.base_lr * self.batch.global_batch / 256
+
+    def compat_dict(self) -> dict:
+        """What a resumed run must share with its checkpoint (shapes, schedule, data stream, numerics)."""
+        d = self.to_dict()
+        return {"model": dict(self.model_config().to_dict(), arch=self.model.get("arch")),
+                "data": d["data"], "seed": d["seed"], "precision": d["precision"],
+                "batch.global_batch": d["batch"]["global_batch"], "schedule": d["schedule"],
+                "optim.base_lr": d["optim"]["base_lr"], "optim.min_lr": d["optim"]["min_lr"]}
+
+    def compat_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.compat_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ plain <-> dataclass
+def _to_plain(x):
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {f.name: _to_plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_plain(v) for v in x]
+    return x
+
+
+def _type_name(t) -> str:
+    origin = typing.get_origin(t)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(t))
+    if origin is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(t))
+    if origin in (list, List):
+        return f"list of {_type_name(typing.get_args(t)[0])}" if typing.get_args(t) else "list"
+    if origin in (dict, Dict):
+        return "mapping"
+    if dataclasses.is_dataclass(t):
+        return "mapping"
+    return getattr(t, "__name__", str(t)).replace("NoneType", "null")
+
+
+def _coerce(value, t, key: str, problems: List[str]):
+    """value checked/converted to type t; on failure append 'key: expected T, got V' and return None."""
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    bad = lambda: problems.append(f"{key}: expected {_type_name(t)}, got {value!r} ({type(value).__name__})")
+    if t is Any:
+        return value
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        sub: List[str] = []
+        out = _coerce(value, inner[0], key, sub) if len(inner) == 1 else value
+        if sub:
+            bad()
+        return out
+    if origin is Literal:
+        if value not in args:
+            bad()
+        return value
+    if dataclasses.is_dataclass(t):
+        return _build(t, value, key, problems)
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            bad()
+            return None
+        return [_coerce(v, args[0], f"{key}[{i}]", problems) for i, v in enumerate(value)] if args else list(value)
+    if origin in (dict, Dict) or t is dict:
+        if not isinstance(value, dict):
+            bad()
+            return None
+        return dict(value)
+    if t is bool:
+        if not isinstance(value, bool):
+            bad()
+        return value
+    if t is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)  # 4.096e3 from YAML
+            bad()
+        return value
+    if t is float:
+        if isinstance(value, bool):
+            bad()
+            return value
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        bad()
+        return value
+    if t is str:
+        if not isinstance(value, str):
+            bad()
+        return value
+    return value
+
+
+def _build(cls, data, key: str, problems: List[str]):
+    """Build dataclass `cls` from mapping `data`, listing unknown keys and type errors under `key`."""
+    prefix = f"{key}." if key else ""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{key or 'recipe'}: expected a mapping, got {data!r} ({type(data).__name__})")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in data:
+        if k not in names:
+            problems.append(f"{prefix}{k}: unknown key; expected one of {names}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            n_before = len(problems)
+            v = _coerce(data[f.name], hints[f.name], prefix + f.name, problems)
+            if len(problems) == n_before:
+                kwargs[f.name] = v
+    return cls(**kwargs)
+
+
+# ------------------------------------------------------------------ overrides
+def _parse_value(text: str):
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(tree: dict, overrides: List[str]) -> List[str]:
+    """Apply 'a.b.c=value' strings (value parsed as YAML) to the nested dict in place; returns problems."""
+    problems = []
+    for item in overrides or []:
+        if "=" not in item:
+            problems.append(f"--set {item}: expected dotted.key=value")
+            continue
+        path, text = item.split("=", 1)
+        keys = path.strip().split(".")
+        node = tree
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                if k in node and node[k] is not None:
+                    problems.append(f"--set {path}: {k} is not a mapping")
+                    break
+                node[k] = {}
+            node = node[k]
+        else:
+            node[keys[-1]] = _parse_value(text)
+    return problems
+
+
+def _deep_update(base: dict, new: dict) -> dict:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
+    return base
+
+
+# ------------------------------------------------------------------ validation
+def _data_config_cls():
+    from mff_ds.data import DataConfig
+    return DataConfig
+
+
+def resolve_path(path: str) -> str:
+    """A path relative to the repo root (configs, ds_configs) unless absolute or existing from the cwd."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    return os.path.join(REPO_ROOT, path)
+
+
+def _model_problems(model: dict) -> List[str]:
+    from mff_ds.models import ModelConfig, resolve_config
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    p = [f"model.{k}: unknown key; expected arch or one of {sorted(known)}" for k in model if k not in known | {"arch"}]
+    spec = {k: v for k, v in model.items() if k in known | {"arch"}}
+    if "arch" in spec and not isinstance(spec["arch"], str):
+        return p + [f"model.arch: expected an architecture name (str), got {spec['arch']!r}"]
+    try:
+        resolve_config(spec)
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        if msg.startswith("invalid model config:"):
+            p.extend(line.strip() for line in msg.splitlines()[1:])
+        elif msg.startswith("unknown architecture"):
+            p.append(f"model.arch: {msg}")
+        else:
+            p.append(f"model: {msg}")
+    return p
+
+
+def check(recipe: Recipe, world_size: Optional[int] = None) -> List[str]:
+    """Semantic checks; returns the list of problems (empty = runnable)."""
+    p = []
+    if not recipe.name or "/" in recipe.name:
+        p.append(f"name: expected a non-empty name without '/', got {recipe.name!r}")
+    b = recipe.batch
+    for k in ("global_batch", "micro_batch"):
+        if getattr(b, k) <= 0:
+            p.append(f"batch.{k}: expected a positive integer, got {getattr(b, k)}")
+    if world_size is not None and b.global_batch > 0 and b.micro_batch > 0:
+        per_step = b.micro_batch * world_size
+        if b.global_batch % per_step:
+            p.append(f"batch.global_batch: {b.global_batch} cannot be formed from micro_batch {b.micro_batch} x "
+                     f"world size {world_size} = {per_step} images per micro-step; expected a multiple of {per_step}")
+    o = recipe.optim
+    if o.base_lr <= 0:
+        p.append(f"optim.base_lr: expected > 0, got {o.base_lr}")
+    if o.min_lr < 0 or o.min_lr > o.base_lr * b.global_batch / 256:
+        p.append(f"optim.min_lr: expected in [0, lr = base_lr*global_batch/256], got {o.min_lr}")
+    if len(o.betas) != 2 or not all(isinstance(x, float) and 0 <= x < 1 for x in o.betas):
+        p.append(f"optim.betas: expected two numbers in [0, 1), got {o.betas}")
+    if o.eps <= 0:
+        p.append(f"optim.eps: expected > 0, got {o.eps}")
+    if o.weight_decay < 0:
+        p.append(f"optim.weight_decay: expected >= 0, got {o.weight_decay}")
+    if o.grad_clip < 0:
+        p.append(f"optim.grad_clip: expected >= 0 (0 = off), got {o.grad_clip}")
+    s = recipe.schedule
+    if s.epochs <= 0:
+        p.append(f"schedule.epochs: expected a positive integer, got {s.epochs}")
+    if not 0 <= s.warmup_epochs <= max(s.epochs, 0):
+        p.append(f"schedule.warmup_epochs: expected in [0, epochs={s.epochs}], got {s.warmup_epochs}")
+    if not 0 < s.warmup_start_factor <= 1:
+        p.append(f"schedule.warmup_start_factor: expected in (0, 1], got {s.warmup_start_factor}")
+    d = recipe.deepspeed
+    if not os.path.isfile(resolve_path(d.config)):
+        p.append(f"deepspeed.config: expected an existing JSON file, got {d.config!r}")
+    if d.zero_stage is not None and d.zero_stage not in (0, 1, 2):
+        p.append(f"deepspeed.zero_stage: expected 0, 1 or 2, got {d.zero_stage}")
+    reserved = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "optimizer", "scheduler", "gradient_clipping"}
+    for k in sorted(reserved & set(d.overrides)):
+        p.append(f"deepspeed.overrides.{k}: set by the recipe (batch / optim sections), not by overrides")
+    c = recipe.checkpoint
+    if c.every_steps < 0:
+        p.append(f"checkpoint.every_steps: expected >= 0 (0 = only at the end), got {c.every_steps}")
+    if c.keep_last < 1:
+        p.append(f"checkpoint.keep_last: expected >= 1, got {c.keep_last}")
+    lg = recipe.logging
+    if lg.every_steps < 1:
+        p.append(f"logging.every_steps: expected >= 1, got {lg.every_steps}")
+    if lg.image_every_steps < 0:
+        p.append(f"logging.image_every_steps: expected >= 0 (0 = off), got {lg.image_every_steps}")
+    if lg.num_images < 1:
+        p.append(f"logging.num_images: expected >= 1, got {lg.num_images}")
+    if recipe.max_rollbacks < 0:
+        p.append(f"max_rollbacks: expected >= 0, got {recipe.max_rollbacks}")
+    # model: through the model package's own checks
+    p.extend(_model_problems(recipe.model))
+    # data: the data package's own checks
+    if recipe.data is not None and hasattr(recipe.data, "validate"):
+        p.extend(m if m.startswith("data.") else f"data.{m}" for m in recipe.data.validate())
+    return p
+
+
+def from_dict(tree: dict, world_size: Optional[int] = None, source: str = "recipe") -> Recipe:
+    problems: List[str] = []
+    tree = copy.deepcopy(tree or {})
+    data = tree.pop("data", None)
+    recipe = _build(Recipe, tree, "", problems)
+    recipe.data = _build(_data_config_cls(), data, "data", problems)
+    if not problems:
+        problems = check(recipe, world_size)
+    if problems:
+        raise RecipeError(problems, source)
+    return recipe
+
+
+def load_recipe(path: Optional[str] = None, overrides: Optional[List[str]] = None,
+                world_size: Optional[int] = None) -> Recipe:
+    """Read YAML `path` (None: an all-defaults recipe), apply `--set` overrides, validate.
+
+    world_size: for the batch arithmetic; None = from the launcher environment (1 if none)."""
+    tree: dict = {}
+    source = "recipe"
+    if path is not None:
+        source = path
+        try:
+            with open(path) as f:
+                tree = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise RecipeError([f"--config: expected an existing YAML file, got {path!r}"], source) from None
+        except yaml.YAMLError as e:
+            raise RecipeError([f"--config: not valid YAML: {e}"], source) from None
+        if not isinstance(tree, dict):
+            raise RecipeError([f"recipe: expected a mapping at the top level, got {type(tree).__name__}"], source)
+    problems = apply_overrides(tree, overrides or [])
+    if problems:
+        raise RecipeError(problems, source)
+    if world_size is None:
+        from .distributed import detect
+        world_size = detect().world_size
+    return from_dict(tree, world_size, source)
+
+
+def save_recipe(recipe: Recipe, path: str) -> None:
+    """Atomically write the resolved recipe as YAML."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(recipe.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,38 @@
+"""Shared test helpers: where the mmpretrain fixtures live, markers."""
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures" / "mmpretrain"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def fixture_names():
+    """Every mmpretrain fixture in ../shared (NAME_ckpt.pth + NAME_io.pth), so new ones are picked up."""
+    if not FIXTURES.is_dir():
+        return []
+    return sorted(p.name[: -len("_ckpt.pth")] for p in FIXTURES.glob("*_ckpt.pth")
+                  if (FIXTURES / p.name.replace("_ckpt.pth", "_io.pth")).exists())
+
+
+def require_fixtures():
+    if not fixture_names():
+        pytest.skip(f"mmpretrain fixtures not found at {FIXTURES} (the ../shared folder beside the repo)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes over a minute on 2 CPU cores")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped on CPU)")
+    config.addinivalue_line("markers", "system: launches real multi-process / multi-node systems")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none (run benchmarks/run_gpu_suite.sh on one)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
