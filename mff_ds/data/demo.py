@@ -2,7 +2,7 @@
 
 demo_root():          ImageFolder of 400 JPEG crops (96-160 px sides) cut from the real photographs that ship
                       inside scikit-image (astronaut, coffee, chelsea, rocket, ...), one class per photograph.
-digits_root(split):   labelled ImageFolder ("train" 1437 / "val" 360 images, classes 0-9) of scikit-learn's
+digits_root(split):   labelled ImageFolder ("train" 1438 / "val" 359 images, classes 0-9) of scikit-learn's
                       bundled 8x8 digits, upscaled to 32x32 RGB PNGs, for the downstream-evaluation demo.
 Each tree is built in a temporary directory and renamed into place, so a half-built tree is never used.
 """

@@ -9,6 +9,7 @@ Normalisation happens on the device: `normalize(images.to(device))`.
 import dataclasses
 import math
 import multiprocessing as mp
+import os
 import warnings
 
 import numpy as np
@@ -111,11 +112,15 @@ class _Batches(IterableDataset):
                 imgs = torch.randint(0, 256, (n, 3, self.size, self.size), dtype=torch.uint8, generator=g)
                 yield b, imgs, torch.full((n,), -1, dtype=torch.int64), [], n
         elif self.kind == "imagefolder":
-            idx = sources.rank_indices(len(self.items), self.rank, self.world, self.seed, epoch,
+            idx = sources.rank_indices(len(self.items[0]), self.rank, self.world, self.seed, epoch,
                                        self.drop_last)
+            paths, labels = self.items
             for b in range(skip + w, self.nb, nw):
-                chunk = [self.items[i] for i in idx[b * self.batch:b * self.batch + self._len(b)]]
-                yield self._make(b, epoch, [(p, _read(p), lab) for p, lab in chunk])
+                raw = []
+                for i in idx[b * self.batch:b * self.batch + self._len(b)]:
+                    path = os.fsdecode(paths[i])
+                    raw.append((path, _read(path), int(labels[i])))
+                yield self._make(b, epoch, raw)
         else:
             stream = sources.sample_stream(self.items, self.rank, self.world, w, nw, self.seed, epoch,
                                            self.cfg.resample_shards, self.cfg.shuffle_buffer)
@@ -231,22 +236,24 @@ def build_loader(cfg, *, img_size, micro_batch, rank, world_size, seed, epoch, s
         raise ValueError("invalid data configuration:\n  " + "\n  ".join(problems))
 
     kind = {"demo": "imagefolder"}.get(cfg.source, cfg.source)
-    if cfg.source == "demo":
-        from .demo import demo_root
-        items = sources.scan_imagefolder(str(demo_root()))[0]
-        total = len(items)
-    elif kind == "imagefolder":
-        items = sources.scan_imagefolder(cfg.path)[0]
-        total = len(items)
+    if kind == "imagefolder":
+        root = cfg.path
+        if cfg.source == "demo":
+            from .demo import demo_root
+            root = str(demo_root())
+        samples = sources.scan_imagefolder(root)[0]
+        # numpy arrays, not a list of tuples: forked workers would copy every touched page (refcounts)
+        items = (np.array([os.fsencode(p) for p, _ in samples]), np.array([lab for _, lab in samples]))
+        total = len(samples)
     elif kind == "webdataset":
         items = sources.expand_shards(cfg.path)
-        counts = sources.shard_counts(items)
+        counts = None if cfg.num_samples else sources.shard_counts(items)
         total = cfg.num_samples or (sum(counts) if counts else None)
         if total is None:
             raise ValueError(f"data.num_samples: required for shards without {sources.INFO_NAME} "
                              f"({cfg.path!r}); write shards with `python -m mff_ds.data.make_shards`")
         if not cfg.resample_shards:  # fail now rather than in a worker
-            next(sources.worker_shards(items, rank, world_size, 0, max(cfg.num_workers, 1), seed, epoch, False))
+            next(sources.worker_passes(items, rank, world_size, 0, max(cfg.num_workers, 1), seed, epoch, False))
     else:
         items, total = None, cfg.num_samples or SYNTHETIC_SAMPLES
 

@@ -99,17 +99,20 @@ def iter_shard(url):
             label = int(label.decode() if isinstance(label, bytes) else label)
         except ValueError:
             label = -1
-        yield f"{url}:{s['__key__']}", (s[key] if key else None), label
+        fname = s.get("fname")
+        name = f"{url}:{s['__key__']}" + (f" ({fname.decode(errors='replace')})" if fname else "")
+        yield name, (s[key] if key else None), label
     if errors:
         yield url, "broken shard: " + errors[0][:300], -1
 
 
-def worker_shards(urls, rank, world, worker, num_workers, seed, epoch, resample):
-    """Endless iterator over the shards this (rank, worker) reads this epoch."""
+def worker_passes(urls, rank, world, worker, num_workers, seed, epoch, resample):
+    """Endless iterator of passes (lists of shard urls) this (rank, worker) reads this epoch; with resampling
+    one endless pass of shards drawn with replacement."""
     if resample:
         rng = random.Random(f"{seed}-{epoch}-{rank}-{worker}")
-        while True:
-            yield rng.choice(urls)
+        yield (rng.choice(urls) for _ in iter(int, 1))
+        return
     readers = world * num_workers
     if len(urls) < readers:
         raise ValueError(
@@ -121,25 +124,27 @@ def worker_shards(urls, rank, world, worker, num_workers, seed, epoch, resample)
     for rnd in range(1 << 30):
         if rnd:
             random.Random(f"{seed}-{epoch}-{rank}-{worker}-{rnd}").shuffle(mine)
-        yield from mine
+        yield list(mine)
 
 
 def sample_stream(urls, rank, world, worker, num_workers, seed, epoch, resample, shuffle_buffer):
-    """Endless stream of (name, data, label) for one (rank, worker), through a seeded shuffle buffer."""
+    """Endless stream of (name, data, label) for one (rank, worker), through a seeded shuffle buffer that is
+    emptied at the end of each pass, so a pass yields each sample of the worker's shards exactly once."""
     rng = random.Random(f"{seed}-{epoch}-{rank}-{worker}-buffer")
-    buf, empty_run = [], 0
-    for url in worker_shards(urls, rank, world, worker, num_workers, seed, epoch, resample):
-        n = 0
-        for sample in iter_shard(url):
-            n += 1
-            if shuffle_buffer <= 1:
-                yield sample
-                continue
-            buf.append(sample)
-            if len(buf) >= shuffle_buffer:
-                k = rng.randrange(len(buf))
-                buf[k], buf[-1] = buf[-1], buf[k]
-                yield buf.pop()
-        empty_run = 0 if n else empty_run + 1
-        if empty_run > 2 * len(urls) + 10:
-            raise RuntimeError(f"data.path: no samples could be read from the shards (last tried {url})")
+    for shard_list in worker_passes(urls, rank, world, worker, num_workers, seed, epoch, resample):
+        buf, n, empty = [], 0, 0
+        for url in shard_list:
+            empty += 1
+            if empty > 10 * len(urls) + 10:
+                raise RuntimeError(f"data.path: no samples in the shards, e.g. {url}")
+            for sample in iter_shard(url):
+                n, empty = n + 1, 0
+                buf.append(sample)
+                if len(buf) >= max(shuffle_buffer, 1):
+                    k = rng.randrange(len(buf))
+                    buf[k], buf[-1] = buf[-1], buf[k]
+                    yield buf.pop()
+        rng.shuffle(buf)
+        yield from buf
+        if n == 0:
+            raise RuntimeError(f"data.path: no samples in the shards {shard_list[:3]}...")

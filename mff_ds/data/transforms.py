@@ -5,10 +5,12 @@ or 1/8 size in the DCT domain (`fast=True`); everything else (and `fast=False`) 
 converts grayscale, CMYK, palette, alpha and 16-bit images to 8-bit RGB and applies EXIF rotation.
 Anything that cannot be decoded raises `BadImage`; the loader counts and skips it.
 
-Augmentations (the random parameters follow torchvision exactly; resizing uses torch's uint8 antialiased
-kernels, which match PIL's to within 1 grey level):
-  "mff"    reference MFF pipeline: Resize(S) short side (bilinear) -> RandomCrop(S, padding=4, reflect) -> hflip
-  "mae"    MAE pipeline: RandomResizedCrop(S, scale=(0.2, 1), ratio=(3/4, 4/3), bicubic) -> hflip
+Augmentations (the random parameters are drawn as torchvision draws them; resizing uses torch's uint8
+antialiased kernels, which match PIL's to within 1-2 grey levels):
+  "mff"    the MFF reference configs' pipeline (mmpretrain mff_vit-base-p16_*_in1k, reference doc section 3.1,
+           what the released checkpoints presumably used; whether the paper used it is unverified):
+           Resize(S) short side (bilinear) -> RandomCrop(S, padding=4, reflect) -> hflip
+  "mae"    MAE's pipeline, which the MFF configs replace: RandomResizedCrop(S, scale=(0.2, 1), bicubic) -> hflip
   "center" evaluation: Resize(S / 0.875) short side (bicubic) -> CenterCrop(S)
 """
 import io
@@ -23,8 +25,6 @@ from PIL import Image, ImageOps
 
 AUGMENTS = ("mff", "mae", "center")
 _EXIF_ORIENTATION = 0x0112
-# PIL arrays are read-only; we only ever read them (resizes and batch assembly copy).
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 class BadImage(Exception):
@@ -43,15 +43,17 @@ class _Source:
             return
         try:
             self.img = Image.open(io.BytesIO(data))
-            orientation = self.img.getexif().get(_EXIF_ORIENTATION, 1)
         except Exception as e:
-            raise BadImage(f"cannot open: {e}") from None
+            raise BadImage(f"not an image: {e}") from None
+        try:
+            orientation = self.img.getexif().get(_EXIF_ORIENTATION, 1)
+        except Exception:  # a broken EXIF block does not make a broken image
+            orientation = 1
         w, h = self.img.size
         self.size = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-        self.rotated = orientation in (5, 6, 7, 8)
-        self.fast = fast
+        self.orientation, self.rotated, self.fast = orientation, orientation in (5, 6, 7, 8), fast
 
-    def decode(self, min_w=0, min_h=0):
+    def decode(self, min_w, min_h):
         if self.jpeg is not None:
             w, h = self.jpeg
             k = _dct_factor(w, h, min_w, min_h)
@@ -67,7 +69,8 @@ class _Source:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # palette-transparency and EXIF warnings
                 img.load()
-                img = ImageOps.exif_transpose(img)
+                if self.orientation != 1:
+                    img = ImageOps.exif_transpose(img)
                 return to_rgb_array(img)
         except BadImage:
             raise
@@ -117,7 +120,7 @@ def to_rgb_array(img):
         img = img.convert("RGBA")
     if img.mode != "RGB":
         img = img.convert("RGB")
-    a = np.asarray(img)
+    a = np.array(img)  # writable (torch.from_numpy warns on read-only arrays)
     if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8 or min(a.shape[:2]) < 1:
         raise BadImage(f"unexpected decoded array {a.shape} {a.dtype}")
     return a
@@ -125,7 +128,8 @@ def to_rgb_array(img):
 
 def decode_rgb(data, fast=True):
     """Decode image bytes to a full-size RGB uint8 (H, W, 3) array (raises BadImage)."""
-    return _Source(data, fast).decode()
+    src = _Source(data, fast)
+    return src.decode(*src.size)
 
 
 # ------------------------------------------------------------------------------------------ augmentations
@@ -243,5 +247,5 @@ def process(data, aug, rng, fast=True):
     src = _Source(data, fast)
     w, h = src.size
     p = aug.sample(w, h, rng)
-    arr = src.decode(*aug.need(p)) if fast else src.decode()
+    arr = src.decode(*(aug.need(p) if fast else src.size))
     return aug.apply(np.ascontiguousarray(arr), p)

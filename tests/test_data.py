@@ -1,0 +1,377 @@
+"""Data pipeline: config, augmentations, decoding of odd/bad files, determinism/resume/equal split, demo data."""
+import io
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+
+from mff_ds.data import BadDataError, BadImage, DataConfig, build_loader, decode_rgb, normalize
+from mff_ds.data import demo, sources
+from mff_ds.data.make_shards import convert
+from mff_ds.data.transforms import MAECrop, MFFCrop, _Source, make_augment, process
+
+S = 32  # output size used throughout (small: fast tests)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def jpeg(im, **kw):
+    b = io.BytesIO()
+    im.save(b, "JPEG", quality=90, **kw)
+    return b.getvalue()
+
+
+def png(im, **kw):
+    b = io.BytesIO()
+    im.save(b, "PNG", **kw)
+    return b.getvalue()
+
+
+def png16_rgb(a):
+    """Minimal 16-bit RGB PNG encoder (PIL cannot write one)."""
+    h, w, _ = a.shape
+    raw = b"".join(b"\x00" + a[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache(tmp_path_factory):
+    old = os.environ.get("MFF_DS_CACHE")
+    os.environ["MFF_DS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("MFF_DS_CACHE")
+    else:
+        os.environ["MFF_DS_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def photo():
+    return demo.photos()["coffee"]  # 600x400 real photograph
+
+
+@pytest.fixture(scope="session")
+def folder(tmp_path_factory, photo):
+    """ImageFolder: 3 classes, 31 JPEGs of 40-90 px cut from a real photograph."""
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    for i in range(31):
+        w, h = (int(v) for v in rng.integers(40, 91, size=2))
+        x, y = int(rng.integers(0, 600 - 2 * w)), int(rng.integers(0, 400 - 2 * h))
+        d = root / f"c{i % 3}"
+        d.mkdir(exist_ok=True)
+        (d / f"{i:03d}.jpg").write_bytes(jpeg(photo.resize((w, h), box=(x, y, x + 2 * w, y + 2 * h))))
+    return root
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory, folder):
+    """5 uneven shards (7, 7, 7, 7, 3 samples) of the folder."""
+    out = tmp_path_factory.mktemp("shards")
+    convert(str(folder), str(out), shard_size=7, progress=False)
+    return str(out / "train-{000000..000004}.tar")
+
+
+def stream(loader):
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def same(a, b):
+    return len(a) == len(b) and all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
+
+
+def load(cfg, **kw):
+    args = dict(img_size=S, micro_batch=4, rank=0, world_size=1, seed=3, epoch=0)
+    args.update(kw)
+    return build_loader(cfg, **args)
+
+
+# ------------------------------------------------------------------------------------------ config, normalize
+def test_validate_names_keys():
+    assert DataConfig().validate() == []
+    cfg = DataConfig(source="lmdb", augment="rrc", num_workers=-1, pin_memory="yes", max_bad_fraction=2,
+                     num_samples=0)
+    problems = cfg.validate()
+    for key in ("source", "augment", "num_workers", "pin_memory", "max_bad_fraction", "num_samples"):
+        assert any(p.startswith(f"data.{key}:") for p in problems), (key, problems)
+    assert "data.augment: expected one of ['mff', 'mae', 'center'], got 'rrc'" in problems
+    assert any(p.startswith("data.path:") for p in DataConfig(source="imagefolder").validate())
+    with pytest.raises(ValueError, match="data.augment"):
+        load(DataConfig(augment="rrc", source="synthetic"))
+
+
+def test_normalize():
+    x = torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8)
+    mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+    y = normalize(x)
+    assert y.dtype == torch.float32 and y.device == x.device
+    torch.testing.assert_close(y, (x.float() - mean) / std)
+    assert normalize(x, dtype=torch.bfloat16).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="uint8"):
+        normalize(x.float())
+
+
+# -------------------------------------------------------------------------------------------- augmentations
+def _ref(aug, pil, p):
+    """torchvision (PIL) reference for augmentation parameters p."""
+    if isinstance(aug, MFFCrop):
+        nw, nh, top, left, flip = p
+        out = TF.resize(pil, S)
+        assert out.size == (nw, nh)
+        out = TF.crop(TF.pad(out, 4, padding_mode="reflect"), top + 4, left + 4, S, S)
+    elif isinstance(aug, MAECrop):
+        _, _, i, j, ch, cw, flip = p
+        out = TF.resized_crop(pil, i, j, ch, cw, [S, S], InterpolationMode.BICUBIC)
+    else:
+        flip = False
+        out = TF.center_crop(TF.resize(pil, int(S / 0.875), InterpolationMode.BICUBIC), S)
+    out = TF.hflip(out) if flip else out
+    return torch.from_numpy(np.array(out)).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("name", ["mff", "mae", "center"])
+def test_augment_matches_torchvision(name, photo):
+    aug = make_augment(name, S)
+    for k, (w, h) in enumerate([(75, 50), (50, 90), (64, 64), (120, 33)]):
+        data = jpeg(photo.resize((w, h), box=(10 * k, 0, 10 * k + 3 * w, 3 * h)))
+        pil = Image.open(io.BytesIO(data)).convert("RGB")
+        p = aug.sample(w, h, np.random.default_rng(k))
+        for fast in (False, True):  # fast: libjpeg-turbo, maybe at 1/2 size: close, not equal
+            out = process(data, aug, np.random.default_rng(k), fast=fast)
+            assert out.shape == (3, S, S) and out.dtype == torch.uint8
+            diff = (out.int() - _ref(aug, pil, p).int()).abs()
+            if fast:
+                assert diff.float().mean() < 3, (name, w, h)
+            else:
+                assert diff.max() <= 2 and diff.float().mean() < 0.4, (name, w, h)  # rounding only
+
+
+def test_crop_and_flip_statistics():
+    rng, n = np.random.default_rng(0), 4000
+    mff = np.array([MFFCrop(64).sample(300, 200, rng) for _ in range(n)], dtype=float)  # resized to 96x64
+    assert (mff[:, 0] == 96).all() and (mff[:, 1] == 64).all()
+    top, left, flip = mff[:, 2], mff[:, 3], mff[:, 4]
+    assert top.min() == -4 and top.max() == 4 and abs(top.mean()) < 0.3          # uniform on [-4, 4]
+    assert left.min() == -4 and left.max() == 36 and abs(left.mean() - 16) < 1   # uniform on [-4, 36]
+    assert abs(flip.mean() - 0.5) < 0.04
+
+    mae = np.array([MAECrop(64).sample(400, 300, rng) for _ in range(n)], dtype=float)
+    i, j, ch, cw, flip = mae[:, 2], mae[:, 3], mae[:, 4], mae[:, 5], mae[:, 6]
+    area, aspect = ch * cw / (400 * 300), cw / ch
+    assert area.min() > 0.19 and area.max() <= 1 and aspect.min() > 0.74 and aspect.max() < 1.34
+    assert (i >= 0).all() and (i + ch <= 300).all() and (j >= 0).all() and (j + cw <= 400).all()
+    assert abs(flip.mean() - 0.5) < 0.04
+    torch.manual_seed(0)  # same distribution as torchvision's RandomResizedCrop
+    ref = np.array([RandomResizedCrop.get_params(torch.empty(3, 300, 400), [0.2, 1.0], [3 / 4, 4 / 3])
+                    for _ in range(n)], dtype=float)
+    ref_area = ref[:, 2] * ref[:, 3] / (400 * 300)
+    assert abs(area.mean() - ref_area.mean()) < 0.02 and abs(area.std() - ref_area.std()) < 0.02
+    assert abs((i + ch / 2).mean() - (ref[:, 0] + ref[:, 2] / 2).mean()) < 5
+
+
+def test_flip_is_mirror(photo):
+    data = jpeg(photo.resize((80, 60)))
+    for name in ("mff", "mae"):
+        aug = make_augment(name, S)
+        p = list(aug.sample(80, 60, np.random.default_rng(1)))
+        arr = decode_rgb(data)
+        a = aug.apply(arr, tuple(p[:-1] + [False]))
+        b = aug.apply(arr, tuple(p[:-1] + [True]))
+        assert torch.equal(a.flip(-1), b) and not torch.equal(a, b)
+
+
+def test_reduced_size_decode(photo):
+    big = photo.resize((1200, 800), Image.BICUBIC)
+    data = jpeg(big)
+    src = _Source(data, fast=True)
+    assert src.size == (1200, 800) and src.decode(150, 100).shape == (100, 150, 3)   # 1/8 in the DCT domain
+    assert src.decode(301, 200).shape == (400, 600, 3)                               # 1/2 (1/4 is too small)
+    pil = _Source(jpeg(big.convert("L")), fast=True)                                 # gray also fast
+    assert pil.decode(150, 100).shape == (100, 150, 3)
+    for name in ("mff", "mae", "center"):
+        aug = make_augment(name, 64)
+        fast = process(data, aug, np.random.default_rng(5), fast=True)
+        exact = process(data, aug, np.random.default_rng(5), fast=False)
+        assert (fast.float() - exact.float()).abs().mean() < 4, name  # same crop, close pixels
+
+
+# -------------------------------------------------------------------------------------------------- bad data
+def odd_files(photo):
+    rgb = photo.resize((64, 48))
+    good = jpeg(rgb)
+    pal = rgb.convert("P", palette=Image.ADAPTIVE, colors=16)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display = rotated 90 degrees clockwise
+    half = Image.new("RGB", (40, 20), (0, 0, 255))
+    half.paste((255, 0, 0), (0, 0, 20, 20))  # left half red
+    g16 = (np.arange(48 * 64).reshape(48, 64) * 21).astype(np.uint16)
+    c16 = np.stack([g16, 65535 - g16, g16 // 2], -1)
+    return {
+        "gray.jpg": jpeg(rgb.convert("L")),
+        "cmyk.jpg": jpeg(Image.new("CMYK", (64, 48), (0, 255, 255, 0))),  # red
+        "palette.png": png(pal, transparency=0),
+        "gray16.png": png(Image.fromarray(g16)),
+        "rgb16.png": png16_rgb(c16),
+        "exif.jpg": jpeg(half, exif=exif.tobytes()),
+        "bad_truncated.jpg": good[:len(good) // 2],
+        "bad_corrupt.jpg": good[:200] + bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8)),
+        "bad_notimage.jpg": b"<html><body>404 not found</body></html>",
+    }, (pal, g16, c16)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_decode_converts_or_rejects(photo, fast):
+    files, (pal, g16, c16) = odd_files(photo)
+    for name, data in files.items():
+        if name.startswith("bad_"):
+            with pytest.raises(BadImage):
+                decode_rgb(data, fast=fast)
+            continue
+        a = decode_rgb(data, fast=fast)
+        assert a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3, name
+        if name == "gray.jpg":
+            assert (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all()
+        elif name == "cmyk.jpg":
+            assert a[..., 0].min() > 200 and a[..., 1:].max() < 60
+        elif name == "palette.png":
+            np.testing.assert_array_equal(a, np.asarray(pal.convert("RGB")))
+        elif name == "gray16.png":
+            np.testing.assert_array_equal(a[..., 0], g16 >> 8)
+        elif name == "rgb16.png":
+            np.testing.assert_array_equal(a, (c16 >> 8).astype(np.uint8))
+        elif name == "exif.jpg":
+            assert a.shape == (40, 20, 3)  # rotated to portrait, red half now on top
+            assert a[5, 10, 0] > 200 and a[5, 10, 2] < 60 and a[35, 10, 2] > 200 and a[35, 10, 0] < 60
+
+
+def test_loader_skips_bad_files(tmp_path, photo):
+    files, _ = odd_files(photo)
+    root = tmp_path / "odd"
+    (root / "a").mkdir(parents=True)
+    for name, data in files.items():
+        (root / "a" / name).write_bytes(data)
+    for k in range(15):
+        (root / "a" / f"good{k}.jpg").write_bytes(jpeg(photo.resize((50 + k, 40), box=(9 * k, 0, 300, 200))))
+    cfg = DataConfig(source="imagefolder", path=str(root), num_workers=1, max_bad_fraction=0.2, augment="mae")
+    loader = load(cfg, drop_last=False, micro_batch=5)
+    batches = stream(loader)
+    assert sum(len(y) for _, y in batches) == 24 and len(batches) == len(loader) == 5
+    assert loader.bad_samples == 3 and loader.seen_samples == 24
+    assert sorted(e.split(": ")[0].rsplit("/", 1)[1] for e in loader.bad_examples) == \
+        ["bad_corrupt.jpg", "bad_notimage.jpg", "bad_truncated.jpg"]
+    assert all((y == 0).all() for _, y in batches)  # replaced by good samples of the same batch
+
+    strict = DataConfig(source="imagefolder", path=str(root), num_workers=0, max_bad_fraction=0.01)
+    with pytest.raises(BadDataError, match=r"3 of 24 samples.*bad_"):
+        stream(load(strict, drop_last=False, micro_batch=5))
+
+
+# ------------------------------------------------------------------------------------ ImageFolder streams
+def test_imagefolder_determinism_resume_split(folder):
+    cfg0 = DataConfig(source="imagefolder", path=str(folder), num_workers=0, augment="mae")
+    full = stream(load(cfg0))
+    assert len(full) == 7 and all(x.shape == (4, 3, S, S) and x.dtype == torch.uint8 for x, _ in full)
+    assert same(full, stream(load(cfg0)))
+    assert not same(full, stream(load(cfg0, epoch=1)))
+    assert same(full[3:], stream(load(cfg0, skip_batches=3)))
+    cfg2 = DataConfig(source="imagefolder", path=str(folder), num_workers=2, augment="mae")
+    loader = load(cfg2)
+    assert same(full, stream(loader))                 # worker count does not change the stream
+    loader.set_epoch(1, skip_batches=2)                # persistent workers, next epoch, resumed
+    assert same(stream(load(cfg0, epoch=1))[2:], stream(loader))
+    labels = torch.cat([y for _, y in full])
+    assert set(labels.tolist()) == {0, 1, 2}
+    # two ranks: equal lengths, disjoint samples
+    idx = [sources.rank_indices(31, r, 2, 3, 0, True) for r in range(2)]
+    assert len(idx[0]) == len(idx[1]) == 15 and not set(idx[0]) & set(idx[1])
+    assert len(load(cfg0, rank=0, world_size=2)) == len(load(cfg0, rank=1, world_size=2)) == 3
+    wrap = [load(cfg0, rank=r, world_size=2, drop_last=False) for r in range(2)]
+    assert [len(w) for w in wrap] == [4, 4] and [len(torch.cat([y for _, y in stream(w)])) for w in wrap] == [16, 16]
+
+
+# --------------------------------------------------------------------------------------------- shard streams
+def test_shards_determinism_resume(shards, folder):
+    for nw in (0, 2):
+        cfg = DataConfig(source="webdataset", path=shards, num_workers=nw, shuffle_buffer=5)
+        full = stream(load(cfg))
+        assert len(full) == 7
+        assert same(full, stream(load(cfg)))
+        assert not same(full, stream(load(cfg, epoch=1)))
+        assert same(full[3:], stream(load(cfg, skip_batches=3)))   # odd skip: workers resume out of order
+    # one reader, no truncation: an epoch is every sample exactly once
+    cfg = DataConfig(source="webdataset", path=shards, num_workers=0, shuffle_buffer=5, augment="center")
+    epoch = stream(load(cfg, micro_batch=1))
+    labels = torch.cat([y for _, y in epoch])
+    expected = sorted(int(p.parent.name[1:]) for p in folder.rglob("*.jpg"))
+    assert sorted(labels.tolist()) == expected and len({x.numpy().tobytes() for x, _ in epoch}) == 31
+
+
+@pytest.mark.parametrize("nw", [0, 2])
+def test_shards_equal_batches_on_uneven_split(shards, nw):
+    cfg = DataConfig(source="webdataset", path=shards, num_workers=nw, shuffle_buffer=3, augment="center")
+    loaders = [load(cfg, rank=r, world_size=2, micro_batch=4) for r in range(2)]  # shards: 7+7+3 vs 7+7
+    streams = [stream(x) for x in loaders]
+    assert [len(x) for x in loaders] == [len(s) for s in streams] == [3, 3]
+    seen = [{img.numpy().tobytes() for x, _ in s for img in x} for s in streams]  # "center": no randomness
+    assert seen[0] and seen[1] and not seen[0] & seen[1]  # ranks read disjoint shards
+
+
+def test_too_few_shards(shards):
+    cfg = DataConfig(source="webdataset", path=shards, num_workers=3)
+    with pytest.raises(ValueError, match="5 shards for 2 ranks x 3 workers.*resample_shards"):
+        load(cfg, world_size=2)
+    cfg = DataConfig(source="webdataset", path=shards, num_workers=0, resample_shards=True)
+    loaders = [load(cfg, rank=r, world_size=8, micro_batch=2) for r in range(8)]
+    assert all(len(stream(x)) == len(x) == 1 for x in loaders)
+    with pytest.raises(ValueError, match="not listed"):
+        load(DataConfig(source="webdataset", path=shards.replace("{000000..000004}", "x{0..1}")))
+
+
+def test_shards_without_info(shards, tmp_path):
+    for i in range(2):
+        os.link(shards.replace("{000000..000004}", f"{i:06d}"), tmp_path / f"s{i}.tar")
+    pattern = str(tmp_path / "s{0..1}.tar")
+    with pytest.raises(ValueError, match="data.num_samples: required"):
+        load(DataConfig(source="webdataset", path=pattern))
+    loader = load(DataConfig(source="webdataset", path=pattern, num_samples=14, num_workers=0))
+    assert len(loader) == 3 and sum(len(y) for _, y in loader) == 12
+
+
+def test_synthetic_source():
+    cfg = DataConfig(source="synthetic", num_samples=100, num_workers=0)
+    loader = load(cfg, world_size=2, micro_batch=8)
+    a = stream(loader)
+    assert len(loader) == len(a) == 6 and a[0][0].shape == (8, 3, S, S) and a[0][0].dtype == torch.uint8
+    assert (a[0][1] == -1).all() and a[0][0].float().std() > 50
+    assert same(a, stream(load(cfg, world_size=2, micro_batch=8)))
+
+
+# ------------------------------------------------------------------------------------------------ demo data
+def test_demo_data():
+    root = demo.demo_root()
+    files = list(root.rglob("*.jpg"))
+    assert len(files) == 400 and len({f.parent.name for f in files}) == 10
+    sizes = [Image.open(f).size for f in files[:50]]
+    assert all(96 <= w <= 160 and 96 <= h <= 160 for w, h in sizes)
+    assert demo.demo_root() == root and not [p for p in root.parent.iterdir() if "tmp" in p.name]
+    loader = load(DataConfig(num_workers=0), micro_batch=64)  # source="demo", augment="mff"
+    x, y = next(iter(loader))
+    assert len(loader) == 6 and x.shape == (64, 3, S, S) and x.float().std() > 20
+    train, val = demo.digits_root("train"), demo.digits_root("val")
+    n_train, n_val = len(list(train.rglob("*.png"))), len(list(val.rglob("*.png")))
+    assert (n_train, n_val) == (1438, 359) and sorted(p.name for p in val.iterdir()) == [str(d) for d in range(10)]
+    im = Image.open(next(train.rglob("*.png")))
+    assert im.size == (32, 32) and im.mode == "RGB"
+    with pytest.raises(ValueError, match="split"):
+        demo.digits_root("test")
