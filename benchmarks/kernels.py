@@ -1,0 +1,250 @@
+"""Fused-kernel benchmark: Triton vs eager torch reference vs torch.compile(reference), forward and forward+backward.
+
+    python benchmarks/kernels.py [--out-dir benchmarks/results] [--dtype bf16] [--no-compile]   # CUDA
+    python benchmarks/kernels.py --device cpu --quick                                          # CI smoke test
+
+Shapes (CUDA): batch 256, 196 patches of which 49 kept (50 tokens with cls), K = 6 levels, decoder 512 wide,
+for ViT-B (768) and ViT-L (1024); loss on 224 px images, patch 16. Reported per op and impl: median ms
+(triton.testing.do_bench), GB/s against the bytes the op must move (below), % of the GPU's peak bandwidth,
+speedup vs eager and vs compile, peak extra memory of one forward+backward vs eager. Results are written
+after every op (JSON + markdown, atomically), so a timeout keeps what was measured.
+On CPU (--device cpu) the Triton kernels run in the interpreter: the numbers only show the script works.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+PEAK_GBPS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100": 2039.0, "L40S": 864.0, "A10": 600.0}
+
+
+def esize(dtype):
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# ---------------------------------------------------------------------------------------------- op cases
+def masking_case(K_, B, L, C, keep, dt, dev, kernels):
+    def inputs():
+        return [torch.randn(B, L, C, device=dev, dtype=dt, requires_grad=True),
+                torch.randn(1, L, C, device=dev, dtype=dt), torch.rand(B, L, device=dev)]
+    e = esize(dt)
+    ids = B * L * (4 + 8 + 8 + 4)  # noise in; ids_restore, ids_keep, mask out
+    return dict(
+        inputs=inputs, out=lambda r: r[0],
+        triton=lambda t, p, n: kernels.random_masking(t, p, n, keep, impl="triton"),
+        torch=lambda t, p, n: kernels.random_masking_reference(t, p, n, keep),
+        fwd_bytes=2 * B * keep * C * e + L * C * e + ids,
+        bwd_bytes=B * keep * C * e + B * L * C * e)
+
+
+def unmask_case(K_, B, L, C, keep, dt, dev, kernels, D=512):
+    def inputs():
+        ids = torch.argsort(torch.argsort(torch.rand(B, L, device=dev), dim=1), dim=1)
+        return [torch.randn(B, keep, D, device=dev, dtype=dt, requires_grad=True),
+                torch.randn(1, 1, D, device=dev, dtype=dt, requires_grad=True), ids,
+                torch.randn(1, L, D, device=dev, dtype=dt)]
+    e = esize(dt)
+    return dict(
+        inputs=inputs, out=lambda r: r,
+        triton=lambda k, m, i, p: kernels.unmask_tokens(k, m, i, p, impl="triton"),
+        torch=lambda k, m, i, p: kernels.unmask_tokens_reference(k, m, i, p),
+        fwd_bytes=B * keep * D * e + L * D * e + B * L * 8 + B * L * D * e,
+        bwd_bytes=B * L * D * e + B * L * 8 + B * keep * D * e)
+
+
+def fusion_case(K, B, L, C, keep, dt, dev, kernels):
+    N = keep + 1
+
+    def inputs():
+        return [torch.randn(K, 1, 1, 1, device=dev, requires_grad=True),
+                torch.randn(C, device=dev, dtype=dt, requires_grad=True),
+                torch.randn(C, device=dev, dtype=dt, requires_grad=True)] + \
+               [torch.randn(B, N, C, device=dev, dtype=dt, requires_grad=True) for _ in range(K)]
+    e, M = esize(dt), B * N
+    return dict(
+        inputs=inputs, out=lambda r: r,
+        triton=lambda lg, w, b, *lv: kernels.fused_fusion_layernorm(lv, lg, w, b, impl="triton"),
+        torch=lambda lg, w, b, *lv: kernels.fused_fusion_layernorm_reference(lv, lg, w, b),
+        fwd_bytes=(K + 1) * M * C * e,
+        bwd_bytes=(2 * K + 1) * M * C * e)
+
+
+def loss_case(K_, B, L, C, keep, dt, dev, kernels, img=224, p=16):
+    P = p * p * 3
+    Lp = (img // p) ** 2
+
+    def inputs():
+        noise = torch.rand(B, Lp, device=dev)
+        mask = (torch.argsort(torch.argsort(noise, 1), 1) >= Lp // 4).float()
+        return [torch.randn(B, Lp, P, device=dev, dtype=dt, requires_grad=True),
+                torch.randn(B, 3, img, img, device=dev, dtype=dt), mask]
+    e, masked = esize(dt), B * (Lp - Lp // 4)
+    return dict(
+        inputs=inputs, out=lambda r: r,
+        triton=lambda pr, im, m: kernels.norm_pix_loss(pr, im, m, p, impl="triton"),
+        torch=lambda pr, im, m: kernels.norm_pix_loss_reference(pr, im, m, p),
+        fwd_bytes=2 * masked * P * e + B * Lp * 4,  # pred and pixels of masked patches only
+        bwd_bytes=2 * masked * P * e + B * Lp * P * e + B * Lp * 4)
+
+
+OPS = {"random_masking": masking_case, "unmask_tokens": unmask_case, "fusion_layernorm": fusion_case,
+       "norm_pix_loss": loss_case}
+
+
+# -------------------------------------------------------------------------------------------------- timing
+def bench(fn, dev, reps):
+    if dev == "cuda":
+        from triton.testing import do_bench
+        return do_bench(fn, warmup=10, rep=reps, return_mode="median")
+    fn()
+    ts = []
+    for _ in range(3):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ts)
+
+
+def peak_extra_mem(fn, dev):
+    if dev != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def run_case(op, shape_name, case, impls, dev, reps, peak_gbps):
+    inp = case["inputs"]()
+    leaves = [t for t in inp if t.requires_grad]
+    rows = []
+    for impl in impls:
+        fn = case["triton"] if impl == "triton" else case["torch"]
+        if impl == "compile":
+            fn = torch.compile(case["torch"], dynamic=False)
+        out = case["out"](fn(*inp))
+        grad = torch.randn_like(out)
+
+        def fwd():
+            with torch.no_grad():
+                fn(*inp)
+
+        def fwd_bwd():
+            for t in leaves:
+                t.grad = None
+            case["out"](fn(*inp)).backward(grad)
+        fwd_bwd()  # warm up (compiles)
+        res = {"op": op, "shape": shape_name, "impl": impl}
+        for mode, f, nbytes in (("fwd", fwd, case["fwd_bytes"]), ("fwd+bwd", fwd_bwd,
+                                                                   case["fwd_bytes"] + case["bwd_bytes"])):
+            ms = bench(f, dev, reps)
+            gbps = nbytes / ms / 1e6
+            res[mode] = {"ms": ms, "GB/s": gbps, "bytes": nbytes,
+                         "pct_peak_bw": 100 * gbps / peak_gbps if peak_gbps else None}
+        for t in leaves:
+            t.grad = None
+        res["peak_extra_mem_bytes"] = peak_extra_mem(fwd_bwd, dev)
+        rows.append(res)
+        print(f"  {op:17s} {shape_name:6s} {impl:8s} fwd {res['fwd']['ms']:8.3f} ms  fwd+bwd "
+              f"{res['fwd+bwd']['ms']:8.3f} ms", flush=True)
+    by = {r["impl"]: r for r in rows}
+    for r in rows:
+        for mode in ("fwd", "fwd+bwd"):
+            for base in ("torch", "compile"):
+                if base in by:
+                    r[mode][f"speedup_vs_{base}"] = by[base][mode]["ms"] / r[mode]["ms"]
+        if r["peak_extra_mem_bytes"] is not None and by.get("torch", {}).get("peak_extra_mem_bytes"):
+            r["mem_vs_eager"] = r["peak_extra_mem_bytes"] / by["torch"]["peak_extra_mem_bytes"]
+    return rows
+
+
+def markdown(meta, rows):
+    out = [f"# Fused kernels: {meta['device']} ({meta['dtype']})", "",
+           f"torch {meta['torch']}, triton {meta['triton']}; peak bandwidth assumed {meta['peak_gbps']} GB/s. "
+           "Median ms (do_bench); GB/s vs the bytes the op must move; speedup = other / this.", "",
+           "| op | shape | impl | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s | % peak BW (f+b) | "
+           "× eager (f+b) | × compile (f+b) | peak mem vs eager |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    f = lambda v, s="{:.2f}": "—" if v is None else s.format(v)  # noqa: E731
+    for r in rows:
+        a, b = r["fwd"], r["fwd+bwd"]
+        out.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {a['ms']:.3f} | {a['GB/s']:.0f} | {b['ms']:.3f} | "
+                   f"{b['GB/s']:.0f} | {f(b['pct_peak_bw'], '{:.0f}%')} | {f(b.get('speedup_vs_torch'))} | "
+                   f"{f(b.get('speedup_vs_compile'))} | {f(r.get('mem_vs_eager'))} |")
+    return "\n".join(out) + "\n"
+
+
+def write_atomic(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (CI smoke test)")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+    ap.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of " + ",".join(OPS))
+    ap.add_argument("--reps", type=int, default=100, help="do_bench rep time in ms (CUDA)")
+    ap.add_argument("--peak-gbps", type=float, default=None, help="GPU peak memory bandwidth (default: by name)")
+    args = ap.parse_args(argv)
+    ops = [o for o in args.ops.split(",") if o]
+    bad = [o for o in ops if o not in OPS]
+    if bad:
+        ap.error(f"--ops: unknown {bad}, expected some of {list(OPS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA GPU here (use --device cpu --quick for a smoke test)")
+    if args.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
+    sys.path.insert(0, ROOT)
+    import triton
+    from mff_ds import kernels
+
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
+    name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    peak = args.peak_gbps or next((v for k, v in PEAK_GBPS.items() if k in name), None)
+    if args.device == "cpu":
+        peak = None
+    if args.quick:
+        shapes = {"tiny": dict(K=3, B=2, L=16, C=72, keep=4)}
+    else:
+        shapes = {"vit_b": dict(K=6, B=256, L=196, C=768, keep=49), "vit_l": dict(K=6, B=256, L=196, C=1024, keep=49)}
+    impls = ["triton", "torch"] + ([] if args.no_compile or args.device == "cpu" else ["compile"])
+    meta = {"device": name, "dtype": args.dtype, "torch": torch.__version__, "triton": triton.__version__,
+            "peak_gbps": peak, "shapes": shapes, "quick": args.quick}
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, "kernels" + ("_quick" if args.quick else ""))
+    rows = []
+    for op in ops:
+        for sname, s in shapes.items():
+            if op == "norm_pix_loss" and sname == "vit_l":
+                continue  # the loss does not depend on the encoder width
+            kw = dict(s)
+            if args.quick and op == "norm_pix_loss":
+                case = loss_case(0, 2, 0, 0, 0, dt, args.device, kernels, img=32, p=8)
+            else:
+                case = OPS[op](kw.pop("K"), kw["B"], kw["L"], kw["C"], kw["keep"], dt, args.device, kernels)
+            rows += run_case(op, sname if op != "norm_pix_loss" else ("tiny" if args.quick else "224p16"),
+                             case, impls, args.device, args.reps, peak)
+            write_atomic(stem + ".json", json.dumps({"meta": meta, "results": rows}, indent=1))
+            write_atomic(stem + ".md", markdown(meta, rows))
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    print(markdown(meta, rows))
+    print(f"wrote {stem}.json and {stem}.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# One-shot GPU suite for a bare single-GPU machine without network, within 8 minutes:
+#   1. install the wheels of any missing distribution from $WHEELHOUSE (default .whl; build it with
+#      launch/make_wheelhouse.sh) into /tmp/site, put it on PYTHONPATH;
+#   2. CUDA kernel tests (tests/test_kernels.py, tests/test_kernels_model.py: compiled kernels on the GPU);
+#   3. kernel benchmarks (benchmarks/kernels.py);
+#   4. the training throughput benchmark (benchmarks/throughput.py), if present;
+# then prints one summary table. Each step has its own timeout, so one hang does not eat the budget.
+# Results go to $OUT if set, else benchmarks/results/. Run from anywhere: bash benchmarks/run_gpu_suite.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+WHEELHOUSE=${WHEELHOUSE:-.whl}
+RES=${OUT:-benchmarks/results}
+mkdir -p "$RES"
+LOG="$RES/gpu_suite.log"
+: > "$LOG"
+T0=$(date +%s)
+declare -a SUMMARY
+
+step() {  # name timeout_s command...
+  local name=$1 to=$2; shift 2
+  local t=$(date +%s)
+  echo "=== $name (timeout ${to}s): $*" | tee -a "$LOG"
+  timeout --kill-after=10 "$to" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  local st=ok; [ "$rc" = 0 ] || st="FAIL(rc=$rc)"; [ "$rc" = 124 ] && st="TIMEOUT"
+  SUMMARY+=("$(printf '| %-22s | %-12s | %5ss |' "$name" "$st" "$(( $(date +%s) - t ))")")
+}
+
+# 1. wheels for missing distributions only (never shadow what the machine has, e.g. torch)
+MISSING=""
+if [ -d "$WHEELHOUSE" ]; then
+  MISSING=$("$PY" - "$WHEELHOUSE" <<'PYEOF'
+import sys, pathlib, re
+from importlib import metadata
+for w in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
+    dist = re.sub(r"[-_.]+", "-", w.name.split("-")[0]).lower()
+    try:
+        metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        print(w)
+PYEOF
+)
+fi
+if [ -n "$MISSING" ]; then
+  echo "installing from $WHEELHOUSE: $(echo "$MISSING" | xargs -n1 basename | tr '\n' ' ')" | tee -a "$LOG"
+  # shellcheck disable=SC2086
+  step "install wheels" 120 "$PY" -m pip install --quiet --no-index --no-deps --target /tmp/site $MISSING
+else
+  echo "nothing to install (wheelhouse $WHEELHOUSE absent or every distribution present)" | tee -a "$LOG"
+fi
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')" | tee -a "$LOG"
+
+# 2. kernel tests, compiled on the GPU (interpreter off)
+unset TRITON_INTERPRET
+step "kernel tests" 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_model.py \
+  -o addopts="" --timeout=140 -s --junitxml="$RES/kernel_tests.xml"
+
+# 3. kernel benchmarks (writes kernels.json / kernels.md), torch.compile baseline included
+if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  step "kernel benchmarks" 240 "$PY" benchmarks/kernels.py --out-dir "$RES" --reps 50
+else  # no GPU: smoke test only
+  step "kernel benchmarks" 240 "$PY" benchmarks/kernels.py --out-dir "$RES" --device cpu --quick
+fi
+
+# 4. training throughput, if that benchmark exists (written separately)
+if [ -f benchmarks/throughput.py ]; then
+  left=$(( 470 - ($(date +%s) - T0) )); [ "$left" -lt 30 ] && left=30
+  targs=(); "$PY" benchmarks/throughput.py --help 2>/dev/null | grep -q -- "--out-dir" && targs=(--out-dir "$RES")
+  step "throughput" "$left" "$PY" benchmarks/throughput.py "${targs[@]}"
+else
+  SUMMARY+=("$(printf '| %-22s | %-12s | %5ss |' "throughput" "absent" 0)")
+fi
+
+echo
+echo "## GPU suite summary ($(( $(date +%s) - T0 ))s total; log $LOG)" | tee -a "$LOG"
+{ echo "| step                   | status       | time   |"; echo "|---|---|---|"; printf '%s\n' "${SUMMARY[@]}"; } | tee -a "$LOG"
+for f in "$RES/kernels.md" "$RES/kernels_quick.md"; do [ -f "$f" ] && { echo; cat "$f"; }; done | tee -a "$LOG"

@@ -1,0 +1,322 @@
+"""Triton kernels vs a float64 evaluation of their torch references (CPU: Triton interpreter in a child
+pytest process; CUDA: compiled, in this process).
+
+Every buffer a kernel fills is allocated NaN-filled (ints: -1) through the modules' `_empty` hook, so an
+element a kernel forgets to write fails the comparison. Run: pytest tests/test_kernels.py (-s prints the
+max errors per kernel and dtype).
+"""
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mff_ds import kernels
+from mff_ds.kernels.fusion import fused_fusion_layernorm_reference
+from mff_ds.kernels.loss import norm_pix_loss_reference
+from mff_ds.kernels.masking import random_masking_reference, unmask_tokens_reference
+
+CUDA = torch.cuda.is_available()
+# The interpreter must be on before triton.language is first imported (its jit'd reductions are decorated
+# then), which another test module may already have done in this process. So on CPU the kernel tests run in
+# a child pytest started with TRITON_INTERPRET=1 (test_interpreter_run); on CUDA they run compiled, here.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+kernel_test = pytest.mark.skipif(not CUDA and not INTERPRET,
+                                 reason="runs in the TRITON_INTERPRET=1 child process of test_interpreter_run")
+DEVICE = "cuda" if CUDA else "cpu"
+MODS = ("mff_ds.kernels.masking_triton", "mff_ds.kernels.fusion_triton", "mff_ds.kernels.loss_triton")
+TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+DTYPES = [torch.float32, torch.bfloat16]
+MAX_ERR = {}
+
+
+def _poison_empty(*shape, device=None, dtype=None, **kw):
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+        shape = tuple(shape[0])
+    fill = float("nan") if dtype is None or dtype.is_floating_point else -1
+    return torch.full(shape, fill, device=device, dtype=dtype)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_errors():
+    yield
+    if MAX_ERR:
+        print("\nmax |triton - float64 reference| per kernel output and dtype:")
+        for k, v in sorted(MAX_ERR.items()):
+            print(f"  {k:45s} {v:.3e}")
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    for m in MODS:
+        monkeypatch.setattr(importlib.import_module(m), "_empty", _poison_empty)
+
+
+def check(name, got, ref, dtype):
+    """got (kernel, any dtype) vs ref (float64); records the max error."""
+    assert got is not None, f"{name}: no gradient"
+    assert not torch.isnan(got).any(), f"{name}: NaN (unwritten or poisoned element)"
+    err = (got.double() - ref.double()).abs().max().item() if got.numel() else 0.0
+    key = f"{name} [{str(dtype).replace('torch.', '')}]"
+    MAX_ERR[key] = max(MAX_ERR.get(key, 0.0), err)
+    torch.testing.assert_close(got.double(), ref.double(), **TOL[dtype], msg=lambda m: f"{name}: {m}")
+
+
+def assert_same(got, ref):
+    """Bit-identical to the same-dtype reference. The interpreter (CPU) converts float32 to bfloat16 by
+    truncation, not round-to-nearest-even as GPUs do, so there bf16 may differ by one ulp."""
+    if CUDA or got.dtype != torch.bfloat16:
+        assert torch.equal(got, ref), (got.dtype, (got.double() - ref.double()).abs().max().item())
+    else:
+        assert got.dtype == ref.dtype
+        torch.testing.assert_close(got, ref, rtol=2 ** -7, atol=0)
+
+
+def rand(*shape, dtype, grad=True, scale=1.0):
+    x = (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
+    return x.requires_grad_(grad)
+
+
+def f64(t, grad=True):
+    return t.detach().double().requires_grad_(grad)
+
+
+# ------------------------------------------------------------------------------------------------- masking
+@kernel_test
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,L,C,len_keep,pos_grad", [(1, 1, 72, 1, True), (3, 50, 200, 12, False), (2, 50, 72, 50, True)])
+def test_random_masking(dtype, B, L, C, len_keep, pos_grad):
+    torch.manual_seed(0)
+    tok, pos = rand(B, L, C, dtype=dtype), rand(1, L, C, dtype=dtype, grad=pos_grad)
+    noise = torch.rand(B, L, device=DEVICE)
+    kept, mask, ids_restore, ids_keep = kernels.random_masking(tok, pos, noise, len_keep, impl="triton")
+    # identical to the same-dtype reference, bit for bit (positions are added before masking there)
+    r_kept, r_mask, r_restore, r_keep = random_masking_reference(tok, pos, noise, len_keep)
+    assert_same(kept, r_kept)
+    assert torch.equal(mask, r_mask)
+    assert torch.equal(ids_restore, r_restore) and torch.equal(ids_keep, r_keep)
+    assert mask.dtype == noise.dtype and int(mask.sum()) == B * (L - len_keep)
+    t64, p64 = f64(tok), f64(pos, pos_grad)
+    k64 = random_masking_reference(t64, p64, noise, len_keep)[0]
+    check("masking.kept", kept, k64, dtype)
+    g = torch.randn_like(kept)
+    grads = torch.autograd.grad(kept, [tok, pos] if pos_grad else [tok], g)
+    refs = torch.autograd.grad(k64, [t64, p64] if pos_grad else [t64], g.double())
+    for n, a, b in zip(("masking.d_tokens", "masking.d_pos"), grads, refs):
+        assert a.dtype == dtype
+        check(n, a, b, dtype)
+
+
+@kernel_test
+def test_random_masking_mixed_dtype_and_fp32_positions():
+    """bf16 tokens + float32 positions promote to float32, like the reference."""
+    tok, pos = rand(2, 10, 24, dtype=torch.bfloat16), rand(1, 10, 24, dtype=torch.float32)
+    noise = torch.rand(2, 10, device=DEVICE)
+    kept = kernels.random_masking(tok, pos, noise, 3, impl="triton")[0]
+    ref = random_masking_reference(tok, pos, noise, 3)[0]
+    assert kept.dtype == torch.float32
+    assert_same(kept, ref)
+    g = torch.randn_like(kept)
+    for a, b in zip(torch.autograd.grad(kept, [tok, pos], g), torch.autograd.grad(ref, [tok, pos], g)):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b)
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,L,D,len_keep,pos_grad", [(1, 1, 72, 1, True), (3, 50, 200, 12, True), (2, 50, 72, 13, False)])
+def test_unmask_tokens(dtype, B, L, D, len_keep, pos_grad):
+    torch.manual_seed(1)
+    ids_restore = torch.argsort(torch.argsort(torch.rand(B, L, device=DEVICE), dim=1), dim=1)
+    kept, mt = rand(B, len_keep, D, dtype=dtype), rand(1, 1, D, dtype=torch.float32)
+    pos = rand(1, L, D, dtype=dtype, grad=pos_grad)
+    y = kernels.unmask_tokens(kept, mt, ids_restore, pos, impl="triton")
+    assert_same(y, unmask_tokens_reference(kept, mt, ids_restore, pos))
+    # float64 reference of the same function; the mask token is cast to kept's dtype first, as the reference does
+    k64, p64, m64 = f64(kept), f64(pos, pos_grad), f64(mt)
+    y64 = unmask_tokens_reference(k64, m64.detach().to(dtype).double() + (m64 - m64.detach()), ids_restore, p64)
+    check("unmask.out", y, y64, dtype)
+    g = torch.randn_like(y)
+    ins, ins64 = [kept, mt] + ([pos] if pos_grad else []), [k64, m64] + ([p64] if pos_grad else [])
+    for n, a, b in zip(("unmask.d_kept", "unmask.d_mask_token", "unmask.d_pos"),
+                       torch.autograd.grad(y, ins, g), torch.autograd.grad(y64, ins64, g.double())):
+        check(n, a, b, dtype)
+
+
+# -------------------------------------------------------------------------------------------------- fusion
+FUSION_CASES = [(1, 1, 1, 72), (2, 3, 50, 200), (3, 1, 50, 72), (4, 3, 1, 200), (5, 1, 7, 72), (6, 3, 50, 72),
+                (7, 2, 3, 200), (8, 1, 50, 200)]
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K,B,N,C", FUSION_CASES)
+def test_fused_fusion_layernorm(dtype, K, B, N, C):
+    torch.manual_seed(K)
+    levels = [rand(B, N, C, dtype=dtype, scale=1 + k) for k in range(K)]
+    logits = (0.5 * torch.randn(K, 1, 1, 1, device=DEVICE)).requires_grad_()
+    w, b = rand(C, dtype=torch.float32), rand(C, dtype=torch.float32)
+    y = kernels.fused_fusion_layernorm(levels, logits, w, b, eps=1e-6, impl="triton")
+    assert y.shape == (B, N, C) and y.dtype == dtype
+    lv64, lg64, w64, b64 = [f64(x) for x in levels], f64(logits), f64(w), f64(b)
+    y64 = fused_fusion_layernorm_reference(lv64, lg64, w64, b64, 1e-6)
+    check("fusion.out", y, y64, dtype)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, levels + [logits, w, b], g)
+    ref = torch.autograd.grad(y64, lv64 + [lg64, w64, b64], g.double())
+    for k in range(K):
+        check("fusion.d_level", got[k], ref[k], dtype)
+    # d(logits) and the LN affine grads are float32 reductions over B*N*C products of bf16 inputs
+    for n, a, r in zip(("fusion.d_logits", "fusion.d_ln_weight", "fusion.d_ln_bias"), got[K:], ref[K:]):
+        assert a.dtype == torch.float32 and a.shape == r.shape
+        check(n, a, r, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- loss
+@kernel_test
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm_pix", [True, False])
+@pytest.mark.parametrize("B,H,W,p", [(1, 8, 8, 8), (3, 20, 30, 5), (1, 28, 14, 14)])
+def test_norm_pix_loss(dtype, norm_pix, B, H, W, p):
+    torch.manual_seed(2)
+    L, P = (H // p) * (W // p), p * p * 3
+    pred = rand(B, L, P, dtype=dtype)
+    images = torch.randn(B, 3, H, W, device=DEVICE).to(dtype)
+    mask = (torch.rand(B, L, device=DEVICE) < 0.75).float()
+    mask[0, 0] = 1.0
+    loss = kernels.norm_pix_loss(pred, images, mask, p, norm_pix=norm_pix, impl="triton")
+    p64 = f64(pred)
+    l64 = norm_pix_loss_reference(p64, images.double(), mask.double(), p, 1e-6, norm_pix)
+    assert loss.dim() == 0
+    check("loss.value", loss, l64, torch.float32 if loss.dtype == torch.float32 else dtype)
+    (g,) = torch.autograd.grad(loss * 3.0, pred)
+    (g64,) = torch.autograd.grad(l64 * 3.0, p64)
+    assert g.dtype == dtype
+    # gradients are O(1 / numel): compare relative to their scale
+    scale = g64.abs().max()
+    check("loss.d_pred (relative)", g / scale, g64 / scale, dtype)
+    assert torch.all(g[mask == 0] == 0), "unmasked patches must get zero gradient"
+
+
+# ------------------------------------------------------------------------------------- references, errors
+def test_gradcheck_references():
+    torch.manual_seed(3)
+    d = dict(dtype=torch.float64, requires_grad=True)
+    tok, pos, noise = torch.randn(2, 6, 5, **d), torch.randn(1, 6, 5, **d), torch.rand(2, 6, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t, p: random_masking_reference(t, p, noise, 2)[0], (tok, pos))
+    ids_restore = torch.argsort(torch.argsort(noise, dim=1), dim=1)
+    kept, mt = torch.randn(2, 2, 5, **d), torch.randn(1, 1, 5, **d)
+    assert torch.autograd.gradcheck(lambda k, m, p: unmask_tokens_reference(k, m, ids_restore, p), (kept, mt, pos))
+    levels = [torch.randn(2, 3, 5, **d) for _ in range(3)]
+    logits, w, b = torch.randn(3, 1, 1, 1, **d), torch.randn(5, **d), torch.randn(5, **d)
+    assert torch.autograd.gradcheck(lambda *a: fused_fusion_layernorm_reference(a[:3], *a[3:]),
+                                    (*levels, logits, w, b))
+    pred, images = torch.randn(2, 4, 12, **d), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    mask = torch.tensor([[1.0, 0, 1, 1], [0, 1, 0, 0]], dtype=torch.float64)
+    for norm in (True, False):
+        assert torch.autograd.gradcheck(lambda p: norm_pix_loss_reference(p, images, mask, 2, 1e-6, norm), (pred,))
+
+
+def test_bad_inputs_name_expected_and_given():
+    x = torch.randn(2, 4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"pos_embed must be \(1, 4, 8\), got \(1, 5, 8\)"):
+        kernels.random_masking(x, torch.randn(1, 5, 8, device=DEVICE), torch.rand(2, 4, device=DEVICE), 2, impl="triton")
+    with pytest.raises(ValueError, match=r"len_keep must be in \[0, 4\], got 5"):
+        kernels.random_masking(x, torch.randn(1, 4, 8, device=DEVICE), torch.rand(2, 4, device=DEVICE), 5, impl="triton")
+    with pytest.raises(ValueError, match="expected 1 to 8 levels, got 9"):
+        kernels.fused_fusion_layernorm([x] * 9, torch.zeros(9), torch.ones(8), torch.zeros(8), impl="triton")
+    with pytest.raises(ValueError, match="level 1 is"):
+        kernels.fused_fusion_layernorm([x, x[:1]], torch.zeros(2), torch.ones(8), torch.zeros(8), impl="triton")
+    with pytest.raises(ValueError, match="logits must have 2 entries"):
+        kernels.fused_fusion_layernorm([x, x], torch.zeros(3), torch.ones(8), torch.zeros(8), impl="triton")
+    with pytest.raises(ValueError, match=r"pred must be \(1, 4, 12\)"):
+        kernels.norm_pix_loss(torch.randn(1, 4, 13), torch.randn(1, 3, 4, 4), torch.ones(1, 4), 2, impl="triton")
+    with pytest.raises(TypeError, match="dtype must be in"):
+        kernels.norm_pix_loss(torch.randn(1, 4, 12, dtype=torch.float64), torch.randn(1, 3, 4, 4), torch.ones(1, 4),
+                              2, impl="triton")
+    with pytest.raises(ValueError, match="kernels impl"):
+        kernels.norm_pix_loss(torch.randn(1, 4, 12), torch.randn(1, 3, 4, 4), torch.ones(1, 4), 2, impl="cuda")
+
+
+def test_interpreter_run():
+    """On CPU: run this file's kernel tests and tests/test_kernels_model.py under TRITON_INTERPRET=1."""
+    if CUDA or INTERPRET:
+        pytest.skip("kernel tests run in this process (CUDA, or already the interpreter child)")
+    here = Path(__file__).resolve()
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env["PYTHONPATH"] = str(here.parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-o", "addopts=",
+                        str(here), str(here.parent / "test_kernels_model.py")],
+                       env=env, cwd=here.parents[1], capture_output=True, text=True, timeout=600)
+    print(r.stdout[-6000:])
+    assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-3000:]
+
+
+AOT = r"""
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from mff_ds.kernels import masking_triton as mt, fusion_triton as ft, loss_triton as lt
+def comp(fn, sig, consts, warps=4):
+    full = {n: sig.get(n, "constexpr") for n in fn.arg_names}
+    k = triton.compile(ASTSource(fn=fn, signature=full, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps})
+    assert k.asm["cubin"], fn
+for dt in ("bf16", "fp32"):
+    comp(mt._mask_fwd_kernel, dict(tok_ptr="*"+dt, pos_ptr="*fp32", shuffle_ptr="*i64", kept_ptr="*fp32", mask_ptr="*fp32",
+         restore_ptr="*i64", L="i32", C="i32", len_keep="i32"), {"BLOCK": 1024})
+    comp(mt._mask_bwd_kernel, dict(gkept_ptr="*"+dt, restore_ptr="*i64", gtok_ptr="*"+dt, L="i32", C="i32", len_keep="i32"), {"BLOCK": 2048}, 8)
+    comp(mt._unmask_fwd_kernel, dict(kept_ptr="*"+dt, mt_ptr="*"+dt, restore_ptr="*i64", pos_ptr="*fp32", out_ptr="*fp32",
+         L="i32", D="i32", len_keep="i32"), {"BLOCK": 512})
+    comp(mt._unmask_bwd_kernel, dict(gout_ptr="*fp32", restore_ptr="*i64", gkept_ptr="*"+dt, gmt_part_ptr="*fp32", L="i32",
+         D="i32", len_keep="i32"), {"ROWS": 16, "BLOCK": 512})
+    xs = {f"x{i}": "*"+dt for i in range(8)}
+    for K in (1, 6, 8):
+        comp(ft._fusion_fwd_kernel, dict(**xs, w_ptr="*fp32", lnw_ptr="*fp32", lnb_ptr="*fp32", y_ptr="*"+dt, mean_ptr="*fp32",
+             rstd_ptr="*fp32", C="i32", eps="fp32"), {"K": K, "BLOCK": 1024})
+        comp(ft._fusion_bwd_kernel, dict(**xs, **{f"d{i}": "*"+dt for i in range(8)}, w_ptr="*fp32", lnw_ptr="*fp32",
+             dy_ptr="*"+dt, mean_ptr="*fp32", rstd_ptr="*fp32", dlnw_ptr="*fp32", dlnb_ptr="*fp32", dw_ptr="*fp32", M="i32",
+             C="i32", rows_per_prog="i32"), {"K": K, "BLOCK": 2048}, 16)
+    for norm in (True, False):
+        s = dict(img_ptr="*fp32", pred_ptr="*"+dt, mask_ptr="*fp32", L="i32", GW="i32", H="i32", W="i32", P="i32", eps="fp32")
+        comp(lt._npl_fwd_kernel, dict(**s, loss_ptr="*fp32"), {"PATCH": 14, "CH": 3, "NORM": norm, "BLOCK": 1024})
+        comp(lt._npl_bwd_kernel, dict(**s, coef_ptr="*fp32", dpred_ptr="*"+dt), {"PATCH": 16, "CH": 3, "NORM": norm, "BLOCK": 1024})
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter does not lower kernels; compile each one to a cubin for sm_90 (no GPU needed)."""
+    if INTERPRET or CUDA:
+        pytest.skip("done by the parent process" if INTERPRET else "the kernels compile for real on this GPU")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", AOT], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------ CUDA only
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (compiled Triton kernels)")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_vit_b_shapes(dtype):
+    torch.manual_seed(4)
+    B, L, C, keep, K, D = 64, 196, 768, 49, 6, 512
+    tok, pos = rand(B, L, C, dtype=dtype), rand(1, L, C, dtype=dtype, grad=False)
+    noise = torch.rand(B, L, device=DEVICE)
+    kept, mask, ids_restore, _ = kernels.random_masking(tok, pos, noise, keep)  # impl auto -> triton on CUDA
+    assert torch.equal(kept, random_masking_reference(tok, pos, noise, keep)[0])
+    kd, mt, dpos = rand(B, keep, D, dtype=dtype), rand(1, 1, D, dtype=dtype), rand(1, L, D, dtype=dtype, grad=False)
+    assert torch.equal(kernels.unmask_tokens(kd, mt, ids_restore, dpos), unmask_tokens_reference(kd, mt, ids_restore, dpos))
+    levels = [rand(B, keep + 1, C, dtype=dtype) for _ in range(K)]
+    logits, w, b = torch.randn(K, 1, 1, 1, device=DEVICE), rand(C, dtype=dtype), rand(C, dtype=dtype)
+    y = kernels.fused_fusion_layernorm(levels, logits, w, b)
+    check("cuda.fusion.out", y, fused_fusion_layernorm_reference([x.double() for x in levels], logits.double(),
+                                                                 w.double(), b.double()), dtype)
+    pred = rand(B, L, 768, dtype=dtype)
+    images = torch.randn(B, 3, 224, 224, device=DEVICE)
+    loss = kernels.norm_pix_loss(pred, images, mask, 16)
+    check("cuda.loss.value", loss, norm_pix_loss_reference(pred.double(), images.double(), mask.double(), 16), dtype)
