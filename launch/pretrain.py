@@ -39,11 +39,15 @@ def main(argv=None) -> int:
         return 2
     from mff_ds.engine.trainer import IncompatibleCheckpointError, NonFiniteLossError, train
     out = args.output_dir or os.path.join("runs", recipe.name)
+    import torch.distributed as dist
     try:
         summary = train(recipe, out, max_steps=args.max_steps, resume=args.resume)
     except (RecipeError, IncompatibleCheckpointError, NonFiniteLossError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, NonFiniteLossError) else 3
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: step {summary['step']}/{summary['total_steps']}, loss {summary['first_loss']} -> "
               f"{summary['last_loss']}, outputs in {out}")

@@ -1,11 +1,13 @@
 """Shared test helpers: where the mmpretrain fixtures live, markers."""
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures" / "mmpretrain"
+# ../shared beside the repo; MFF_DS_FIXTURES points elsewhere (e.g. a copy carried to a GPU machine)
+FIXTURES = Path(os.environ.get("MFF_DS_FIXTURES", REPO.parent / "shared" / "fixtures" / "mmpretrain"))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -4,12 +4,11 @@ On CPU the Triton kernels need TRITON_INTERPRET=1 from process start: tests/test
 such a child process (or run it yourself: TRITON_INTERPRET=1 pytest tests/test_kernels_model.py).
 """
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "mmpretrain"
+from conftest import FIXTURES
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not CUDA and not INTERPRET, reason="on CPU this runs in the TRITON_INTERPRET=1 "

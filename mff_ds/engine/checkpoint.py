@@ -138,6 +138,15 @@ def load(engine, root: str, tag: str) -> dict:
     return client or {}
 
 
+def universal_info() -> dict:
+    """The client-state entry DeepSpeed's ds_to_universal requires (plain data parallel: just the version)."""
+    try:
+        from deepspeed.checkpoint import constants as c
+        return {c.UNIVERSAL_CHECKPOINT_INFO: {c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    except (ImportError, AttributeError):
+        return {}
+
+
 def universal_command(root: str, tag: str) -> str:
     src = os.path.join(root, tag)
     return (f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {src} --output_folder {src}_universal"

@@ -96,11 +96,26 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     device = device_for(d.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if device.type == "cpu":
+        _skip_shm_comm_build()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    auto_mpi_discovery=False, distributed_port=d.master_port,
                                    timeout=datetime.timedelta(minutes=timeout_minutes))
     return d
+
+
+def _skip_shm_comm_build() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce used only by inference all-reduce
+    (about a minute, needs a compiler). Training never calls it, so mark it incompatible."""
+    try:
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is not None:
+            deepspeed.ops.__compatible_ops__[builder.NAME] = False
+    except Exception:  # a DeepSpeed without this op: nothing to skip
+        pass
 
 
 def barrier() -> None:

@@ -86,12 +86,10 @@ def reconstruction_grid(images: torch.Tensor, pred: torch.Tensor, mask: torch.Te
     if norm_pix:
         mu, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
         pred = pred * (var + eps).sqrt() + mu
-    m = mask.unsqueeze(-1)
-    masked = unpatchify(target * (1 - m), patch_size)
-    recon = unpatchify(pred * m + target * (1 - m), patch_size)
-    to01 = lambda x: (x * std + mean).clamp(0, 1)
-    grey = unpatchify(torch.full_like(target, 0.5) * m, patch_size)  # masked patches shown grey
-    rows = torch.stack([to01(images), to01(masked) * (1 - (grey > 0).float()) + grey, to01(recon)], dim=1)
+    M = unpatchify(mask.unsqueeze(-1).expand_as(target).contiguous(), patch_size)  # 1 = masked pixel
+    orig = (images * std + mean).clamp(0, 1)
+    recon = (unpatchify(pred, patch_size) * std + mean).clamp(0, 1)
+    rows = torch.stack([orig, orig * (1 - M) + 0.5 * M, recon * M + orig * (1 - M)], dim=1)
     return make_grid(rows.flatten(0, 1), nrow=3, padding=2, pad_value=1.0)
 
 

@@ -3,13 +3,15 @@
 - `lr_at(step, ...)`: mmengine's LinearLR warmup (from `start_factor`) then half-cosine to `min_lr`,
   evaluated from the optimizer-step index, so fp16 overflow skips never shift the schedule.
 - `build_ds_config(...)`: ds_configs JSON + precision JSON + batch/clipping from the recipe + overrides.
-- `build_optimizer(...)`: DeepSpeed FusedAdam (AdamW mode) on CUDA, torch.optim.AdamW on CPU.
+- `build_optimizer(...)`: DeepSpeed FusedAdam (AdamW mode) on CUDA (torch fused AdamW if the op cannot be
+  built), torch.optim.AdamW on CPU.
 - `build_deepspeed_engine(model, param_groups, ds_config, ...)`: reusable by pretraining and downstream tasks.
 """
 import copy
 import json
 import math
 import os
+import warnings
 from typing import List, Optional, Sequence
 
 import torch
@@ -88,8 +90,12 @@ def build_optimizer(param_groups: List[dict], lr: float, betas: Sequence[float] 
         g["params"] = [p for p in g["params"] if p.requires_grad]
     device = device or next(p.device for g in groups for p in g["params"])
     if device.type == "cuda":
-        from deepspeed.ops.adam import FusedAdam
-        return FusedAdam(groups, lr=lr, betas=tuple(betas), eps=eps, adam_w_mode=True, weight_decay=0.0)
+        try:
+            from deepspeed.ops.adam import FusedAdam
+            return FusedAdam(groups, lr=lr, betas=tuple(betas), eps=eps, adam_w_mode=True, weight_decay=0.0)
+        except Exception as e:  # the op is JIT-built with nvcc; a machine without a working toolchain falls back
+            warnings.warn(f"DeepSpeed FusedAdam unavailable ({type(e).__name__}: {e}); using torch.optim.AdamW(fused=True)")
+            return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=0.0, fused=True)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=0.0)
 
 

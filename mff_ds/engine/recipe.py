@@ -222,7 +222,7 @@ def _build(cls, data, key: str, problems: List[str]):
         if f.name in data:
             n_before = len(problems)
             v = _coerce(data[f.name], hints[f.name], prefix + f.name, problems)
-            if len(problems) == n_before:
+            if len(problems) == n_before or dataclasses.is_dataclass(hints[f.name]):  # keep partly-valid sections
                 kwargs[f.name] = v
     return cls(**kwargs)
 
@@ -370,8 +370,9 @@ def from_dict(tree: dict, world_size: Optional[int] = None, source: str = "recip
     data = tree.pop("data", None)
     recipe = _build(Recipe, tree, "", problems)
     recipe.data = _build(_data_config_cls(), data, "data", problems)
-    if not problems:
-        problems = check(recipe, world_size)
+    # semantic checks too, minus those on keys whose value was already rejected (they would see defaults)
+    rejected = {q.split(":", 1)[0] for q in problems}
+    problems += [q for q in check(recipe, world_size) if q.split(":", 1)[0] not in rejected]
     if problems:
         raise RecipeError(problems, source)
     return recipe

@@ -5,7 +5,6 @@ optimizer-step index, periodic checkpoints with exact data/RNG position, metrics
 (the only host synchronisation), reconstruction grids, NaN/Inf handling (stop or roll back) and final exports.
 """
 import json
-import math
 import os
 import random
 import time
@@ -121,10 +120,9 @@ def train(recipe: Recipe, output_dir: str, max_steps: Optional[int] = None, resu
           param_groups: Optional[list] = None) -> dict:
     """Run (or continue) the recipe; returns a summary. `model`/`forward`/`param_groups` let downstream tasks
     reuse the loop with another model (forward(engine, images, labels) must return an object with .loss)."""
-    import deepspeed
     from deepspeed.utils import logger as ds_logger
 
-    from mff_ds.data import build_loader, normalize
+    from mff_ds.data import IMAGENET_MEAN, IMAGENET_STD, build_loader, normalize
 
     ds_logger.setLevel(os.environ.get("MFF_DS_LOG_LEVEL", "WARNING"))
     env: DistEnv = init_distributed()
@@ -161,18 +159,12 @@ def train(recipe: Recipe, output_dir: str, max_steps: Optional[int] = None, resu
                         if hasattr(model, "param_groups") else
                         [{"params": [p for p in model.parameters() if p.requires_grad],
                           "weight_decay": recipe.optim.weight_decay}])
-    peak_lr = recipe.lr()
-    engine, optimizer = build_deepspeed_engine(model, param_groups, ds_config, lr=peak_lr,
-                                               betas=recipe.optim.betas, eps=recipe.optim.eps, device=device)
-    dtype = DTYPES[precision]
-    seed_everything(recipe.seed + rank)
-
     A = recipe.grad_accum(world)
-    mcfg = getattr(engine.module, "cfg", None)
-    img_size = getattr(mcfg, "img_size", None) or recipe.model_config().img_size
+    img_size = getattr(getattr(model, "cfg", None), "img_size", None) or recipe.model_config().img_size
     loader_kw = dict(img_size=img_size, micro_batch=recipe.batch.micro_batch, rank=rank, world_size=world,
                      seed=recipe.seed)
-    batches_per_epoch = len(build_loader(recipe.data, epoch=0, **loader_kw))
+    loader = build_loader(recipe.data, epoch=0, **loader_kw)
+    batches_per_epoch = len(loader)
     steps_per_epoch = batches_per_epoch // A
     if steps_per_epoch < 1:
         raise RecipeError([f"batch.global_batch: one epoch gives {batches_per_epoch} micro-batches per rank, fewer "
@@ -180,6 +172,13 @@ def train(recipe: Recipe, output_dir: str, max_steps: Optional[int] = None, resu
     total_steps = recipe.schedule.epochs * steps_per_epoch
     warmup_steps = int(round(recipe.schedule.warmup_epochs * steps_per_epoch))
     stop_step = min(total_steps, max_steps) if max_steps else total_steps
+
+    peak_lr = recipe.lr()
+    engine, optimizer = build_deepspeed_engine(model, param_groups, ds_config, lr=peak_lr,
+                                               betas=recipe.optim.betas, eps=recipe.optim.eps, device=device)
+    dtype = DTYPES[precision]
+    mcfg = getattr(engine.module, "cfg", None)
+    seed_everything(recipe.seed + rank)
 
     pos = Position()
     meta_base = {"recipe_hash": recipe.compat_hash(), "compat": recipe.compat_dict(), "world_size": world,
@@ -190,6 +189,9 @@ def train(recipe: Recipe, output_dir: str, max_steps: Optional[int] = None, resu
         pos.step = int(client["step"])
         if not rollback:  # a rollback keeps the data position: the bad stretch is skipped
             pos.epoch, pos.batch = int(client["epoch"]), int(client["batch"])
+            per_batch = recipe.batch.micro_batch * world
+            if client.get("samples") is not None and int(client["samples"]) != pos.batch * per_batch:
+                pos.batch = int(client["samples"]) // per_batch  # other world size / micro batch (universal)
         rng = client.get("rng") or []
         if not rollback and len(rng) == world:
             ckpt.set_rng_state(rng[rank])
@@ -202,15 +204,15 @@ def train(recipe: Recipe, output_dir: str, max_steps: Optional[int] = None, resu
     def save():
         states = _gather_rng()
         client = {"step": pos.step, "epoch": pos.epoch, "batch": pos.batch, "rng": states,
-                  "mff_meta": dict(meta_base, step=pos.step)}
+                  "samples": pos.batch * recipe.batch.micro_batch * world,  # of this epoch, all ranks
+                  "mff_meta": dict(meta_base, step=pos.step), **ckpt.universal_info()}
         meta = dict(meta_base, epoch=pos.epoch, batch=pos.batch)
         return ckpt.save(engine, ckpt_root, pos.step, client, meta, recipe.checkpoint.keep_last)
 
     logger = mlog.MetricsLogger(output_dir, is_main, recipe.logging.tensorboard)
     flops = _flops_per_image(engine.module)
     peak = mlog.peak_tflops(device, recipe.logging.peak_tflops)
-    mean = getattr(recipe.data, "mean", (0.485, 0.456, 0.406))
-    std = getattr(recipe.data, "std", (0.229, 0.224, 0.225))
+    mean, std = [v / 255 for v in IMAGENET_MEAN], [v / 255 for v in IMAGENET_STD]
     bar = mlog.progress_bar(is_main and recipe.logging.progress_bar, stop_step, pos.step)
     if is_main and pos.step:
         bar.write(f"resumed from {found[0]}/{found[1]} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
@@ -220,7 +222,8 @@ def train(recipe: Recipe, output_dir: str, max_steps: Optional[int] = None, resu
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
     t_mark, steps_mark, last_loss, first_loss = time.time(), pos.step, None, None
     last_saved = pos.step if found else -1
-    out = x = None
+    out = x = own_gn = None
+    own_norm = zero_stage == 0 and precision == "fp32"
 
     def nonfinite_check() -> Optional[int]:
         """Collective; the first optimizer step (0-based) with a non-finite loss on any rank, or None."""
@@ -254,16 +257,22 @@ def train(recipe: Recipe, output_dir: str, max_steps: Optional[int] = None, resu
         while pos.step < stop_step:
             if pos.batch >= per_epoch:
                 pos.epoch, pos.batch = pos.epoch + 1, 0
-            loader = build_loader(recipe.data, epoch=pos.epoch, skip_batches=pos.batch, **loader_kw)
+            loader.set_epoch(pos.epoch, skip_batches=pos.batch)  # reuses the (persistent) workers
             for images, labels in loader:
                 if pos.batch >= per_epoch or pos.step >= stop_step:
                     break
                 if pos.batch % A == 0:
                     set_lr(optimizer, lr_at(pos.step, total_steps, warmup_steps, peak_lr, recipe.optim.min_lr,
                                             recipe.schedule.warmup_start_factor))
-                x = normalize(images.to(device, non_blocking=True)).to(dtype)
+                x = normalize(images.to(device, non_blocking=True), dtype=dtype)
                 out = forward(engine, x, labels)
                 engine.backward(out.loss)
+                nxt = pos.step + 1
+                if (own_norm and (pos.batch + 1) % A == 0
+                        and (nxt % recipe.logging.every_steps == 0 or nxt == stop_step)):
+                    # DeepSpeed keeps no norm for ZeRO-0 fp32: take it here (grads are all-reduced by now)
+                    own_gn = torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters()
+                                                            if p.grad is not None])
                 engine.step()
                 loss = out.loss.detach().float()
                 loss_sum += loss
@@ -291,6 +300,7 @@ def train(recipe: Recipe, output_dir: str, max_steps: Optional[int] = None, resu
                     m = {"loss": mean_loss, "lr": lr, "loss_scale": _loss_scale(engine),
                          "skipped_steps": int(engine.skipped_steps), "epoch": pos.epoch, "images_per_s": ips}
                     gn = engine.get_global_grad_norm()
+                    gn = own_gn if gn is None else gn
                     if gn is not None:
                         m["grad_norm"] = float(gn)
                     fw = getattr(out, "fusion_weights", None)

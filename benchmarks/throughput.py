@@ -1,0 +1,480 @@
+"""Training throughput: MFF vs plain MAE through our DeepSpeed engine, and the standard MAE baseline.
+
+    python benchmarks/throughput.py                      # CUDA: ViT-B/16, 224 px, bf16, micro batch 256
+    python benchmarks/throughput.py --device cpu         # CPU: a tiny model (--preset tiny), about 20 s
+
+Three trainers live in one process: MFF and plain MAE, each built like pretraining builds it (recipe ->
+build_ds_config -> ZeRO-2 DeepSpeed engine with the real AdamW: DeepSpeed FusedAdam on CUDA when it is built, else
+torch's fused AdamW, recorded in the JSON; torch AdamW on CPU), and the official facebookresearch/mae loop
+(benchmarks/mae_baseline.py). Each is warmed up (--warmup steps, not timed), then the timed steps alternate
+MFF, MAE, baseline, MFF, ... so drifts of clock or load hit all three alike. A step = forward + backward +
+optimizer step on one micro batch (no accumulation), timed between device synchronisations, on synthetic
+inputs already on the device (--data PATH: batches come from our data pipeline and their wait is timed too).
+
+Reported per trainer: img/s = micro_batch / step time (median, IQR, min, max over the timed steps), median
+step time, MFU and peak device memory; ratio_mff_over_mae = median over the alternation rounds of
+t_MFF / t_MAE (paired, robust to drift); speedup_over_baseline = img/s ours / img/s baseline.
+
+MFU = flops_per_image(cfg) x img/s / peak, where flops_per_image (mff_ds/models/flops.py) counts the matmuls
+and attention products of forward + backward at 2 FLOPs per multiply-add (backward = 2x forward, the patch
+embedding 1x), checked against torch's FlopCounterMode in tests/test_flops.py and tests/test_benchmarks.py;
+peak = dense 16-bit tensor-core TFLOP/s from the device name (H100/H200: 989), or --peak-tflops; null on CPU
+unless --peak-tflops is given. The baseline does the same work as our MAE, so it is credited the same FLOPs.
+
+peak_mem_mb = the trainer's own persistent memory (weights, gradients, optimizer state; measured across its
+warm-up) + the largest transient of its steps: what it would need alone. CUDA only (null on CPU).
+
+Output: --json (default <out-dir>/throughput_<device>.json), a markdown table and a PNG bar chart beside it.
+"""
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+
+from mff_ds.models import build_model, resolve_config  # noqa: E402
+from mff_ds.models.archs import default_out_indices  # noqa: E402
+from mff_ds.models.flops import flops_per_image  # noqa: E402
+
+# CPU smoke size: 64 px, patch 8 (64 patches, 16 kept), 96-d x 6 blocks, MFF fuses blocks 1, 3, 5.
+TINY = dict(img_size=64, patch_size=8, embed_dim=96, depth=6, num_heads=3, decoder_embed_dim=64, decoder_depth=2,
+            decoder_num_heads=2)
+TINY_MFF_LEVELS = [1, 3, 5]
+ROLES = ("mff", "mae", "baseline_mae")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="mff_vit_base_patch16",
+                   help="MFF arch name (mff_vit_{tiny,small,base,large,huge}_patch{14,16}); MAE = the same with mae_")
+    p.add_argument("--preset", choices=("auto", "tiny", "none"), default="auto",
+                   help="tiny: a small model for CPU smoke runs; auto: tiny on CPU, none on CUDA")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="ModelConfig override for both models, e.g. --set depth=4 (out_indices: MFF only)")
+    p.add_argument("--img-size", type=int, default=None, help="default: 224 (the arch), 64 with --preset tiny")
+    p.add_argument("--micro-batch", type=int, default=None, help="default: 256 on CUDA, 16 on CPU")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile our two engines (the baseline stays eager)")
+    p.add_argument("--optimizer", choices=("auto", "fused_adam", "torch_fused", "torch"), default="auto",
+                   help="auto: DeepSpeed FusedAdam on CUDA when prebuilt or already JIT-built, else torch "
+                        "AdamW(fused=True) (same math, also one fused kernel); torch AdamW on CPU. fused_adam: "
+                        "JIT-build FusedAdam if needed (nvcc + ninja)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per trainer")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per trainer")
+    p.add_argument("--no-baseline", action="store_true", help="skip the facebookresearch/mae baseline")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: from the name)")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="time with real batches: an ImageFolder root, WebDataset shards, or 'demo'")
+    p.add_argument("--workers", type=int, default=8, help="data loader workers with --data")
+    p.add_argument("--json", default=None, metavar="OUT")
+    p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for name in ("steps", "warmup", "micro_batch", "img_size", "workers"):
+        v = getattr(args, name)
+        lo = 0 if name in ("warmup", "workers") else 1
+        if v is not None and v < lo:
+            p.error(f"--{name.replace('_', '-')}: expected an integer >= {lo}, got {v}")
+    return args
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def model_configs(args, device):
+    """(MFF ModelConfig, MAE ModelConfig) from --arch, --preset, --set, --img-size, --kernels."""
+    if not args.arch.startswith("mff_"):
+        raise SystemExit(f"--arch: expected an MFF arch name (mff_vit_<size>_patch<p>), got {args.arch!r}")
+    over = {}
+    if args.preset == "tiny" or (args.preset == "auto" and device.type == "cpu"):
+        over.update(TINY, out_indices=TINY_MFF_LEVELS)
+    for item in args.overrides:
+        if "=" not in item:
+            raise SystemExit(f"--set: expected KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        over[k.strip()] = _parse_value(v.strip())
+    if args.img_size is not None:
+        over["img_size"] = args.img_size
+    over["kernels"] = args.kernels
+    mff_over = dict(over)
+    if "depth" in over and "out_indices" not in over:
+        mff_over["out_indices"] = default_out_indices(over["depth"])
+    mae_over = dict(over, out_indices=[-1])  # the last block only
+    try:
+        mff = resolve_config(args.arch, **mff_over)
+        mae = resolve_config("mae_" + args.arch[4:], **mae_over)
+        mae = resolve_config(mae, out_indices=[mae.depth - 1])
+    except ValueError as e:
+        raise SystemExit(f"model options: {e}")
+    if len(mff.levels) < 2:
+        raise SystemExit(f"--set out_indices: MFF needs at least 2 fused levels, got {mff.out_indices}")
+    return mff, mae
+
+
+# ------------------------------------------------------------------ trainers
+class Trainer:
+    """A name, a step(batch) and what is needed to report on it."""
+
+    def __init__(self, name, step, flops, n_params, optimizer, dtype):
+        self.name, self.step, self.flops, self.n_params, self.optimizer, self.dtype = (
+            name, step, flops, n_params, optimizer, dtype)
+        self.times, self.transient, self.resident = [], 0, 0
+
+
+def _fused_adam_ready() -> bool:
+    """DeepSpeed FusedAdam usable without a JIT build: installed prebuilt, or already in the extensions cache.
+    (A JIT build needs nvcc + ninja and a minute or two; ask for it with --optimizer fused_adam.)"""
+    try:
+        import glob
+
+        from deepspeed.git_version_info import installed_ops
+        from torch.utils.cpp_extension import _get_build_directory
+        if installed_ops.get("fused_adam"):
+            return True
+        return bool(glob.glob(os.path.join(_get_build_directory("fused_adam", verbose=False), "fused_adam*.so")))
+    except Exception:
+        return False
+
+
+def build_ours(cfg, args, device, precision, world_size=1):
+    """Our pretraining path: recipe -> DeepSpeed config (ZeRO-2) -> engine with the real optimizer.
+    One optimizer step per micro batch on every rank (global batch = micro batch x world size)."""
+    import deepspeed
+
+    from mff_ds.engine.optim import build_deepspeed_engine, build_ds_config, precision_of
+    from mff_ds.engine.recipe import from_dict
+
+    m = args.micro_batch
+    recipe = from_dict({"precision": precision, "model": cfg.to_dict(),
+                        "batch": {"global_batch": m * world_size, "micro_batch": m},
+                        "deepspeed": {"config": "ds_configs/zero2.json"}}, world_size=world_size, source="throughput")
+    ds_config = build_ds_config(recipe, world_size, device)
+    assert precision_of(ds_config) == precision
+    torch.manual_seed(args.seed)
+    model = build_model(cfg)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    groups = model.param_groups(recipe.optim.weight_decay, decay_fusion_logits=recipe.optim.decay_fusion_logits)
+    lr, betas, eps = recipe.lr(), recipe.optim.betas, recipe.optim.eps
+    choice = args.optimizer
+    if choice == "auto":
+        choice = "torch" if device.type != "cuda" else ("fused_adam" if _fused_adam_ready() else "torch_fused")
+    engine = None
+    if choice == "fused_adam":
+        try:
+            engine, _ = build_deepspeed_engine(model, groups, ds_config, lr=lr, betas=betas, eps=eps, device=device)
+            name = "deepspeed.ops.adam.FusedAdam"
+        except Exception as e:  # FusedAdam JIT-compiles with nvcc + ninja
+            if args.optimizer == "fused_adam":
+                raise
+            print(f"[throughput] FusedAdam unavailable ({type(e).__name__}: {str(e)[:200]}); "
+                  f"using torch.optim.AdamW(fused=True)", flush=True)
+            choice = "torch_fused"
+    if engine is None:  # the same engine with torch's AdamW (fused on CUDA)
+        if choice == "torch_fused" and device.type != "cuda":
+            raise SystemExit("--optimizer torch_fused: needs a CUDA device")
+        model.to(device)
+        groups = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in groups]
+        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=0.0,
+                                fused=choice == "torch_fused")
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=copy.deepcopy(ds_config))
+        name = "torch.optim.AdamW(fused=True)" if choice == "torch_fused" else "torch.optim.AdamW"
+    if args.compile:
+        engine.compile()
+
+    def step(x):
+        out = engine(x)
+        engine.backward(out.loss)
+        engine.step()
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return Trainer("MFF" if model.is_mff else "MAE", step, flops_per_image(cfg), n_params, name, dtype)
+
+
+def build_official(cfg, args, device, precision):
+    from mae_baseline import BaselineTrainer, build_baseline
+    torch.manual_seed(args.seed)
+    t = BaselineTrainer(build_baseline(cfg), precision, device, mask_ratio=cfg.mask_ratio)
+    n_params = sum(p.numel() for p in t.model.parameters() if p.requires_grad)
+    return Trainer("MAE baseline", t.step, flops_per_image(cfg), n_params, "torch.optim.AdamW (foreach)", torch.float32)
+
+
+# ------------------------------------------------------------------ inputs
+class Inputs:
+    """Synthetic normalised batches already on the device, or batches from build_loader (--data)."""
+
+    def __init__(self, args, device, img_size):
+        from mff_ds.data import normalize
+        self.normalize, self.device = normalize, device
+        self.loader = self.it = None
+        if args.data:
+            from mff_ds.data import DataConfig, build_loader
+            if args.data == "demo":
+                dc = DataConfig(source="demo", num_workers=args.workers)
+            elif os.path.isdir(args.data):
+                dc = DataConfig(source="imagefolder", path=args.data, num_workers=args.workers)
+            else:
+                dc = DataConfig(source="webdataset", path=args.data, num_workers=args.workers)
+            dc.pin_memory = device.type == "cuda"
+            self.loader = build_loader(dc, img_size=img_size, micro_batch=args.micro_batch, rank=0, world_size=1,
+                                       seed=args.seed, epoch=0)
+            self.epoch = 0
+        else:
+            g = torch.Generator().manual_seed(args.seed)
+            u8 = torch.randint(0, 256, (args.micro_batch, 3, img_size, img_size), dtype=torch.uint8, generator=g)
+            self.u8 = u8.to(device)
+            self.cache = {}
+
+    def get(self, dtype):
+        if self.loader is None:
+            if dtype not in self.cache:
+                self.cache[dtype] = self.normalize(self.u8, dtype=dtype)
+            return self.cache[dtype]
+        while True:
+            if self.it is None:
+                self.loader.set_epoch(self.epoch)
+                self.it = iter(self.loader)
+            try:
+                images, _ = next(self.it)
+                return self.normalize(images.to(self.device, non_blocking=True), dtype=dtype)
+            except StopIteration:
+                self.it, self.epoch = None, self.epoch + 1
+
+
+# ------------------------------------------------------------------ timing and report
+def _quantiles(xs):
+    if len(xs) == 1:
+        return xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def summarize(t: Trainer, batch: int, peak_tflops, cuda: bool) -> dict:
+    ips = [batch / s for s in t.times]
+    q1, q3 = _quantiles(ips)
+    med = statistics.median(ips)
+    return {"img_per_s": med, "img_per_s_iqr": q3 - q1, "img_per_s_q1": q1, "img_per_s_q3": q3,
+            "img_per_s_min": min(ips), "img_per_s_max": max(ips),
+            "step_ms": 1e3 * statistics.median(t.times),
+            "mfu": t.flops * med / (peak_tflops * 1e12) if peak_tflops else None,
+            "peak_mem_mb": (t.resident + t.transient) / 2**20 if cuda else None,
+            "gflops_per_image": t.flops / 1e9, "params_m": t.n_params / 1e6, "optimizer": t.optimizer,
+            "timed_steps": len(t.times)}
+
+
+def warm_up(t: Trainer, inputs, warmup, device, before_build):
+    """Untimed steps; the trainer's persistent memory (weights, grads, lazily created optimizer state) is what
+    memory_allocated gained since just before it was built."""
+    for _ in range(max(warmup, 1)):
+        t.step(inputs.get(t.dtype))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        t.resident = torch.cuda.memory_allocated(device) - before_build
+
+
+def run(trainers, inputs, steps, device):
+    """Timed steps, alternating the trainers; each step between two device synchronisations."""
+    cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    for _ in range(steps):
+        for t in trainers:
+            x = inputs.get(t.dtype) if inputs.loader is None else None
+            sync()
+            if cuda:
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            t.step(x if x is not None else inputs.get(t.dtype))
+            sync()
+            t.times.append(time.perf_counter() - t0)
+            if cuda:
+                t.transient = max(t.transient, torch.cuda.max_memory_allocated(device) - base)
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def _atomic_write(path, write):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def markdown(res: dict) -> str:
+    c = res["config"]
+    lines = [f"**{res['device']}**, {res['date']}, {c['arch']} ({c['img_size']} px, patch {c['patch_size']}), "
+             f"{c['model']}, micro batch {c['micro_batch']}, {c['precision']}, kernels {c['kernels']}, "
+             f"compile {c['compile']}, {c['steps']} timed steps each after {c['warmup']} warm-up, "
+             f"{'data ' + c['data'] if c['data'] else 'synthetic inputs on the device'}.",
+             "",
+             "| trainer | img/s (median) | IQR | step ms | MFU | peak mem MB | vs baseline |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    base = res.get("baseline_mae")
+    for role, label in (("mff", "MFF (ours, DeepSpeed ZeRO-2)"), ("mae", "MAE (ours, DeepSpeed ZeRO-2)"),
+                        ("baseline_mae", "MAE (facebookresearch/mae loop)")):
+        r = res.get(role)
+        if not r:
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "n/a"
+        vs = f"{r['img_per_s'] / base['img_per_s']:.2f}x" if base else "n/a"
+        lines.append(f"| {label} | {r['img_per_s']:.1f} | {r['img_per_s_iqr']:.1f} | {r['step_ms']:.1f} | {mfu} "
+                     f"| {mem} | {vs} |")
+    lines += ["", f"MFF / MAE step-time ratio: **{res['ratio_mff_over_mae']:.3f}**"
+              + (f"; our MAE over the baseline: **{res['speedup_over_baseline']:.2f}x**, our MFF: "
+                 f"**{res['speedup_mff_over_baseline']:.2f}x**" if base else ""),
+              "", f"Command: `{res['command']}`", ""]
+    return "\n".join(lines)
+
+
+def chart(res: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    roles = [r for r in ROLES if res.get(r)]
+    labels = {"mff": "MFF (ours)", "mae": "MAE (ours)", "baseline_mae": "MAE (official loop)"}
+    vals = [res[r]["img_per_s"] for r in roles]
+    err = [[res[r]["img_per_s"] - res[r]["img_per_s_q1"] for r in roles],
+           [res[r]["img_per_s_q3"] - res[r]["img_per_s"] for r in roles]]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    bars = ax.bar([labels[r] for r in roles], vals, yerr=err, capsize=4,
+                  color=["#1f77b4", "#6baed6", "#bdbdbd"][:len(roles)])
+    for b, v, r in zip(bars, vals, roles):
+        ax.annotate(f"{v:.0f}", (b.get_x() + b.get_width() / 2, res[r]["img_per_s_q3"]), ha="center",
+                    va="bottom", xytext=(0, 3), textcoords="offset points")
+    ax.margins(y=0.15)
+    c = res["config"]
+    ax.set_ylabel("images / s (median, IQR bars)")
+    ax.set_title(f"{res['device']}\n{c['arch']} {c['img_size']}px, batch {c['micro_batch']}, {c['precision']}",
+                 fontsize=9)
+    fig.tight_layout()
+    _atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here; use --device cpu")
+    if device.type not in ("cuda", "cpu"):
+        raise SystemExit(f"--device: expected cuda, cuda:N or cpu, got {args.device!r}")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    cuda = device.type == "cuda"
+    args.precision = args.precision or ("bf16" if cuda else "fp32")
+    args.micro_batch = args.micro_batch or (256 if cuda else 16)
+    if args.precision == "fp16" and not cuda:
+        raise SystemExit("--precision fp16: needs a CUDA device (dynamic loss scaling); use fp32 or bf16 on CPU")
+    if args.kernels == "triton" and not cuda:
+        raise SystemExit("--kernels triton: needs a CUDA device; use torch or auto on CPU")
+    mff_cfg, mae_cfg = model_configs(args, device)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    os.environ.setdefault("MFF_DS_LOG_LEVEL", "WARNING")
+    from deepspeed.utils import logger as ds_logger
+    ds_logger.setLevel(os.environ["MFF_DS_LOG_LEVEL"])
+    from mff_ds.engine.distributed import init_distributed
+    from mff_ds.engine.logging import peak_tflops
+    if not cuda:
+        os.environ.setdefault("LOCAL_RANK", "0")
+    init_distributed()
+    if cuda:
+        torch.cuda.set_device(device)  # after init_distributed (which picks LOCAL_RANK's device)
+
+    t_setup = time.perf_counter()
+    mem = (lambda: torch.cuda.memory_allocated(device)) if cuda else (lambda: 0)
+    inputs = Inputs(args, device, mff_cfg.img_size)
+    builds = [(build_ours, mff_cfg), (build_ours, mae_cfg)] + ([] if args.no_baseline else [(build_official, mae_cfg)])
+    if inputs.loader is None:  # the synthetic batches exist before any trainer is measured
+        for dtype in {torch.float32, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]}:
+            inputs.get(dtype)
+    trainers = []
+    for build, cfg in builds:  # build + warm up one after the other (memory attribution)
+        before = mem()
+        t = build(cfg, args, device, args.precision)
+        warm_up(t, inputs, args.warmup, device, before)
+        trainers.append(t)
+    setup_s = time.perf_counter() - t_setup
+    t_run = time.perf_counter()
+    run(trainers, inputs, args.steps, device)
+    run_s = time.perf_counter() - t_run
+
+    peak = peak_tflops(device, args.peak_tflops)
+    res = {}
+    for role, t in zip(ROLES, trainers):
+        res[role] = summarize(t, args.micro_batch, peak, cuda)
+    mff_t, mae_t = trainers[0].times, trainers[1].times
+    res["ratio_mff_over_mae"] = statistics.median(a / b for a, b in zip(mff_t, mae_t))
+    res["ratio_mff_over_mae_of_medians"] = res["mff"]["step_ms"] / res["mae"]["step_ms"]
+    if not args.no_baseline:
+        b = res["baseline_mae"]["img_per_s"]
+        res["speedup_over_baseline"] = res["mae"]["img_per_s"] / b
+        res["speedup_mff_over_baseline"] = res["mff"]["img_per_s"] / b
+        for role in ("mff", "mae"):
+            res[role]["speedup_over_baseline"] = res[role]["img_per_s"] / b
+    else:
+        res["speedup_over_baseline"] = res["speedup_mff_over_baseline"] = None
+    tiny = args.preset == "tiny" or (args.preset == "auto" and not cuda)
+    size = (f"ViT {mff_cfg.embed_dim}-d x {mff_cfg.depth}, decoder {mff_cfg.decoder_embed_dim}-d x "
+            f"{mff_cfg.decoder_depth}, MFF levels {mff_cfg.levels}")
+    res["config"] = {"arch": args.arch + (" (tiny preset)" if tiny else "") + (" + " + " ".join(args.overrides) if args.overrides else ""),
+                     "model": size, "img_size": mff_cfg.img_size, "patch_size": mff_cfg.patch_size,
+                     "micro_batch": args.micro_batch, "precision": args.precision, "kernels": args.kernels,
+                     "compile": args.compile, "steps": args.steps, "warmup": args.warmup, "data": args.data,
+                     "peak_tflops": peak, "zero_stage": 2, "mff_model": mff_cfg.to_dict(),
+                     "mae_model": mae_cfg.to_dict(), "optimizer": res["mff"]["optimizer"],
+                     "setup_and_warmup_s": setup_s, "run_s": run_s, "torch": torch.__version__}
+    res["device"] = device_name(device)
+    res["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    res["command"] = "python benchmarks/throughput.py " + " ".join(shlex.quote(a) for a in argv)
+
+    stem = os.path.join(args.out_dir, f"throughput_{device.type}")
+    json_path = args.json or stem + ".json"
+    base = os.path.splitext(json_path)[0] if args.json else stem
+
+    def dump(p):
+        with open(p, "w") as f:
+            json.dump(res, f, indent=2)
+    _atomic_write(json_path, dump)
+    md = markdown(res)
+
+    def write_md(p):
+        with open(p, "w") as f:
+            f.write(md)
+    _atomic_write(base + ".md", write_md)
+    chart(res, base + ".png")
+    print(md)
+    print(f"wrote {json_path}, {base}.md, {base}.png", flush=True)
+    return res
+
+
+if __name__ == "__main__":
+    main()

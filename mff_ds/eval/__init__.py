@@ -1,0 +1,9 @@
+"""Downstream evaluation: fine-tuning, linear probing and top-1/top-5 evaluation of pretrained encoders.
+
+recipe.py  EvalRecipe (YAML + --set overrides, validated)     models.py  timm ViT classifiers, checkpoint loading
+data.py    ImageFolder / WebDataset + timm transforms          train.py   the loop on the DeepSpeed engine
+metrics.py top-k accuracy and the results table
+"""
+from .recipe import EvalRecipe, load_eval_recipe
+
+__all__ = ["EvalRecipe", "load_eval_recipe"]

@@ -1,0 +1,86 @@
+"""Command lines of launch/finetune.py, launch/linprobe.py and launch/evaluate.py."""
+import argparse
+import os
+import sys
+
+from mff_ds.engine.recipe import REPO_ROOT, RecipeError
+
+DEFAULT_CONFIGS = {"finetune": "configs/finetune_vit-b_100e.yaml", "linprobe": "configs/linprobe_vit-b_90e.yaml"}
+
+
+def train_main(task: str, argv=None, doc: str = "") -> int:
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=os.path.join(REPO_ROOT, DEFAULT_CONFIGS[task]), help="recipe YAML")
+    p.add_argument("--checkpoint", default=None, help="pretrained weights (sets init.checkpoint)")
+    p.add_argument("--checkpoint-format", default=None, choices=["auto", "mff_ds", "mmpretrain", "mae"],
+                   help="sets init.format (default from the recipe: auto)")
+    p.add_argument("--output-dir", default=None, help="default: runs/<recipe name>")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set data.train_path=/data/in1k/train (repeatable)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this optimizer step (schedule unchanged)")
+    p.add_argument("--resume", default="auto", help="auto (latest complete checkpoint in the output dir), none, or a PATH")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    from .recipe import load_eval_recipe
+    overrides = list(a.overrides)
+    if a.checkpoint is not None:
+        overrides.append(f"init.checkpoint={os.path.abspath(a.checkpoint)}")
+    if a.checkpoint_format is not None:
+        overrides.append(f"init.format={a.checkpoint_format}")
+    try:
+        recipe = load_eval_recipe(a.config, overrides)
+        if recipe.task != task:
+            raise RecipeError([f"task: launch/{task}.py runs task {task!r}, the recipe says {recipe.task!r}"], a.config)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.max_steps is not None and a.max_steps < 1:
+        print(f"error: --max-steps: expected a positive integer, got {a.max_steps}", file=sys.stderr)
+        return 2
+    from mff_ds.engine.trainer import IncompatibleCheckpointError, NonFiniteLossError
+    from .train import run
+    out = a.output_dir or os.path.join("runs", recipe.name)
+    try:
+        s = run(recipe, out, max_steps=a.max_steps, resume=a.resume)
+    except (RecipeError, IncompatibleCheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    if int(os.environ.get("RANK", "0")) == 0 and s["best_top1"] is not None:
+        print(f"done: step {s['step']}/{s['total_steps']}; best top-1 {s['best_top1']:.2f} top-5 {s['best_top5']:.2f} "
+              f"(epoch {s['best_epoch']}), last top-1 {s['last_top1']:.2f}; best classifier {s['best_path']}; "
+              f"metrics in {out}/metrics.jsonl")
+    return 0
+
+
+def evaluate_main(argv=None, doc: str = "") -> int:
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", nargs="+", help="classifier file(s): best.safetensors from finetune/linprobe, or an "
+                                                 "mmpretrain / official MAE fine-tuned or linear-probe checkpoint")
+    p.add_argument("--val", required=True, help="validation ImageFolder root or WebDataset shard pattern")
+    p.add_argument("--img-size", type=int, default=None, help="default: the classifier's")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--crop-pct", type=float, default=0.875, help="resize to size/crop_pct, center crop")
+    p.add_argument("--interpolation", default="bicubic")
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--num-heads", type=int, default=None, help="external checkpoints: default embed_dim // 64")
+    p.add_argument("--output-dir", default=None, help="append the results to OUTPUT_DIR/metrics.jsonl")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    from .metrics import table
+    from .train import evaluate_checkpoint
+    rows = []
+    for path in a.checkpoint:
+        try:
+            r = evaluate_checkpoint(path, a.val, img_size=a.img_size, batch=a.batch, crop_pct=a.crop_pct,
+                                    interpolation=a.interpolation, num_workers=a.num_workers, num_heads=a.num_heads,
+                                    output_dir=a.output_dir)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        rows.append(dict(r, name=os.path.basename(os.path.dirname(os.path.abspath(path))) + "/" + os.path.basename(path)))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(table(rows, ("name", "task", "top1", "top5", "val_samples")))
+    return 0

@@ -1,0 +1,174 @@
+"""benchmarks/: the throughput harness (CPU mode), the official-MAE baseline, the FLOP count behind MFU, and the
+ZeRO-2 scaling model. Fields and sanity only, never speed."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import scaling_model  # noqa: E402
+import throughput  # noqa: E402
+from mae_baseline import BaselineTrainer, build_baseline  # noqa: E402
+from mff_ds.models import build_model  # noqa: E402
+from mff_ds.models.flops import flops_per_image  # noqa: E402
+
+SMALL = dict(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+             decoder_num_heads=2, kernels="torch")
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", MFF_DS_LOG_LEVEL="WARNING")
+
+
+def test_throughput_cpu_mode(tmp_path):
+    out = tmp_path / "tp.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--device", "cpu", "--steps", "6",
+           "--warmup", "1", "--micro-batch", "8", "--peak-tflops", "1.0", "--json", str(out)]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for role in ("mff", "mae", "baseline_mae"):
+        r = res[role]
+        assert r["timed_steps"] == 6
+        assert r["img_per_s"] > 0 and r["step_ms"] > 0 and r["img_per_s_iqr"] >= 0
+        assert r["img_per_s_min"] <= r["img_per_s_q1"] <= r["img_per_s"] <= r["img_per_s_q3"] <= r["img_per_s_max"]
+        # MFU = analytic FLOPs x img/s / peak (1 TFLOP/s here)
+        assert math.isclose(r["mfu"], r["gflops_per_image"] * 1e9 * r["img_per_s"] / 1e12, rel_tol=1e-9)
+        assert r["peak_mem_mb"] is None  # CUDA only
+    assert res["mff"]["gflops_per_image"] > res["mae"]["gflops_per_image"] == res["baseline_mae"]["gflops_per_image"]
+    assert res["mff"]["params_m"] > res["mae"]["params_m"]
+    assert res["mff"]["optimizer"] == "torch.optim.AdamW"
+    assert 0.5 < res["ratio_mff_over_mae"] < 2.0
+    assert math.isclose(res["speedup_over_baseline"], res["mae"]["img_per_s"] / res["baseline_mae"]["img_per_s"])
+    assert math.isclose(res["speedup_mff_over_baseline"], res["mff"]["img_per_s"] / res["baseline_mae"]["img_per_s"])
+    c = res["config"]
+    assert (c["micro_batch"], c["precision"], c["steps"], c["img_size"]) == (8, "fp32", 6, throughput.TINY["img_size"])
+    assert c["mff_model"]["out_indices"] == throughput.TINY_MFF_LEVELS and c["mae_model"]["out_indices"] == [5]
+    assert res["device"].startswith("CPU") and "--micro-batch 8" in res["command"]
+    md = (tmp_path / "tp.md").read_text()
+    assert "| MFF (ours" in md and "MAE (facebookresearch/mae loop)" in md
+    assert (tmp_path / "tp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--device", "cpu", "--precision", "fp16"], "fp16"),
+    (["--device", "cpu", "--kernels", "triton"], "triton"),
+    (["--device", "cpu", "--arch", "mae_vit_base_patch16"], "expected an MFF arch"),
+    (["--device", "cpu", "--set", "depth"], "KEY=VALUE"),
+])
+def test_throughput_bad_options(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        throughput.main(argv)
+    assert msg in str(e.value)
+
+
+def test_model_configs_follow_overrides():
+    args = throughput.parse_args(["--preset", "none", "--set", "depth=4", "--img-size", "64"])
+    mff, mae = throughput.model_configs(args, torch.device("cpu"))
+    assert (mff.depth, mff.img_size, mae.depth, mae.img_size) == (4, 64, 4, 64)
+    assert len(mff.levels) > 1 and mae.levels == [3]
+
+
+def test_baseline_is_the_same_mae():
+    """The official-style model computes our plain MAE's loss and gradients for the same weights and mask."""
+    torch.manual_seed(0)
+    ours = build_model("mae_vit_tiny_patch16", **SMALL, out_indices=[2])
+    base = build_baseline(ours.cfg)
+    base.load_state_dict(ours.state_dict())
+    x, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 16)
+    a, b = ours(x, noise).loss, base(x, noise=noise)[0]
+    a.backward()
+    b.backward()
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    ga, gb = dict(ours.named_parameters()), dict(base.named_parameters())
+    for n, p in ga.items():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, gb[n].grad, rtol=1e-4, atol=1e-6), n
+
+
+def test_baseline_trainer_steps():
+    torch.manual_seed(0)
+    cfg = build_model("mae_vit_tiny_patch16", **SMALL, out_indices=[2]).cfg
+    t = BaselineTrainer(build_baseline(cfg), "fp32", torch.device("cpu"))
+    before = t.model.decoder_pred.weight.detach().clone()
+    loss = t.step(torch.randn(4, 3, 32, 32))
+    assert math.isfinite(loss)
+    assert not torch.equal(before, t.model.decoder_pred.weight)
+    assert all(p.grad is None for p in t.model.parameters())  # zero_grad after the step, as the official loop
+    with pytest.raises(ValueError, match="fp16"):
+        BaselineTrainer(build_baseline(cfg), "fp16", torch.device("cpu"))
+
+
+def test_flops_match_counter_on_official_baseline():
+    """MFU's analytic FLOPs agree with torch's FLOP counter on the reference (official) MAE."""
+    torch.manual_seed(0)
+    cfg = build_model("mae_vit_tiny_patch16", img_size=64, patch_size=16, embed_dim=96, depth=4, num_heads=3,
+                      decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2, out_indices=[3]).cfg
+    model = build_baseline(cfg)
+    with FlopCounterMode(display=False) as fc:
+        model(torch.randn(4, 3, 64, 64))[0].backward()
+    counted = fc.get_total_flops() / 4
+    assert abs(flops_per_image(cfg) - counted) / counted < 0.02, (flops_per_image(cfg), counted)
+
+
+# ------------------------------------------------------------------ scaling model
+KW = dict(step_s=0.4, micro_batch=256, params=100e6, grad_bytes=2, param_bytes=2, global_batch=4096,
+          gpus_per_node=8, intra_gbps=300.0, inter_gbps=100.0, intra_latency_us=5.0, inter_latency_us=10.0,
+          overlap=0.0)
+
+
+def test_scaling_model_arithmetic():
+    one = scaling_model.step_model(1, **KW)
+    assert one["efficiency"] == 1.0 and one["exposed_comm_s"] == 0 and one["accum"] == 16
+    r = scaling_model.step_model(4, **KW)  # intra-node: 1024 img/GPU -> 4 micro steps, 4 reduce-scatters
+    ring = 3 / 4 * 100e6 * 2 / 300e9 + 3 * 5e-6
+    assert r["accum"] == 4 and math.isclose(r["reduce_scatter_s"], 4 * ring) and math.isclose(r["all_gather_s"], ring)
+    assert math.isclose(r["step_s"], 1024 * 0.4 / 256 + 5 * ring)
+    r = scaling_model.step_model(64, **KW)  # inter-node bandwidth beyond 8 GPUs; 64 img/GPU in one micro step
+    ring = 63 / 64 * 100e6 * 2 / 100e9 + 63 * 10e-6
+    assert r["accum"] == 1 and math.isclose(r["exposed_comm_s"], 2 * ring)
+    effs = [scaling_model.step_model(n, **KW)["efficiency"] for n in scaling_model.gpu_counts(512)]
+    assert all(a >= b for a, b in zip(effs, effs[1:])) and 0 < effs[-1] < 1
+    hidden = scaling_model.step_model(64, **dict(KW, overlap=1.0))
+    assert hidden["exposed_comm_s"] == pytest.approx(ring)  # the reduce-scatter fits under the backward
+
+
+def test_scaling_model_cli(tmp_path, capsys):
+    src = tmp_path / "tp.json"
+    src.write_text(json.dumps({"mff": {"step_ms": 400.0, "params_m": 100.0}, "config": {"micro_batch": 256,
+                                                                                         "precision": "bf16"},
+                               "device": "test"}))
+    out = tmp_path / "sm.json"
+    res = scaling_model.main(["--from-json", str(src), "--json", str(out), "--overlap", "0.5"])
+    assert "Assumptions" in capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert [r["gpus"] for r in saved["curve"]] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    assert saved["curve"] == res["curve"] and len(saved["curves"]) == 3
+    assert saved["inputs"]["params"] == 100e6 and saved["inputs"]["step_s"] == 0.4
+    assert (tmp_path / "sm.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit):
+        scaling_model.main(["--step-ms", "100", "--params-m", "10", "--overlap", "2"])
+    with pytest.raises(SystemExit, match="--step-ms"):
+        scaling_model.main(["--params-m", "10", "--json", str(out)])
+
+
+@pytest.mark.system
+def test_scaling_measure_cpu_two_ranks(tmp_path):
+    """1 vs 2 gloo ranks through the real ZeRO-2 engine (torchrun); about a minute on 2 cores."""
+    out = tmp_path / "cpu.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "scaling_model.py"), "--measure-cpu", "--steps", "3",
+           "--json", str(out)]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["step_ms_1rank"] > 0 and res["step_ms_2ranks"] > 0 and res["allreduce_ms"] > 0
+    assert res["runs"]["2"]["world_size"] == 2 and len(res["runs"]["2"]["step_s_per_rank"]) == 2
+    assert res["gloo_allreduce_busbw_gbps"] > 0 and res["model_predicted_overhead"] > 0

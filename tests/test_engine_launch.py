@@ -1,0 +1,53 @@
+"""The srun path: two processes that only have SLURM_* variables (as `srun -n 2` gives them) form a gloo group."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = """
+name: tiny
+model: {arch: mff_vit_tiny_patch16, img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2,
+        decoder_embed_dim: 32, decoder_depth: 1, decoder_num_heads: 2, out_indices: [0, 1], kernels: torch}
+data: {source: synthetic, num_samples: 64, num_workers: 0}
+batch: {global_batch: 16, micro_batch: 4}
+schedule: {epochs: 1, warmup_epochs: 1}
+checkpoint: {export: false}
+logging: {every_steps: 2, image_every_steps: 0, progress_bar: false, tensorboard: false}
+"""
+
+
+def free_job_port() -> int:
+    import random
+    for port in random.Random(os.getpid()).sample(range(20000, 40000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port in 20000-39999")
+
+
+def test_slurm_environment_only(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    job = free_job_port() - 20000  # the job id decides the port: 20000 + id % 20000
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    procs = []
+    for rank in range(2):
+        env = dict(base, OMP_NUM_THREADS="1", SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
+                   SLURM_JOB_ID=str(job), SLURM_JOB_NODELIST="127.0.0.1")
+        procs.append(subprocess.Popen([sys.executable, str(REPO / "launch" / "pretrain.py"), "--config",
+                                       str(tmp_path / "tiny.yaml"), "--output-dir", str(tmp_path / "out")],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, o[-2000:] + e[-2000:]
+    ds = json.loads((tmp_path / "out" / "ds_config.json").read_text())
+    assert ds["gradient_accumulation_steps"] == 2  # 16 / (4 x world size 2)
+    meta = json.loads((tmp_path / "out" / "checkpoints" / "global_step4" / "mff_complete.json").read_text())
+    assert meta["world_size"] == 2 and meta["step"] == 4

@@ -1,0 +1,156 @@
+"""Recipe validation and overrides, lr schedule, DeepSpeed config merge, launcher environment detection."""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mff_ds.engine import distributed as D
+from mff_ds.engine.optim import build_ds_config, lr_at, set_lr
+from mff_ds.engine.recipe import RecipeError, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = ["demo", "mff_vit-b_300e", "mff_vit-b_800e", "mae_vit-b_300e", "mff_vit-s_300e", "mff_vit-l_800e"]
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_shipped_recipes_validate(name):
+    r = load_recipe(str(REPO / "configs" / f"{name}.yaml"), world_size=1 if name == "demo" else 8)
+    assert r.name == name and r.data.validate() == []
+
+
+def test_reference_recipe_values():
+    r300 = load_recipe(str(REPO / "configs" / "mff_vit-b_300e.yaml"), world_size=8)
+    assert r300.lr() == pytest.approx(2.4e-3) and r300.grad_accum(8) == 1 and r300.grad_accum(4) == 2
+    assert (r300.optim.betas, r300.optim.weight_decay, r300.schedule.warmup_epochs) == ([0.9, 0.95], 0.05, 40)
+    assert r300.model_config().out_indices == [0, 2, 4, 6, 8, 11] and r300.model_config().mask_ratio == 0.75
+    r800 = load_recipe(str(REPO / "configs" / "mff_vit-b_800e.yaml"), world_size=8)
+    assert (r800.schedule.epochs, r800.schedule.warmup_start_factor) == (800, 1e-9)
+    mae = load_recipe(str(REPO / "configs" / "mae_vit-b_300e.yaml"), world_size=8)
+    assert mae.model_config().out_indices == [11]
+    d300, dmae = r300.to_dict(), mae.to_dict()
+    for d in (d300, dmae):
+        d.pop("name"), d.pop("model")
+    assert d300 == dmae  # the MAE baseline differs only in the model's fusion
+
+
+def test_bad_recipe_lists_every_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({
+        "name": "bad", "colour": "red",
+        "model": {"arch": "mff_vit_tiny_patch16", "depht": 3, "img_size": "big"},
+        "data": {"source": "synthetic", "num_workers": -1, "shuffle": True},
+        "batch": {"global_batch": 100, "micro_batch": 16},
+        "optim": {"base_lr": "fast", "betas": [0.9]},
+        "schedule": {"epochs": 10, "warmup_epochs": 20},
+        "logging": {"every_steps": 0, "verbose": True},
+    }))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(str(bad), world_size=2)
+    msg = str(e.value)
+    expected = ["colour: unknown key", "data.shuffle: unknown key", "logging.verbose: unknown key",
+                "optim.base_lr: expected float, got 'fast'", "model.depht: unknown key",
+                "model.img_size: expected int, got 'big'", "data.num_workers: expected an integer >= 0",
+                "batch.global_batch: 100 cannot be formed", "optim.betas: expected two numbers",
+                "schedule.warmup_epochs: expected in [0, epochs=10], got 20.0", "logging.every_steps: expected >= 1"]
+    for item in expected:
+        assert item in msg, (item, msg)
+    assert len(e.value.problems) == len(expected), msg
+    bad.write_text(yaml.safe_dump({
+        "model": {"arch": "mff_vit_tiny_patch16", "depht": 3, "img_size": 30, "patch_size": 8},
+        "data": {"source": "synthetic", "num_workers": -1},
+        "batch": {"global_batch": 100, "micro_batch": 16},
+        "optim": {"betas": [0.9]}, "schedule": {"epochs": 10, "warmup_epochs": 20},
+        "logging": {"every_steps": 0}, "deepspeed": {"config": "nope.json"},
+    }))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(str(bad), world_size=2)
+    p = e.value.problems
+    want = ["batch.global_batch: 100 cannot be formed from micro_batch 16 x world size 2 = 32",
+            "optim.betas:", "schedule.warmup_epochs:", "logging.every_steps:", "deepspeed.config:",
+            "model.depht: unknown key", "model.img_size: expected a multiple of patch_size 8",
+            "data.num_workers:"]
+    for w in want:
+        assert any(x.startswith(w) for x in p), (w, p)
+    assert len(p) == len(want), p
+
+
+def test_overrides_and_types(tmp_path):
+    r = load_recipe(str(REPO / "configs" / "demo.yaml"), [
+        "optim.base_lr=1e-3", "batch.micro_batch=8", "model.depth=4", "model.out_indices=[1,3]",
+        "deepspeed.overrides.zero_optimization.reduce_bucket_size=1000", "precision=bf16"], world_size=1)
+    assert r.optim.base_lr == 1e-3 and isinstance(r.optim.base_lr, float)  # YAML reads 1e-3 as a string
+    assert r.batch.micro_batch == 8 and r.model_config().depth == 4 and r.precision == "bf16"
+    assert r.deepspeed.overrides == {"zero_optimization": {"reduce_bucket_size": 1000}}
+    with pytest.raises(RecipeError, match="precision: expected one of"):
+        load_recipe(str(REPO / "configs" / "demo.yaml"), ["precision=fp8"], world_size=1)
+    with pytest.raises(RecipeError, match="--set oops: expected dotted.key=value"):
+        load_recipe(str(REPO / "configs" / "demo.yaml"), ["oops"], world_size=1)
+    with pytest.raises(RecipeError, match="expected an existing YAML file"):
+        load_recipe(str(tmp_path / "missing.yaml"))
+
+
+def test_lr_schedule_matches_mmengine_linear_then_cosine():
+    peak, total, warm = 2.4e-3, 1000, 100
+    assert lr_at(0, total, warm, peak, 0.0, 1e-4) == pytest.approx(peak * 1e-4)
+    assert lr_at(50, total, warm, peak, 0.0, 1e-4) == pytest.approx(peak * (1e-4 + (1 - 1e-4) * 0.5))
+    assert lr_at(warm, total, warm, peak) == pytest.approx(peak)
+    mid = warm + (total - warm) // 2
+    assert lr_at(mid, total, warm, peak, 1e-5) == pytest.approx(1e-5 + (peak - 1e-5) * 0.5)
+    assert lr_at(total, total, warm, peak, 1e-5) == pytest.approx(1e-5)
+    lrs = [lr_at(s, total, warm, peak) for s in range(total)]
+    assert all(a <= b for a, b in zip(lrs[:warm], lrs[1:warm + 1]))
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
+    opt = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr_scale": 0.5},
+                             {"params": [torch.nn.Parameter(torch.zeros(1))]}], lr=1.0)
+    set_lr(opt, 0.2)
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.2]
+
+
+def test_deepspeed_config_merge():
+    r = load_recipe(str(REPO / "configs" / "mff_vit-b_300e.yaml"), ["batch.micro_batch=256"], world_size=8)
+    cpu = torch.device("cpu")
+    c = build_ds_config(r, 8, cpu)
+    z = c["zero_optimization"]
+    assert (z["stage"], z["overlap_comm"], z["contiguous_gradients"], z["reduce_scatter"]) == (2, True, True, True)
+    assert z["reduce_bucket_size"] > 0 and z["allgather_bucket_size"] > 0
+    assert (c["train_batch_size"], c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"]) == (4096, 256, 2)
+    assert not c["bf16"]["enabled"] and not c["fp16"]["enabled"]  # auto on CPU = fp32
+    with pytest.raises(RecipeError, match="fp16 needs a CUDA device"):
+        build_ds_config(load_recipe(str(REPO / "configs" / "demo.yaml"), ["precision=fp16"], world_size=1), 1, cpu)
+    fp16 = __import__("json").loads((REPO / "ds_configs" / "fp16.json").read_text())["fp16"]
+    assert (fp16["loss_scale"], fp16["initial_scale_power"], fp16["loss_scale_window"], fp16["hysteresis"],
+            fp16["min_loss_scale"]) == (0, 16, 500, 2, 1)
+    b = build_ds_config(load_recipe(str(REPO / "configs" / "demo.yaml"), ["precision=bf16",
+                        "deepspeed.zero_stage=0"], world_size=1), 1, cpu)
+    assert b["bf16"]["enabled"] and b["zero_optimization"]["stage"] == 0
+    with pytest.raises(RecipeError, match="deepspeed.overrides.train_batch_size: set by the recipe"):
+        load_recipe(str(REPO / "configs" / "demo.yaml"), ["deepspeed.overrides.train_batch_size=8"], world_size=1)
+
+
+def test_launcher_environments():
+    d = D.detect({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"})
+    assert (d.rank, d.world_size, d.local_rank, d.master_addr, d.master_port, d.launcher) == (3, 8, 1, "n1", 1234, "env")
+    s = D.detect({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
+                  "SLURM_JOB_NODELIST": "gpu[007-009,012],cpu1"})
+    assert (s.rank, s.world_size, s.local_rank, s.master_addr, s.master_port, s.launcher) == \
+        (5, 16, 1, "gpu007", 20000 + 4242, "slurm")
+    assert D.first_host("node17") == "node17" and D.first_host("a-b[1,3-4]") == "a-b1"
+    one = D.detect({})
+    assert (one.rank, one.world_size, one.launcher) == (0, 1, "single") and one.master_port > 0
+
+
+def test_cli_fails_fast_on_bad_recipe(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nbatch: {global_batch: 10, micro_batch: 4}\nmodel: {arch: mff_vit_nano_patch16}\n")
+    env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    p = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(bad), "--output-dir",
+                        str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert "batch.global_batch: 10 cannot be formed from micro_batch 4 x world size 2" in p.stderr
+    assert "model.arch: unknown architecture 'mff_vit_nano_patch16'" in p.stderr
+    assert not (tmp_path / "out").exists()  # no work started

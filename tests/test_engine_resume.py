@@ -1,0 +1,149 @@
+"""Exact resume, kill -9 mid-run and mid-save, refusal of incompatible checkpoints (2 CPU ranks over gloo)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = """
+name: tiny
+seed: 3
+model: {arch: mff_vit_tiny_patch16, img_size: 32, patch_size: 8, embed_dim: 32, depth: 4, num_heads: 2,
+        decoder_embed_dim: 32, decoder_depth: 1, decoder_num_heads: 2, out_indices: [0, 2, 3], kernels: torch}
+data: {source: synthetic, num_samples: 64, num_workers: 0}
+batch: {global_batch: 16, micro_batch: 4}
+optim: {base_lr: 1.0e-2, grad_clip: 0.05}
+schedule: {epochs: 3, warmup_epochs: 1}
+checkpoint: {every_steps: 4, keep_last: 2}
+logging: {every_steps: 2, image_every_steps: 0, progress_bar: false, tensorboard: false}
+"""  # 2 ranks: 8 micro-batches of 4 per rank and epoch, 2 accumulation steps -> 4 steps/epoch, 12 in all
+
+# Entry point that can SIGKILL itself: CRASH=save:K:R (rank R, while writing checkpoint K) or step:N:R
+# (rank R, right after optimizer step N).
+WRAPPER = """
+import os, signal, sys, runpy
+sys.path.insert(0, {repo!r})
+kind, n, r = (os.environ.get("CRASH") or "none:0:0").split(":")
+n, r = int(n), int(r)
+if kind != "none" and int(os.environ.get("RANK", 0)) == r:
+    if kind == "save":
+        import torch
+        _save = torch.save
+        def save(obj, f, *a, **k):
+            if f"global_step{{n}}" in str(f):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return _save(obj, f, *a, **k)
+        torch.save = save
+    else:
+        from deepspeed.runtime.engine import DeepSpeedEngine
+        _step = DeepSpeedEngine.step
+        def step(self, *a, **k):
+            out = _step(self, *a, **k)
+            if self.global_steps >= n:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return out
+        DeepSpeedEngine.step = step
+sys.argv = ["pretrain.py"] + sys.argv[1:]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def launch(tmp: Path, out: Path, *args, nproc=2, crash=None, timeout=120):
+    cfg = tmp / "tiny.yaml"
+    cfg.write_text(TINY)
+    wrapper = tmp / "run.py"
+    wrapper.write_text(WRAPPER.format(repo=str(REPO), script=str(REPO / "launch" / "pretrain.py")))
+    env = dict(os.environ, OMP_NUM_THREADS="1", CRASH=crash or "", PYTHONPATH=str(REPO))
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    cmd = [sys.executable, *launcher, str(wrapper), "--config", str(cfg), "--output-dir", str(out), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp)
+
+
+def ok(p):
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def losses(out: Path) -> dict:
+    return {d["step"]: d["loss"] for d in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def weights(out: Path) -> dict:
+    return load_file(str(out / "model_fp32.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted 12-step run."""
+    tmp = tmp_path_factory.mktemp("straight")
+    ok(launch(tmp, tmp / "out"))
+    return tmp / "out"
+
+
+def test_resume_is_bitwise_exact(straight, tmp_path):
+    out = tmp_path / "out"
+    ok(launch(tmp_path, out, "--max-steps", "6"))  # stops mid-epoch 1 (batch 4 of 8)
+    meta = json.loads((out / "checkpoints" / "global_step6" / "mff_complete.json").read_text())
+    assert (meta["step"], meta["epoch"], meta["batch"], meta["world_size"]) == (6, 1, 4, 2)
+    p = ok(launch(tmp_path, out))  # --resume auto is the default
+    assert "at step 6 (epoch 1, batch 4)" in p.stdout + p.stderr
+    a, b = weights(straight), weights(out)
+    assert a.keys() == b.keys()
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff == 0.0, f"resumed run differs from the uninterrupted one by {diff}"
+    la, lb = losses(straight), losses(out)
+    assert [la[s] for s in (8, 10, 12)] == [lb[s] for s in (8, 10, 12)]
+    assert (out / "encoder_timm.safetensors").exists()
+
+
+def test_kill_mid_run_and_mid_save_then_resume_auto(straight, tmp_path):
+    out = tmp_path / "out"
+    ckpts = out / "checkpoints"
+    p = launch(tmp_path, out, crash="step:6:1")  # kill -9 rank 1 after step 6
+    assert p.returncode != 0
+    assert (ckpts / "latest").read_text() == "global_step4"
+    p = launch(tmp_path, out, crash="save:8:1")  # resumes from 4, then rank 1 dies writing its ZeRO shard of 8
+    assert p.returncode != 0
+    assert "at step 4" in p.stdout + p.stderr
+    assert (ckpts / "global_step8").is_dir() and not (ckpts / "global_step8" / "mff_complete.json").exists()
+    assert (ckpts / "latest").read_text() == "global_step4"  # the half-written save never became latest
+    p = ok(launch(tmp_path, out))
+    assert "at step 4" in p.stdout + p.stderr
+    assert (ckpts / "latest").read_text() == "global_step12"
+    assert not (ckpts / "global_step4").exists()  # keep_last: 2
+    assert sorted(os.listdir(ckpts / "global_step8")) == sorted(os.listdir(ckpts / "global_step12"))
+    a, b = weights(straight), weights(out)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+
+
+def test_incompatible_checkpoint_refused(straight, tmp_path):
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(straight, out)
+    p = launch(tmp_path, out, "--set", "model.depth=3", "--set", "model.out_indices=[0,2]", nproc=1)
+    assert p.returncode == 2
+    err = p.stderr
+    assert "incompatible recipe" in err and "model.depth: checkpoint 4 -> recipe 3" in err, err[-2000:]
+
+
+def test_other_world_size_resumes_through_universal_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    ok(launch(tmp_path, out, "--max-steps", "6"))  # 2 ranks: epoch 1, batch 4 of 4 images each = 32 samples
+    src = out / "checkpoints" / "global_step6"
+    p = launch(tmp_path, out, "--set", "batch.micro_batch=16", nproc=1)
+    assert p.returncode == 2 and "ds_to_universal" in p.stderr
+    conv = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+                           "--output_folder", f"{src}_universal", "--num_extract_workers", "1",
+                           "--num_merge_workers", "1"], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert conv.returncode == 0, conv.stdout[-2000:] + conv.stderr[-2000:]
+    p = ok(launch(tmp_path, out, "--resume", f"{src}_universal", "--set", "deepspeed.load_universal=true",
+                  "--set", "batch.micro_batch=16", nproc=1))  # 1 rank x 16 = 16 per step
+    assert "at step 6 (epoch 1, batch 2)" in p.stdout + p.stderr  # the same 32 samples, in batches of 16
+    final = losses(out)
+    assert max(final) == 12 and final[12] == final[12]
