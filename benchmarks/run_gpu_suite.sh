@@ -5,18 +5,31 @@
 #   2. CUDA kernel tests (tests/test_kernels.py, tests/test_kernels_model.py: compiled kernels on the GPU);
 #   3. kernel benchmarks (benchmarks/kernels.py);
 #   4. the training throughput benchmark (benchmarks/throughput.py), if present;
+#   5. if time is left, the same throughput with the plain torch ops (kernels=torch) for the kernel speedup;
 # then prints one summary table. Each step has its own timeout, so one hang does not eat the budget.
+#   6. (only when asked: SUITE_STEPS=...,diagnose) the engine diagnosis: our model in a plain torch loop,
+#      DeepSpeed ZeRO-0 vs ZeRO-2, and a profile of each, to locate the engine's overhead.
+# SUITE_BUDGET (seconds, default 470) bounds the whole run; the steps share it. SUITE_STEPS (default
+# "tests,kernels,throughput") picks the steps.
 # Results go to $OUT if set, else benchmarks/results/. Run from anywhere: bash benchmarks/run_gpu_suite.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 WHEELHOUSE=${WHEELHOUSE:-.whl}
-RES=${OUT:-benchmarks/results}
+# $OUT (the device tool's folder) brings back at most 8 files: results go to a scratch folder and travel as one tarball
+RES=${OUT:+/tmp/gpu_suite_results}
+RES=${RES:-benchmarks/results}
+[ -n "${OUT:-}" ] && rm -rf "$RES"
 mkdir -p "$RES"
 LOG="$RES/gpu_suite.log"
 : > "$LOG"
 T0=$(date +%s)
+BUDGET=${SUITE_BUDGET:-470}
 declare -a SUMMARY
+STEPS=",${SUITE_STEPS:-tests,kernels,throughput},"
+want() { [[ "$STEPS" == *",$1,"* ]]; }
+left() { local l=$(( BUDGET - ($(date +%s) - T0) - ${1:-0} )); [ "$l" -lt 20 ] && l=20; echo "$l"; }
+cap() { local l; l=$(left "${2:-0}"); [ "$1" -lt "$l" ] && echo "$1" || echo "$l"; }  # min(want, left - reserve)
 
 step() {  # name timeout_s command...
   local name=$1 to=$2; shift 2
@@ -55,26 +68,36 @@ export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # 2. kernel tests, compiled on the GPU (interpreter off)
 unset TRITON_INTERPRET
-step "kernel tests" 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_model.py \
-  -o addopts="" --timeout=140 -s --junitxml="$RES/kernel_tests.xml"
+want tests && step "kernel tests" "$(cap 100 200)" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_model.py \
+  -o addopts="" --timeout=90 -s --junitxml="$RES/kernel_tests.xml"
 
 # 3. kernel benchmarks (writes kernels.json / kernels.md), torch.compile baseline included
-if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  step "kernel benchmarks" 240 "$PY" benchmarks/kernels.py --out-dir "$RES" --reps 50
+if ! want kernels; then :
+elif "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  step "kernel benchmarks" "$(cap 150 120)" "$PY" benchmarks/kernels.py --out-dir "$RES" --reps 50
 else  # no GPU: smoke test only
   step "kernel benchmarks" 240 "$PY" benchmarks/kernels.py --out-dir "$RES" --device cpu --quick
 fi
 
 # 4. training throughput, if that benchmark exists (written separately)
-if [ -f benchmarks/throughput.py ]; then
-  left=$(( 470 - ($(date +%s) - T0) )); [ "$left" -lt 30 ] && left=30
-  targs=(); "$PY" benchmarks/throughput.py --help 2>/dev/null | grep -q -- "--out-dir" && targs=(--out-dir "$RES")
-  step "throughput" "$left" "$PY" benchmarks/throughput.py "${targs[@]}"
-else
-  SUMMARY+=("$(printf '| %-22s | %-12s | %5ss |' "throughput" "absent" 0)")
+if want throughput; then
+  step "throughput" "$(cap 150 40)" "$PY" benchmarks/throughput.py --out-dir "$RES"
+  if [ "$(left)" -gt 60 ]; then
+    step "throughput torch ops" "$(cap 120 5)" "$PY" benchmarks/throughput.py --out-dir "$RES/torch_ops" \
+      --kernels torch --no-baseline
+  fi
+fi
+if want diagnose; then
+  D=(--no-baseline --steps 10 --warmup 3 --kernels torch)
+  step "diag plain loop" "$(cap 90 5)" "$PY" benchmarks/throughput.py "${D[@]}" --engine plain --out-dir "$RES/plain" --profile 2
+  step "diag zero0" "$(cap 90 5)" "$PY" benchmarks/throughput.py "${D[@]}" --zero-stage 0 --out-dir "$RES/zero0" --profile 2
+  step "diag zero2" "$(cap 90 5)" "$PY" benchmarks/throughput.py "${D[@]}" --zero-stage 2 --out-dir "$RES/zero2" --profile 2
 fi
 
 echo
 echo "## GPU suite summary ($(( $(date +%s) - T0 ))s total; log $LOG)" | tee -a "$LOG"
 { echo "| step                   | status       | time   |"; echo "|---|---|---|"; printf '%s\n' "${SUMMARY[@]}"; } | tee -a "$LOG"
-for f in "$RES/kernels.md" "$RES/kernels_quick.md"; do [ -f "$f" ] && { echo; cat "$f"; }; done | tee -a "$LOG"
+for f in "$RES/kernels.md" "$RES/kernels_quick.md" "$RES"/throughput_*.md "$RES"/*/throughput_*.md; do [ -f "$f" ] && { echo; cat "$f"; }; done | tee -a "$LOG"
+if [ -n "${OUT:-}" ]; then
+  tar czf "$OUT/gpu_results.tgz" -C "$RES" . && cp "$LOG" "$OUT/" && echo "results: \$OUT/gpu_results.tgz"
+fi

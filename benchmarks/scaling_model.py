@@ -224,7 +224,7 @@ def worker(args) -> None:
     env = init_distributed()
     device = torch.device("cpu")
     cfg = resolve_config("mff_vit_tiny_patch16", **TINY, out_indices=TINY_MFF_LEVELS, kernels="torch")
-    ns = SimpleNamespace(micro_batch=16, seed=0, optimizer="torch", compile=False)
+    ns = SimpleNamespace(micro_batch=16, seed=0, optimizer="torch", compile=False, engine="deepspeed", zero_stage=2)
     t = build_ours(cfg, ns, device, "fp32", world_size=env.world_size)
     g = torch.Generator().manual_seed(env.rank)
     x = normalize(torch.randint(0, 256, (16, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8, generator=g))

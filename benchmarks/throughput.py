@@ -72,6 +72,12 @@ def parse_args(argv=None):
                    help="auto: DeepSpeed FusedAdam on CUDA when prebuilt or already JIT-built, else torch "
                         "AdamW(fused=True) (same math, also one fused kernel); torch AdamW on CPU. fused_adam: "
                         "JIT-build FusedAdam if needed (nvcc + ninja)")
+    p.add_argument("--zero-stage", type=int, choices=(0, 2), default=2, help="DeepSpeed ZeRO stage of our engine")
+    p.add_argument("--engine", choices=("deepspeed", "plain"), default="deepspeed",
+                   help="plain: our model in an eager torch loop (autocast, fp32 weights, torch AdamW) to separate "
+                        "the model's cost from the engine's")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile N steps of each trainer and print the top ops")
     p.add_argument("--steps", type=int, default=20, help="timed steps per trainer")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per trainer")
     p.add_argument("--no-baseline", action="store_true", help="skip the facebookresearch/mae baseline")
@@ -163,9 +169,12 @@ def build_ours(cfg, args, device, precision, world_size=1):
     from mff_ds.engine.recipe import from_dict
 
     m = args.micro_batch
+    if args.engine == "plain":
+        return build_plain(cfg, args, device, precision)
     recipe = from_dict({"precision": precision, "model": cfg.to_dict(),
                         "batch": {"global_batch": m * world_size, "micro_batch": m},
-                        "deepspeed": {"config": "ds_configs/zero2.json"}}, world_size=world_size, source="throughput")
+                        "deepspeed": {"config": f"ds_configs/zero{args.zero_stage}.json"}},
+                       world_size=world_size, source="throughput")
     ds_config = build_ds_config(recipe, world_size, device)
     assert precision_of(ds_config) == precision
     torch.manual_seed(args.seed)
@@ -206,6 +215,44 @@ def build_ours(cfg, args, device, precision, world_size=1):
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return Trainer("MFF" if model.is_mff else "MAE", step, flops_per_image(cfg), n_params, name, dtype)
+
+
+def build_plain(cfg, args, device, precision):
+    """Our model without DeepSpeed: fp32 weights, autocast to `precision`, torch AdamW (fused on CUDA)."""
+    torch.manual_seed(args.seed)
+    model = build_model(cfg).to(device)
+    groups = model.param_groups(0.05)
+    opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def step(x):
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = model(x).loss
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    name = ("MFF" if model.is_mff else "MAE") + " (plain loop)"
+    return Trainer(name, step, flops_per_image(cfg), n_params, "torch.optim.AdamW", torch.float32)
+
+
+def profile(trainers, inputs, steps, device):
+    """Print the top ops (device time, then host time) of `steps` steps of each trainer."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for t in trainers:
+        with tprofile(activities=acts) as prof:
+            for _ in range(steps):
+                t.step(inputs.get(t.dtype))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"--- profile: {t.name}, {steps} steps, by {key}")
+        print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=60))
 
 
 def build_official(cfg, args, device, precision):
@@ -335,7 +382,8 @@ def markdown(res: dict) -> str:
              "| trainer | img/s (median) | IQR | step ms | MFU | peak mem MB | vs baseline |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     base = res.get("baseline_mae")
-    for role, label in (("mff", "MFF (ours, DeepSpeed ZeRO-2)"), ("mae", "MAE (ours, DeepSpeed ZeRO-2)"),
+    how = "plain torch loop" if c.get("engine") == "plain" else f"DeepSpeed ZeRO-{c.get('zero_stage', 2)}"
+    for role, label in (("mff", f"MFF (ours, {how})"), ("mae", f"MAE (ours, {how})"),
                         ("baseline_mae", "MAE (facebookresearch/mae loop)")):
         r = res.get(role)
         if not r:
@@ -426,6 +474,8 @@ def main(argv=None) -> dict:
     t_run = time.perf_counter()
     run(trainers, inputs, args.steps, device)
     run_s = time.perf_counter() - t_run
+    if args.profile:
+        profile(trainers, inputs, args.profile, device)
 
     peak = peak_tflops(device, args.peak_tflops)
     res = {}
@@ -449,7 +499,8 @@ def main(argv=None) -> dict:
                      "model": size, "img_size": mff_cfg.img_size, "patch_size": mff_cfg.patch_size,
                      "micro_batch": args.micro_batch, "precision": args.precision, "kernels": args.kernels,
                      "compile": args.compile, "steps": args.steps, "warmup": args.warmup, "data": args.data,
-                     "peak_tflops": peak, "zero_stage": 2, "mff_model": mff_cfg.to_dict(),
+                     "peak_tflops": peak, "engine": args.engine,
+                     "zero_stage": args.zero_stage if args.engine == "deepspeed" else None, "mff_model": mff_cfg.to_dict(),
                      "mae_model": mae_cfg.to_dict(), "optimizer": res["mff"]["optimizer"],
                      "setup_and_warmup_s": setup_s, "run_s": run_s, "torch": torch.__version__}
     res["device"] = device_name(device)

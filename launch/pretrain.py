@@ -48,6 +48,12 @@ def main(argv=None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if summary.get("stopped_by"):
+        from mff_ds.engine.signals import EXIT_PREEMPTED
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"stopped by {summary['stopped_by']} at step {summary['step']}/{summary['total_steps']}; checkpoint "
+                  f"saved under {out}/checkpoints; rerun with --resume auto to continue", flush=True)
+        return EXIT_PREEMPTED
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: step {summary['step']}/{summary['total_steps']}, loss {summary['first_loss']} -> "
               f"{summary['last_loss']}, outputs in {out}")

@@ -244,7 +244,7 @@ def save_file(obj: dict, path, metadata: dict | None = None):
             os.unlink(tmp)
 
 
-def _read(path):
+def read_file(path):
     """-> (tensors, metadata) for .safetensors or torch files."""
     path = Path(path)
     if not path.exists():
@@ -268,7 +268,7 @@ def save_model(model, path):
 
 def load_model(path, **overrides):
     """Load a file written by save_model (or the engine's final export)."""
-    obj, meta = _read(path)
+    obj, meta = read_file(path)
     if meta:  # safetensors
         sd, cfg = obj, meta.get("model_config")
     else:
@@ -283,7 +283,7 @@ def load_model(path, **overrides):
 # ------------------------------------------------------------------ mmpretrain
 def load_mmpretrain(path, **overrides):
     """Load an mmpretrain MFF or MAE pretraining checkpoint ({'meta': {'cfg': ...}, 'state_dict': ...})."""
-    obj, _ = _read(path)
+    obj, _ = read_file(path)
     sd_mm = obj.get("state_dict", obj)
     if not any(k.startswith("backbone.") for k in sd_mm):
         raise ValueError(f"{path}: expected mmpretrain keys starting with 'backbone.', got {sorted(sd_mm)[:5]}")
@@ -340,7 +340,7 @@ def to_mae(model_or_sd, full: bool = True) -> dict:
 
 def load_mae(path, **overrides):
     """Load an official MAE checkpoint (encoder-only or _full; training checkpoints too)."""
-    obj, _ = _read(path)
+    obj, _ = read_file(path)
     sd = obj.get("model", obj)
     sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}
     full = "decoder_embed.weight" in sd

@@ -168,30 +168,14 @@ def fp32_state_dict(engine, root: str, tag: str) -> dict:
     return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
 
 
-def save_tensors(sd: dict, path: str, metadata: Optional[dict] = None) -> None:
-    """Atomic safetensors write (tensors made contiguous and unshared)."""
-    from safetensors.torch import save_file
-    sd = {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(sd, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
-
-
 def export(engine, root: str, tag: str, out_dir: str, meta: dict) -> List[str]:
-    """Rank 0: write model_fp32.safetensors and, when mff_ds.convert.to_timm exists, encoder_timm.safetensors."""
-    import copy as _copy
-    written = []
+    """Rank 0: model_fp32.safetensors (our model file: `mff_ds.convert.load_model` reads it) and
+    encoder_timm.safetensors (strict-loads into the matching timm ViT)."""
+    from mff_ds.convert import FORMAT, save_file, to_timm
     sd = fp32_state_dict(engine, root, tag)
-    path = os.path.join(out_dir, "model_fp32.safetensors")
-    save_tensors(sd, path, meta)
-    written.append(path)
-    try:
-        from mff_ds.convert import to_timm
-    except ImportError:
-        return written
-    model = _copy.deepcopy(engine.module).float().cpu()
-    model.load_state_dict(sd, strict=False)
-    path = os.path.join(out_dir, "encoder_timm.safetensors")
-    save_tensors(to_timm(model), path, meta)
-    written.append(path)
-    return written
+    cfg = engine.module.cfg.to_dict()
+    model_path = os.path.join(out_dir, "model_fp32.safetensors")
+    save_file(sd, model_path, {**meta, "format": FORMAT, "model_config": cfg})
+    timm_path = os.path.join(out_dir, "encoder_timm.safetensors")
+    save_file(to_timm(sd), timm_path, {**meta, "model_config": cfg})
+    return [model_path, timm_path]

@@ -85,8 +85,6 @@ def device_for(local_rank: int) -> torch.device:
 
 def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     """Export the standard variables, set the device and start the process group (idempotent)."""
-    import datetime
-
     import deepspeed
     import torch.distributed as dist
 
@@ -98,11 +96,29 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
         torch.cuda.set_device(device)
     if device.type == "cpu":
         _skip_shm_comm_build()
+    timeout = collective_timeout(timeout_minutes)
+    # DeepSpeed's own groups (data parallel, ZeRO) come from dist.new_group(), which takes torch's module default
+    # (30 min), not the world group's timeout: set the default so every collective is bounded by the same limit
+    import torch.distributed.distributed_c10d as c10d
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    auto_mpi_discovery=False, distributed_port=d.master_port,
-                                   timeout=datetime.timedelta(minutes=timeout_minutes))
+                                   timeout=timeout)
     return d
+
+
+def collective_timeout(default_minutes: float = 30):
+    """How long a collective may wait for a rank that died or hangs before it raises: MFF_DS_COLLECTIVE_TIMEOUT_S."""
+    import datetime
+    v = os.environ.get("MFF_DS_COLLECTIVE_TIMEOUT_S")
+    try:
+        seconds = float(v) if v else 60.0 * default_minutes
+    except ValueError:
+        seconds = -1
+    if seconds <= 0:
+        raise ValueError(f"MFF_DS_COLLECTIVE_TIMEOUT_S: expected a positive number of seconds, got {v!r}")
+    return datetime.timedelta(seconds=seconds)
 
 
 def _skip_shm_comm_build() -> None:

@@ -20,6 +20,7 @@ from . import logging as mlog
 from .distributed import DistEnv, device_for, init_distributed
 from .optim import build_deepspeed_engine, build_ds_config, lr_at, precision_of, set_lr
 from .recipe import Recipe, RecipeError, check, save_recipe
+from .signals import StopOnSignal
 
 NEVER = 2**62
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -234,7 +235,7 @@ def train(recipe: Recipe, output_dir: str, max_steps: Optional[int] = None, resu
 
     def handle_nonfinite(at: int) -> bool:
         """Roll back (returns True) or raise."""
-        nonlocal loss_sum, n_micro
+        nonlocal n_micro
         last = ckpt.complete_tags(ckpt_root)
         msg = (f"loss became NaN/Inf at optimizer step {at + 1} (lr {lr_at(at, total_steps, warmup_steps, peak_lr, recipe.optim.min_lr, recipe.schedule.warmup_start_factor):.3g}, "
                f"precision {precision}); no checkpoint was written after it.")
@@ -252,6 +253,7 @@ def train(recipe: Recipe, output_dir: str, max_steps: Optional[int] = None, resu
         raise NonFiniteLossError(f"{msg} {hint} Lower optim.base_lr, use bf16, enable optim.grad_clip, or set "
                                  f"on_nonfinite: rollback; then rerun with --resume auto.")
 
+    stopper = StopOnSignal.install()  # SIGUSR1 (MFF_DS_STOP_SIGNALS): save at the next check and exit
     try:
         per_epoch = steps_per_epoch * A
         while pos.step < stop_step:
@@ -284,6 +286,8 @@ def train(recipe: Recipe, output_dir: str, max_steps: Optional[int] = None, resu
                 pos.step += 1
                 bar.update(1)
                 step = pos.step
+                if stopper.requested(step, device):  # collective
+                    stop_step = step  # log, checkpoint and leave the loop at this step
                 is_log = step % recipe.logging.every_steps == 0 or step == stop_step
                 is_ckpt = (recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0) or step == stop_step
                 if is_log or is_ckpt:
@@ -336,16 +340,17 @@ def train(recipe: Recipe, output_dir: str, max_steps: Optional[int] = None, resu
             save()
         exported = []
         tag = f"global_step{pos.step}"
-        if recipe.checkpoint.export and is_main and mcfg is not None:
+        if recipe.checkpoint.export and is_main and mcfg is not None and not stopper.stopped_by:
             exported = ckpt.export(engine, ckpt_root, tag, output_dir,
                                    {"step": pos.step, "recipe": recipe.name, "precision": precision})
         if dist.is_initialized():
             dist.barrier()
     finally:
+        stopper.restore()
         bar.close()
         logger.close()
     return {"step": pos.step, "total_steps": total_steps, "first_loss": first_loss, "last_loss": last_loss,
-            "output_dir": output_dir, "exported": exported, "rollbacks": pos.rollbacks}
+            "output_dir": output_dir, "exported": exported, "rollbacks": pos.rollbacks, "stopped_by": stopper.stopped_by}
 
 
 def _gather_rng() -> list:

@@ -12,7 +12,6 @@
 """
 import json
 import re
-from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
@@ -28,28 +27,9 @@ VIT_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ra
 
 
 # ------------------------------------------------------------------ pretrained encoders
-def read_file(path) -> Tuple[dict, dict]:
-    """(tensors or object, metadata) of a torch or safetensors file. Unlike convert._read, metadata values that
-    are not JSON are kept as strings (engine.checkpoint.save_tensors writes str(value))."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        return convert._read(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    from safetensors import safe_open
-
-    def parse(v):
-        try:
-            return json.loads(v)
-        except ValueError:
-            return v
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, {k: parse(v) for k, v in (f.metadata() or {}).items()}
-
-
 def detect_format(path) -> str:
     """'mff_ds', 'mmpretrain' or 'mae' from the file's layout (timm / MAE key names count as 'mae')."""
-    obj, meta = read_file(path)
+    obj, meta = convert.read_file(path)
     if meta.get("format") == convert.FORMAT or obj.get("format") == convert.FORMAT:
         return "mff_ds"
     sd = obj.get("state_dict", obj.get("model", obj))
@@ -57,41 +37,18 @@ def detect_format(path) -> str:
     if any(k.startswith("backbone.") for k in keys):
         return "mmpretrain"
     if "patch_embed.proj.weight" in keys:
-        # our engine export (model_fp32.safetensors) has our names and fusion keys: ours if a recipe is beside it
-        if (Path(path).parent / "recipe.yaml").is_file() and "decoder_embed.weight" in keys:
-            return "mff_ds"
         return "mae"
     raise ValueError(f"{path}: cannot tell the checkpoint format from keys like {keys[:5]}; expected "
                      f"--checkpoint-format mff_ds, mmpretrain or mae")
 
 
-def _model_config_beside(path) -> Optional[dict]:
-    """The model section of the pretraining recipe.yaml next to an engine export, if any."""
-    rec = Path(path).parent / "recipe.yaml"
-    if not rec.is_file():
-        return None
-    from mff_ds.engine.recipe import load_recipe
-    return load_recipe(str(rec), world_size=1).model_config().to_dict()
-
-
 def load_pretrained(path, fmt: str = "auto", **overrides):
     """The pretraining model (MaskedAutoencoder) from a checkpoint of any supported format."""
     fmt = detect_format(path) if fmt == "auto" else fmt
-    if fmt == "mmpretrain":
-        return convert.load_mmpretrain(path, **overrides)
-    obj, meta = read_file(path)
-    if fmt == "mae":  # convert.load_mae, tolerant of non-JSON safetensors metadata; encoder-only files welcome
-        sd = {k: v for k, v in obj.get("model", obj).items() if torch.is_tensor(v)}
-        return convert._build_and_load(sd, {}, overrides, f"MAE checkpoint {path}",
-                                       strict_decoder="decoder_embed.weight" in sd)
-    if fmt == "mff_ds":
-        if meta.get("model_config") or obj.get("model_config"):
-            return convert.load_model(path, **overrides)
-        cfg = _model_config_beside(path)  # an engine export: model_fp32.safetensors + recipe.yaml
-        if cfg is None:
-            raise ValueError(f"{path}: no model_config in the file and no recipe.yaml beside it")
-        return convert.load_state_dict_checked(build_model({**cfg, **overrides}), obj, str(path))
-    raise ValueError(f"--checkpoint-format: expected one of auto, mff_ds, mmpretrain, mae, got {fmt!r}")
+    loaders = {"mmpretrain": convert.load_mmpretrain, "mae": convert.load_mae, "mff_ds": convert.load_model}
+    if fmt not in loaders:
+        raise ValueError(f"--checkpoint-format: expected one of auto, {', '.join(loaders)}, got {fmt!r}")
+    return loaders[fmt](path, **overrides)
 
 
 def load_encoder(path: Optional[str], fmt: str = "auto", model: Optional[dict] = None) -> Tuple[dict, ModelConfig]:
@@ -245,7 +202,7 @@ def _vit_from_state(sd: dict, prefix: str = "") -> dict:
 def load_classifier(path, num_heads: Optional[int] = None) -> Tuple[nn.Module, dict]:
     """A classifier ready for evaluation, and its metadata. Our files carry their layout; external ones
     (mmpretrain / official MAE) are inferred from the keys, num_heads defaulting to embed_dim // 64."""
-    obj, meta = read_file(path)
+    obj, meta = convert.read_file(path)
     if meta.get("format") == CLASSIFIER_FORMAT:
         task, vit, nc, sd = meta["task"], meta["vit"], int(meta["num_classes"]), obj
     else:

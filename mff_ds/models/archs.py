@@ -1,6 +1,6 @@
 """Model configuration, the named sizes and build_model()."""
 from dataclasses import asdict, dataclass, field, fields
-from typing import List, Optional, Union
+from typing import List, Union
 
 # name: (embed_dim, depth, num_heads); MLP ratio 4 everywhere.
 SIZES = {
