@@ -131,14 +131,8 @@ def curve(inp: dict, args, overlap: float):
 
 
 def _atomic(path, write):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from throughput import _atomic_write  # benchmarks/ is on sys.path when a script there runs
+    _atomic_write(path, write)
 
 
 def plot(curves: dict, title: str, path: str) -> None:

@@ -38,3 +38,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _isolate_distributed_env():
+    """In-process training exports RANK/MASTER_PORT/... (and keeps its process group and port); a child process
+    started by a later test must not inherit them, or it would try to listen on the same port."""
+    saved = {k: os.environ.get(k) for k in _DIST_VARS}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -31,6 +31,19 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr
     return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+def schedule_steps(recipe, batches_per_epoch: int, accum: int, max_steps=None):
+    """(steps_per_epoch, total_steps, warmup_steps, stop_step) for `batches_per_epoch` micro-batches per rank."""
+    steps_per_epoch = batches_per_epoch // accum
+    if steps_per_epoch < 1:
+        raise RecipeError([f"batch.global_batch: one epoch gives {batches_per_epoch} micro-batches per rank, fewer "
+                           f"than the {accum} needed for one optimizer step; expected a larger dataset or a smaller "
+                           f"batch"])
+    total_steps = recipe.schedule.epochs * steps_per_epoch
+    warmup_steps = int(round(recipe.schedule.warmup_epochs * steps_per_epoch))
+    stop_step = min(total_steps, max_steps) if max_steps else total_steps
+    return steps_per_epoch, total_steps, warmup_steps, stop_step
+
+
 def set_lr(optimizer, lr: float) -> None:
     """Set every param group's lr (times its optional `lr_scale`, e.g. layer decay in fine-tuning)."""
     for g in optimizer.param_groups:

@@ -10,7 +10,7 @@ import json
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import yaml
 
@@ -378,17 +378,13 @@ def from_dict(tree: dict, world_size: Optional[int] = None, source: str = "recip
     return recipe
 
 
-def load_recipe(path: Optional[str] = None, overrides: Optional[List[str]] = None,
-                world_size: Optional[int] = None) -> Recipe:
-    """Read YAML `path` (None: an all-defaults recipe), apply `--set` overrides, validate.
-
-    world_size: for the batch arithmetic; None = from the launcher environment (1 if none)."""
+def read_tree(path: Optional[str], overrides: Optional[List[str]] = None) -> Tuple[dict, str]:
+    """(YAML tree with `--set` overrides applied, source name). Shared by every recipe kind."""
     tree: dict = {}
-    source = "recipe"
+    source = path or "recipe"
     if path is not None:
-        source = path
         try:
-            with open(path) as f:
+            with open(resolve_path(path)) as f:
                 tree = yaml.safe_load(f) or {}
         except FileNotFoundError:
             raise RecipeError([f"--config: expected an existing YAML file, got {path!r}"], source) from None
@@ -399,14 +395,25 @@ def load_recipe(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     problems = apply_overrides(tree, overrides or [])
     if problems:
         raise RecipeError(problems, source)
-    if world_size is None:
-        from .distributed import detect
-        world_size = detect().world_size
-    return from_dict(tree, world_size, source)
+    return tree, source
 
 
-def save_recipe(recipe: Recipe, path: str) -> None:
-    """Atomically write the resolved recipe as YAML."""
+def launcher_world_size() -> int:
+    from .distributed import detect
+    return detect().world_size
+
+
+def load_recipe(path: Optional[str] = None, overrides: Optional[List[str]] = None,
+                world_size: Optional[int] = None) -> Recipe:
+    """Read YAML `path` (None: an all-defaults recipe), apply `--set` overrides, validate.
+
+    world_size: for the batch arithmetic; None = from the launcher environment (1 if none)."""
+    tree, source = read_tree(path, overrides)
+    return from_dict(tree, launcher_world_size() if world_size is None else world_size, source)
+
+
+def save_recipe(recipe, path: str) -> None:
+    """Atomically write a resolved recipe (anything with to_dict()) as YAML."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         yaml.safe_dump(recipe.to_dict(), f, sort_keys=False)

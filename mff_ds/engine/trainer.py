@@ -18,7 +18,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from . import logging as mlog
 from .distributed import DistEnv, device_for, init_distributed
-from .optim import build_deepspeed_engine, build_ds_config, lr_at, precision_of, set_lr
+from .optim import build_deepspeed_engine, build_ds_config, lr_at, precision_of, schedule_steps, set_lr
 from .recipe import Recipe, RecipeError, check, save_recipe
 from .signals import StopOnSignal
 
@@ -166,13 +166,7 @@ def train(recipe: Recipe, output_dir: str, max_steps: Optional[int] = None, resu
                      seed=recipe.seed)
     loader = build_loader(recipe.data, epoch=0, **loader_kw)
     batches_per_epoch = len(loader)
-    steps_per_epoch = batches_per_epoch // A
-    if steps_per_epoch < 1:
-        raise RecipeError([f"batch.global_batch: one epoch gives {batches_per_epoch} micro-batches per rank, fewer "
-                           f"than the {A} needed for one optimizer step; expected a larger dataset or smaller batch"])
-    total_steps = recipe.schedule.epochs * steps_per_epoch
-    warmup_steps = int(round(recipe.schedule.warmup_epochs * steps_per_epoch))
-    stop_step = min(total_steps, max_steps) if max_steps else total_steps
+    steps_per_epoch, total_steps, warmup_steps, stop_step = schedule_steps(recipe, batches_per_epoch, A, max_steps)
 
     peak_lr = recipe.lr()
     engine, optimizer = build_deepspeed_engine(model, param_groups, ds_config, lr=peak_lr,

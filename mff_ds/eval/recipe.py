@@ -11,10 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional
 
-import yaml
-
 from mff_ds.engine.recipe import (BatchConfig, DeepSpeedSection, LoggingConfig, RecipeError, _build, _to_plain,
-                                  apply_overrides, resolve_path)
+                                  launcher_world_size, read_tree, resolve_path)
 
 TASKS = ("finetune", "linprobe")
 FORMATS = ("auto", "mff_ds", "mmpretrain", "mae")
@@ -226,29 +224,5 @@ def from_dict(tree: dict, world_size: Optional[int] = None, source: str = "recip
 def load_eval_recipe(path: Optional[str], overrides: Optional[List[str]] = None,
                      world_size: Optional[int] = None) -> EvalRecipe:
     """Read YAML `path` (None: defaults), apply `--set` overrides, validate (world size from the launcher)."""
-    tree: dict = {}
-    source = path or "recipe"
-    if path is not None:
-        try:
-            with open(resolve_path(path)) as f:
-                tree = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise RecipeError([f"--config: expected an existing YAML file, got {path!r}"], source) from None
-        except yaml.YAMLError as e:
-            raise RecipeError([f"--config: not valid YAML: {e}"], source) from None
-        if not isinstance(tree, dict):
-            raise RecipeError([f"recipe: expected a mapping at the top level, got {type(tree).__name__}"], source)
-    problems = apply_overrides(tree, overrides or [])
-    if problems:
-        raise RecipeError(problems, source)
-    if world_size is None:
-        from mff_ds.engine.distributed import detect
-        world_size = detect().world_size
-    return from_dict(tree, world_size, source)
-
-
-def save_eval_recipe(recipe: EvalRecipe, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(recipe.to_dict(), f, sort_keys=False)
-    os.replace(tmp, path)
+    tree, source = read_tree(path, overrides)
+    return from_dict(tree, launcher_world_size() if world_size is None else world_size, source)

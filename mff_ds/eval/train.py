@@ -23,14 +23,16 @@ import torch.distributed as dist
 from mff_ds.engine import checkpoint as ckpt
 from mff_ds.engine import logging as mlog
 from mff_ds.engine.distributed import device_for, init_distributed
-from mff_ds.engine.optim import build_deepspeed_engine, build_ds_config, lr_at, precision_of, set_lr
+from mff_ds.engine.optim import build_deepspeed_engine, build_ds_config, lr_at, precision_of, schedule_steps, set_lr
 from mff_ds.engine.recipe import RecipeError
 from mff_ds.engine.trainer import DTYPES, NonFiniteLossError, check_resume, seed_everything
 
 from . import data as edata
 from . import metrics
 from . import models as emodels
-from .recipe import EvalRecipe, check, save_eval_recipe
+from mff_ds.engine.recipe import save_recipe
+
+from .recipe import EvalRecipe, check
 
 
 @dataclass
@@ -141,7 +143,7 @@ def run(recipe: EvalRecipe, output_dir: str, max_steps: Optional[int] = None, re
         check_resume(found[2], recipe, world, zero_stage, found[0], found[1])
     if is_main:
         os.makedirs(output_dir, exist_ok=True)
-        save_eval_recipe(recipe, os.path.join(output_dir, "recipe.yaml"))
+        save_recipe(recipe, os.path.join(output_dir, "recipe.yaml"))
         _write_json(os.path.join(output_dir, "ds_config.json"), ds_config)
 
     # model (identical on every rank), then data
@@ -173,13 +175,7 @@ def run(recipe: EvalRecipe, output_dir: str, max_steps: Optional[int] = None, re
     seed_everything(recipe.seed + rank)
     mixup, criterion = _criterion(recipe, num_classes)
 
-    steps_per_epoch = len(train_loader) // A
-    if steps_per_epoch < 1:
-        raise RecipeError([f"batch.global_batch: an epoch gives {len(train_loader)} micro-batches per rank, fewer than "
-                           f"the {A} of one optimizer step; expected a larger dataset or a smaller batch"])
-    total_steps = recipe.schedule.epochs * steps_per_epoch
-    warmup_steps = int(round(recipe.schedule.warmup_epochs * steps_per_epoch))
-    stop_step = min(total_steps, max_steps) if max_steps else total_steps
+    steps_per_epoch, total_steps, warmup_steps, stop_step = schedule_steps(recipe, len(train_loader), A, max_steps)
     peak_lr = recipe.lr()
     meta_base = {"recipe_hash": recipe.compat_hash(), "compat": recipe.compat_dict(), "world_size": world,
                  "zero_stage": zero_stage, "precision": precision, "name": recipe.name, "task": recipe.task}
