@@ -306,6 +306,7 @@ def train(recipe: Recipe, output_dir: str, max_steps: Optional[int] = None, resu
                         m.update({f"fusion/w{i}": float(w) for i, w in enumerate(fw.detach().float().cpu())})
                     if flops and peak:
                         m["mfu"] = flops * ips / (peak * 1e12 * world)
+                    m["data/bad_samples"] = loader.bad_samples  # this rank, this epoch (skipped files)
                     m.update(mlog.memory_gb(device))
                     logger.log(step, m)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
