@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +99,13 @@ def test_resume_is_bitwise_exact(straight, tmp_path):
     assert diff == 0.0, f"resumed run differs from the uninterrupted one by {diff}"
     la, lb = losses(straight), losses(out)
     assert [la[s] for s in (8, 10, 12)] == [lb[s] for s in (8, 10, 12)]
-    assert (out / "encoder_timm.safetensors").exists()
+    # the exports: our model file (config inside) and a timm encoder with the same weights
+    from mff_ds.convert import load_model, read_file, to_timm
+    model = load_model(out / "model_fp32.safetensors")
+    assert all(torch.equal(v, b[k]) for k, v in model.state_dict().items())
+    enc, meta = read_file(out / "encoder_timm.safetensors")
+    assert meta["model_config"] == model.cfg.to_dict()
+    assert enc.keys() == to_timm(model).keys() and all(torch.equal(v, enc[k]) for k, v in to_timm(model).items())
 
 
 def test_kill_mid_run_and_mid_save_then_resume_auto(straight, tmp_path):
