@@ -299,6 +299,22 @@ def _model_problems(model: dict) -> List[str]:
     return p
 
 
+def schedule_and_deepspeed_problems(s, d) -> List[str]:
+    """Checks shared by every recipe kind: the `schedule:` and `deepspeed:` sections."""
+    p = []
+    if s.epochs <= 0:
+        p.append(f"schedule.epochs: expected a positive integer, got {s.epochs}")
+    if not 0 <= s.warmup_epochs <= max(s.epochs, 0):
+        p.append(f"schedule.warmup_epochs: expected in [0, epochs={s.epochs}], got {s.warmup_epochs}")
+    if not 0 < s.warmup_start_factor <= 1:
+        p.append(f"schedule.warmup_start_factor: expected in (0, 1], got {s.warmup_start_factor}")
+    if not os.path.isfile(resolve_path(d.config)):
+        p.append(f"deepspeed.config: expected an existing JSON file, got {d.config!r}")
+    if d.zero_stage is not None and d.zero_stage not in (0, 1, 2):
+        p.append(f"deepspeed.zero_stage: expected 0, 1 or 2, got {d.zero_stage}")
+    return p
+
+
 def check(recipe: Recipe, world_size: Optional[int] = None) -> List[str]:
     """Semantic checks; returns the list of problems (empty = runnable)."""
     p = []
@@ -326,21 +342,10 @@ def check(recipe: Recipe, world_size: Optional[int] = None) -> List[str]:
         p.append(f"optim.weight_decay: expected >= 0, got {o.weight_decay}")
     if o.grad_clip < 0:
         p.append(f"optim.grad_clip: expected >= 0 (0 = off), got {o.grad_clip}")
-    s = recipe.schedule
-    if s.epochs <= 0:
-        p.append(f"schedule.epochs: expected a positive integer, got {s.epochs}")
-    if not 0 <= s.warmup_epochs <= max(s.epochs, 0):
-        p.append(f"schedule.warmup_epochs: expected in [0, epochs={s.epochs}], got {s.warmup_epochs}")
-    if not 0 < s.warmup_start_factor <= 1:
-        p.append(f"schedule.warmup_start_factor: expected in (0, 1], got {s.warmup_start_factor}")
-    d = recipe.deepspeed
-    if not os.path.isfile(resolve_path(d.config)):
-        p.append(f"deepspeed.config: expected an existing JSON file, got {d.config!r}")
-    if d.zero_stage is not None and d.zero_stage not in (0, 1, 2):
-        p.append(f"deepspeed.zero_stage: expected 0, 1 or 2, got {d.zero_stage}")
+    p += schedule_and_deepspeed_problems(recipe.schedule, recipe.deepspeed)
     reserved = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                 "optimizer", "scheduler", "gradient_clipping"}
-    for k in sorted(reserved & set(d.overrides)):
+    for k in sorted(reserved & set(recipe.deepspeed.overrides)):
         p.append(f"deepspeed.overrides.{k}: set by the recipe (batch / optim sections), not by overrides")
     c = recipe.checkpoint
     if c.every_steps < 0:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional
 
 from mff_ds.engine.recipe import (BatchConfig, DeepSpeedSection, LoggingConfig, RecipeError, _build, _to_plain,
-                                  launcher_world_size, read_tree, resolve_path)
+                                  launcher_world_size, read_tree, schedule_and_deepspeed_problems)
 
 TASKS = ("finetune", "linprobe")
 FORMATS = ("auto", "mff_ds", "mmpretrain", "mae")
@@ -187,17 +187,7 @@ def check(r: EvalRecipe, world_size: Optional[int] = None) -> List[str]:
         p.append(f"optim.layer_decay: expected in (0, 1] (1 = off), got {o.layer_decay}")
     if o.grad_clip < 0:
         p.append(f"optim.grad_clip: expected >= 0 (0 = off), got {o.grad_clip}")
-    s = r.schedule
-    if s.epochs <= 0:
-        p.append(f"schedule.epochs: expected a positive integer, got {s.epochs}")
-    if not 0 <= s.warmup_epochs <= max(s.epochs, 0):
-        p.append(f"schedule.warmup_epochs: expected in [0, epochs={s.epochs}], got {s.warmup_epochs}")
-    if not 0 < s.warmup_start_factor <= 1:
-        p.append(f"schedule.warmup_start_factor: expected in (0, 1], got {s.warmup_start_factor}")
-    if not os.path.isfile(resolve_path(r.deepspeed.config)):
-        p.append(f"deepspeed.config: expected an existing JSON file, got {r.deepspeed.config!r}")
-    if r.deepspeed.zero_stage not in (None, 0, 1, 2):
-        p.append(f"deepspeed.zero_stage: expected 0, 1 or 2, got {r.deepspeed.zero_stage}")
+    p += schedule_and_deepspeed_problems(r.schedule, r.deepspeed)
     if r.checkpoint.every_epochs < 0:
         p.append(f"checkpoint.every_epochs: expected >= 0 (0 = only at the end), got {r.checkpoint.every_epochs}")
     if r.checkpoint.keep_last < 1:
