@@ -250,7 +250,8 @@ def profile(trainers, inputs, steps, device):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(f"--- profile: {t.name}, {steps} steps, by {key}")
+        n_ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+        print(f"--- profile: {t.name}, {steps} steps, {n_ops / steps:.0f} aten ops per step, by {key}")
         print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60))
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=60))
 
