@@ -75,8 +75,24 @@ class LoggingConfig:
     peak_tflops: Optional[float] = None  # per device, for MFU; None = from the device name (CUDA only)
 
 
+class RecipeMethods:
+    """What every recipe kind (pretraining, eval) derives the same way from its batch/optim sections."""
+
+    def to_dict(self) -> dict:
+        return _to_plain(self)
+
+    def grad_accum(self, world_size: int) -> int:
+        return self.batch.global_batch // (self.batch.micro_batch * world_size)
+
+    def lr(self) -> float:
+        return self.optim.base_lr * self.batch.global_batch / 256
+
+    def compat_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.compat_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
 @dataclass
-class Recipe:
+class Recipe(RecipeMethods):
     name: str = "run"
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -91,19 +107,10 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
-    def to_dict(self) -> dict:
-        return _to_plain(self)
-
     def model_config(self):
         """The resolved mff_ds.models.ModelConfig."""
         from mff_ds.models import resolve_config
         return resolve_config(dict(self.model))
-
-    def grad_accum(self, world_size: int) -> int:
-        return self.batch.global_batch // (self.batch.micro_batch * world_size)
-
-    def lr(self) -> float:
-        return self.optim.base_lr * self.batch.global_batch / 256
 
     def compat_dict(self) -> dict:
         """What a resumed run must share with its checkpoint (shapes, schedule, data stream, numerics)."""
@@ -113,8 +120,6 @@ class Recipe:
                 "batch.global_batch": d["batch"]["global_batch"], "schedule": d["schedule"],
                 "optim.base_lr": d["optim"]["base_lr"], "optim.min_lr": d["optim"]["min_lr"]}
 
-    def compat_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.compat_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------ plain <-> dataclass

@@ -5,13 +5,11 @@ Same conventions as the pretraining recipe (mff_ds.engine.recipe): every problem
 `engine.optim.build_ds_config` takes an EvalRecipe as it is.
 """
 import copy
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional
 
-from mff_ds.engine.recipe import (BatchConfig, DeepSpeedSection, LoggingConfig, RecipeError, _build, _to_plain,
+from mff_ds.engine.recipe import (BatchConfig, DeepSpeedSection, LoggingConfig, RecipeError, RecipeMethods, _build,
                                   launcher_world_size, read_tree, schedule_and_deepspeed_problems)
 
 TASKS = ("finetune", "linprobe")
@@ -89,7 +87,7 @@ class EvalCheckpoint:
 
 
 @dataclass
-class EvalRecipe:
+class EvalRecipe(RecipeMethods):
     name: str = "finetune"
     task: Literal["finetune", "linprobe"] = "finetune"
     seed: int = 0
@@ -107,15 +105,6 @@ class EvalRecipe:
     checkpoint: EvalCheckpoint = field(default_factory=EvalCheckpoint)
     logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(every_steps=50, image_every_steps=0))
 
-    def to_dict(self) -> dict:
-        return _to_plain(self)
-
-    def grad_accum(self, world_size: int) -> int:
-        return self.batch.global_batch // (self.batch.micro_batch * world_size)
-
-    def lr(self) -> float:
-        return self.optim.base_lr * self.batch.global_batch / 256
-
     def compat_dict(self) -> dict:
         """What a resumed run must share with its checkpoint."""
         d = self.to_dict()
@@ -124,8 +113,6 @@ class EvalRecipe:
         keep["batch.global_batch"] = d["batch"]["global_batch"]
         return keep
 
-    def compat_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.compat_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check(r: EvalRecipe, world_size: Optional[int] = None) -> List[str]:
