@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.stamp-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast eval-demo clean
+.PHONY: setup demo test eval-demo clean
 
 setup: $(STAMP)
 
@@ -22,9 +22,6 @@ demo: setup
 
 test: setup
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest $(PYTEST_ARGS)
-
-test-fast: setup
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -m "not slow and not system" $(PYTEST_ARGS)
 
 eval-demo: setup
 	$(BIN)/python launch/eval_demo.py

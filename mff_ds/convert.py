@@ -221,10 +221,6 @@ def _is_decoder(k: str) -> bool:
 
 
 # ------------------------------------------------------------------ file IO
-def _torch_load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def save_file(obj: dict, path, metadata: dict | None = None):
     """Atomic save: write a temp file beside the target, then rename. .safetensors takes a flat tensor dict."""
     path = Path(path)
@@ -254,7 +250,7 @@ def read_file(path):
         with safe_open(str(path), framework="pt") as f:
             meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
             return {k: f.get_tensor(k) for k in f.keys()}, meta
-    return _torch_load(path), {}
+    return torch.load(path, map_location="cpu", weights_only=True), {}
 
 
 def save_model(model, path):
@@ -283,12 +279,13 @@ def load_model(path, **overrides):
 # ------------------------------------------------------------------ mmpretrain
 def load_mmpretrain(path, **overrides):
     """Load an mmpretrain MFF or MAE pretraining checkpoint ({'meta': {'cfg': ...}, 'state_dict': ...})."""
-    obj, _ = read_file(path)
+    obj, st_meta = read_file(path)
     sd_mm = obj.get("state_dict", obj)
     if not any(k.startswith("backbone.") for k in sd_mm):
         raise ValueError(f"{path}: expected mmpretrain keys starting with 'backbone.', got {sorted(sd_mm)[:5]}")
     hints = {}
-    cfg_text = (obj.get("meta") or {}).get("cfg") if isinstance(obj.get("meta"), dict) else None
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else st_meta  # .pth, or safetensors metadata
+    cfg_text = meta.get("cfg")
     if cfg_text:
         hints = _hints_from_cfg(parse_mm_config(cfg_text).get("model", {}))
     return _build_and_load(from_mmpretrain(sd_mm), hints, overrides, f"mmpretrain checkpoint {path}")
@@ -350,10 +347,6 @@ def load_mae(path, **overrides):
 
 
 # ------------------------------------------------------------------ CLI
-def _load_ours(path):
-    return load_model(path)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m mff_ds.convert", description=__doc__.split("\n")[0])
     ap.add_argument("command", choices=["from-mmpretrain", "from-mae", "to-timm", "to-mae", "to-mmpretrain"])
@@ -366,16 +359,17 @@ def main(argv=None):
         model = load_mmpretrain(a.src) if a.command == "from-mmpretrain" else load_mae(a.src)
         save_model(model, a.dst)
     else:
-        model = _load_ours(a.src)
+        model = load_model(a.src)
         if a.command == "to-timm":
-            sd = to_timm(model)
-            save_file(sd if st else sd, a.dst)
+            save_file(to_timm(model), a.dst)
         elif a.command == "to-mae":
             out = to_mae(model, full=not a.encoder_only)
             save_file(out["model"] if st else out, a.dst)
-        else:
+        elif st:  # safetensors: the mmengine cfg text travels in the metadata
             ck = mmpretrain_checkpoint(model)
-            save_file(ck["state_dict"], a.dst, ck["meta"]) if st else save_file(ck, a.dst)
+            save_file(ck["state_dict"], a.dst, ck["meta"])
+        else:
+            save_file(mmpretrain_checkpoint(model), a.dst)
     print(f"{a.command}: {a.src} -> {a.dst} ({model.cfg.depth} blocks, embed {model.cfg.embed_dim}, "
           f"{len(model.levels)} fused level(s))")
 

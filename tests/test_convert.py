@@ -109,8 +109,9 @@ def test_cli_chain(tmp_path, suffix):
         out = tmp_path / f"{cmd}{suffix}"
         run(cmd, ours, out)
         assert out.exists() and not list(tmp_path.glob(".*.tmp"))
-    if suffix == ".pth":  # the mmpretrain file carries an mmengine-style cfg, so it reloads exactly
-        assert same_state(convert.load_mmpretrain(tmp_path / "to-mmpretrain.pth"), ref)
+    # the mmpretrain file carries an mmengine-style cfg (safetensors: in its metadata), so it reloads exactly
+    back = convert.load_mmpretrain(tmp_path / f"to-mmpretrain{suffix}")
+    assert same_state(back, ref) and back.cfg == ref.cfg  # heads etc. come from the cfg, not from defaults
 
 
 def test_load_model_rejects_foreign_files(tmp_path):

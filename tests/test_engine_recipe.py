@@ -1,5 +1,4 @@
 """Recipe validation and overrides, lr schedule, DeepSpeed config merge, launcher environment detection."""
-import math
 import os
 import subprocess
 import sys
