@@ -4,8 +4,11 @@
 #      launch/make_wheelhouse.sh) into /tmp/site, put it on PYTHONPATH;
 #   2. CUDA kernel tests (tests/test_kernels.py, tests/test_kernels_model.py: compiled kernels on the GPU);
 #   3. kernel benchmarks (benchmarks/kernels.py);
-#   4. the training throughput benchmark (benchmarks/throughput.py), if present;
-#   5. if time is left, the same throughput with the plain torch ops (kernels=torch) for the kernel speedup;
+#   4. the engine (benchmarks/throughput.py, ViT-B/16 224 px bf16 micro batch 256, the recipes' torch ops): our
+#      engine as configured + the facebookresearch/mae loop, our plain torch loop, our engine + torch.compile,
+#      each for MFF and MAE, each with the device idle time per step from the profiler; then the host-overhead
+#      preset (engine vs plain loop at tiny widths, syncs per step);
+#   5. if time is left, the engine with the Triton kernels (kernels=auto) for the whole-step kernel comparison;
 # then prints one summary table. Each step has its own timeout, so one hang does not eat the budget.
 #   6. (only when asked: SUITE_STEPS=...,diagnose) the engine diagnosis: our model in a plain torch loop,
 #      DeepSpeed ZeRO-0 vs ZeRO-2, and a profile of each, to locate the engine's overhead.
@@ -79,12 +82,16 @@ else  # no GPU: smoke test only
   step "kernel benchmarks" 240 "$PY" benchmarks/kernels.py --out-dir "$RES" --device cpu --quick
 fi
 
-# 4. training throughput, if that benchmark exists (written separately)
+# 4. the engine: as configured (+ official loop), plain loop, compiled; idle time from a 3-step profile each
 if want throughput; then
-  step "throughput" "$(cap 150 40)" "$PY" benchmarks/throughput.py --out-dir "$RES"
+  E=(--kernels torch --steps 15 --warmup 4 --profile 3)
+  step "engine as configured" "$(cap 90 200)" "$PY" benchmarks/throughput.py "${E[@]}" --out-dir "$RES/engine"
+  step "plain loop" "$(cap 60 170)" "$PY" benchmarks/throughput.py "${E[@]}" --engine plain --no-baseline --out-dir "$RES/plain"
+  step "engine + compile" "$(cap 150 30)" "$PY" benchmarks/throughput.py "${E[@]}" --compile --no-baseline --out-dir "$RES/compiled"
+  step "host overhead" "$(cap 40 5)" "$PY" benchmarks/throughput.py --preset overhead --steps 40 --out-dir "$RES"
   if [ "$(left)" -gt 60 ]; then
-    step "throughput torch ops" "$(cap 120 5)" "$PY" benchmarks/throughput.py --out-dir "$RES/torch_ops" \
-      --kernels torch --no-baseline
+    step "engine triton kernels" "$(cap 60 5)" "$PY" benchmarks/throughput.py --kernels auto --no-baseline \
+      --steps 15 --warmup 4 --out-dir "$RES/triton"
   fi
 fi
 if want diagnose; then
@@ -97,7 +104,7 @@ fi
 echo
 echo "## GPU suite summary ($(( $(date +%s) - T0 ))s total; log $LOG)" | tee -a "$LOG"
 { echo "| step                   | status       | time   |"; echo "|---|---|---|"; printf '%s\n' "${SUMMARY[@]}"; } | tee -a "$LOG"
-for f in "$RES/kernels.md" "$RES/kernels_quick.md" "$RES"/throughput_*.md "$RES"/*/throughput_*.md; do [ -f "$f" ] && { echo; cat "$f"; }; done | tee -a "$LOG"
+for f in "$RES/kernels.md" "$RES/kernels_quick.md" "$RES"/*/throughput_*.md "$RES"/overhead_*.md; do [ -f "$f" ] && { echo; cat "$f"; }; done | tee -a "$LOG"
 if [ -n "${OUT:-}" ]; then
   tar czf "$OUT/gpu_results.tgz" -C "$RES" . && cp "$LOG" "$OUT/" && echo "results: \$OUT/gpu_results.tgz"
 fi

@@ -2,10 +2,11 @@
 
     python benchmarks/throughput.py                      # CUDA: ViT-B/16, 224 px, bf16, micro batch 256
     python benchmarks/throughput.py --device cpu         # CPU: a tiny model (--preset tiny), about 20 s
+    python benchmarks/throughput.py --device cpu --preset overhead   # host ms/step: engine vs plain loop, syncs
 
 Three trainers live in one process: MFF and plain MAE, each built like pretraining builds it (recipe ->
-build_ds_config -> ZeRO-2 DeepSpeed engine with the real AdamW: DeepSpeed FusedAdam on CUDA when it is built, else
-torch's fused AdamW, recorded in the JSON; torch AdamW on CPU), and the official facebookresearch/mae loop
+build_ds_config -> ZeRO-2 DeepSpeed engine -> engine.optim.build_deepspeed_engine, torch's fused AdamW), and the
+official facebookresearch/mae loop
 (benchmarks/mae_baseline.py). Each is warmed up (--warmup steps, not timed), then the timed steps alternate
 MFF, MAE, baseline, MFF, ... so drifts of clock or load hit all three alike. A step = forward + backward +
 optimizer step on one micro batch (no accumulation), timed between device synchronisations, on synthetic
@@ -23,6 +24,16 @@ unless --peak-tflops is given. The baseline does the same work as our MAE, so it
 
 peak_mem_mb = the trainer's own persistent memory (weights, gradients, optimizer state; measured across its
 warm-up) + the largest transient of its steps: what it would need alone. CUDA only (null on CPU).
+
+host_syncs_per_step = sync points (tensor-to-Python conversions and device synchronizes, from DeepSpeed, torch
+or our code; benchmarks/host_syncs.py) counted over one extra step of each trainer.
+
+--preset overhead: MFF with ViT-B's parameter layout (12 + 8 blocks, 6 fused levels, 265 tensors) at tiny widths
+(48-d encoder, 32-d decoder, 32 px, micro batch 2, bf16), so a step is almost all framework work on the host.
+Trainers: our engine as the recipe configures it (configs/mff_vit-b_300e.yaml through build_ds_config, ZeRO-2
+bf16) and our plain loop (autocast, fused AdamW), timed alternately; reported: host ms per step of each, the
+paired ratio engine / plain (median over the alternation rounds), and the sync points per step. On CUDA, add
+--profile N to get the device idle time per step.
 
 Output: --json (default <out-dir>/throughput_<device>.json), a markdown table and a PNG bar chart beside it.
 """
@@ -52,6 +63,9 @@ from mff_ds.models.flops import flops_per_image  # noqa: E402
 TINY = dict(img_size=64, patch_size=8, embed_dim=96, depth=6, num_heads=3, decoder_embed_dim=64, decoder_depth=2,
             decoder_num_heads=2)
 TINY_MFF_LEVELS = [1, 3, 5]
+# Host-overhead size: ViT-B's layout (depth, heads, decoder, fused levels) at widths where compute is negligible.
+OVERHEAD = dict(img_size=32, patch_size=16, embed_dim=48, num_heads=12, decoder_embed_dim=32, decoder_num_heads=16)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ROLES = ("mff", "mae", "baseline_mae")
 
 
@@ -59,22 +73,21 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="mff_vit_base_patch16",
                    help="MFF arch name (mff_vit_{tiny,small,base,large,huge}_patch{14,16}); MAE = the same with mae_")
-    p.add_argument("--preset", choices=("auto", "tiny", "none"), default="auto",
-                   help="tiny: a small model for CPU smoke runs; auto: tiny on CPU, none on CUDA")
+    p.add_argument("--preset", choices=("auto", "tiny", "overhead", "none"), default="auto",
+                   help="tiny: a small model for CPU smoke runs; auto: tiny on CPU, none on CUDA; overhead: ViT-B "
+                        "layout at tiny widths, our engine vs our plain loop (host time and syncs per step)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="ModelConfig override for both models, e.g. --set depth=4 (out_indices: MFF only)")
     p.add_argument("--img-size", type=int, default=None, help="default: 224 (the arch), 64 with --preset tiny")
     p.add_argument("--micro-batch", type=int, default=None, help="default: 256 on CUDA, 16 on CPU")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto")
-    p.add_argument("--compile", action="store_true", help="torch.compile our two engines (the baseline stays eager)")
-    p.add_argument("--optimizer", choices=("auto", "fused_adam", "torch_fused", "torch"), default="auto",
-                   help="auto: DeepSpeed FusedAdam on CUDA when prebuilt or already JIT-built, else torch "
-                        "AdamW(fused=True) (same math, also one fused kernel); torch AdamW on CPU. fused_adam: "
-                        "JIT-build FusedAdam if needed (nvcc + ninja)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile our models as the recipe's deepspeed.compile does (the baseline stays eager)")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode with --compile")
     p.add_argument("--zero-stage", type=int, choices=(0, 2), default=2, help="DeepSpeed ZeRO stage of our engine")
     p.add_argument("--engine", choices=("deepspeed", "plain"), default="deepspeed",
-                   help="plain: our model in an eager torch loop (autocast, fp32 weights, torch AdamW) to separate "
+                   help="plain: our model in an eager torch loop (autocast, fp32 weights, fused AdamW) to separate "
                         "the model's cost from the engine's")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile N steps of each trainer and print the top ops")
@@ -112,6 +125,8 @@ def model_configs(args, device):
     over = {}
     if args.preset == "tiny" or (args.preset == "auto" and device.type == "cpu"):
         over.update(TINY, out_indices=TINY_MFF_LEVELS)
+    elif args.preset == "overhead":
+        over.update(OVERHEAD)
     for item in args.overrides:
         if "=" not in item:
             raise SystemExit(f"--set: expected KEY=VALUE, got {item!r}")
@@ -145,26 +160,9 @@ class Trainer:
         self.times, self.transient, self.resident = [], 0, 0
 
 
-def _fused_adam_ready() -> bool:
-    """DeepSpeed FusedAdam usable without a JIT build: installed prebuilt, or already in the extensions cache.
-    (A JIT build needs nvcc + ninja and a minute or two; ask for it with --optimizer fused_adam.)"""
-    try:
-        import glob
-
-        from deepspeed.git_version_info import installed_ops
-        from torch.utils.cpp_extension import _get_build_directory
-        if installed_ops.get("fused_adam"):
-            return True
-        return bool(glob.glob(os.path.join(_get_build_directory("fused_adam", verbose=False), "fused_adam*.so")))
-    except Exception:
-        return False
-
-
 def build_ours(cfg, args, device, precision, world_size=1):
-    """Our pretraining path: recipe -> DeepSpeed config (ZeRO-2) -> engine with the real optimizer.
+    """Our pretraining path: recipe -> DeepSpeed config (ZeRO-2 unless --zero-stage) -> build_deepspeed_engine.
     One optimizer step per micro batch on every rank (global batch = micro batch x world size)."""
-    import deepspeed
-
     from mff_ds.engine.optim import build_deepspeed_engine, build_ds_config, precision_of
     from mff_ds.engine.recipe import from_dict
 
@@ -181,48 +179,29 @@ def build_ours(cfg, args, device, precision, world_size=1):
     model = build_model(cfg)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     groups = model.param_groups(recipe.optim.weight_decay, decay_fusion_logits=recipe.optim.decay_fusion_logits)
-    lr, betas, eps = recipe.lr(), recipe.optim.betas, recipe.optim.eps
-    choice = args.optimizer
-    if choice == "auto":
-        choice = "torch" if device.type != "cuda" else ("fused_adam" if _fused_adam_ready() else "torch_fused")
-    engine = None
-    if choice == "fused_adam":
-        try:
-            engine, _ = build_deepspeed_engine(model, groups, ds_config, lr=lr, betas=betas, eps=eps, device=device)
-            name = "deepspeed.ops.adam.FusedAdam"
-        except Exception as e:  # FusedAdam JIT-compiles with nvcc + ninja
-            if args.optimizer == "fused_adam":
-                raise
-            print(f"[throughput] FusedAdam unavailable ({type(e).__name__}: {str(e)[:200]}); "
-                  f"using torch.optim.AdamW(fused=True)", flush=True)
-            choice = "torch_fused"
-    if engine is None:  # the same engine with torch's AdamW (fused on CUDA)
-        if choice == "torch_fused" and device.type != "cuda":
-            raise SystemExit("--optimizer torch_fused: needs a CUDA device")
-        model.to(device)
-        groups = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in groups]
-        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=0.0,
-                                fused=choice == "torch_fused")
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=copy.deepcopy(ds_config))
-        name = "torch.optim.AdamW(fused=True)" if choice == "torch_fused" else "torch.optim.AdamW"
+    engine, opt = build_deepspeed_engine(model, groups, ds_config, lr=recipe.lr(), betas=recipe.optim.betas,
+                                         eps=recipe.optim.eps, device=device)
     if args.compile:
-        engine.compile()
+        engine.compile(compile_kwargs={"mode": args.compile_mode})
 
     def step(x):
         out = engine(x)
         engine.backward(out.loss)
         engine.step()
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return Trainer("MFF" if model.is_mff else "MAE", step, flops_per_image(cfg), n_params, name, dtype)
+    name = ("MFF" if model.is_mff else "MAE") + (" compiled" if args.compile else "")
+    return Trainer(name, step, flops_per_image(cfg), n_params, type(opt).__name__ + "(fused=True)", DTYPES[precision])
 
 
 def build_plain(cfg, args, device, precision):
-    """Our model without DeepSpeed: fp32 weights, autocast to `precision`, torch AdamW (fused on CUDA)."""
+    """Our model without DeepSpeed: fp32 weights, autocast to `precision`, torch's fused AdamW (as on CUDA, so
+    the CPU host-time proxy compares like with like)."""
     torch.manual_seed(args.seed)
     model = build_model(cfg).to(device)
+    if args.compile:
+        model.compile(mode=args.compile_mode)
     groups = model.param_groups(0.05)
-    opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=True)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
@@ -235,25 +214,59 @@ def build_plain(cfg, args, device, precision):
         opt.zero_grad(set_to_none=True)
 
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    name = ("MFF" if model.is_mff else "MAE") + " (plain loop)"
-    return Trainer(name, step, flops_per_image(cfg), n_params, "torch.optim.AdamW", torch.float32)
+    name = ("MFF" if model.is_mff else "MAE") + " (plain loop)" + (" compiled" if args.compile else "")
+    return Trainer(name, step, flops_per_image(cfg), n_params, "AdamW(fused=True)", torch.float32)
 
 
-def profile(trainers, inputs, steps, device):
-    """Print the top ops (device time, then host time) of `steps` steps of each trainer."""
+def profile(trainers, inputs, steps, device) -> dict:
+    """Print the top ops (device time, then host time) of `steps` steps of each trainer; on CUDA return each
+    trainer's device idle ms per step (wall time minus the union of its kernels' intervals)."""
     from torch.profiler import ProfilerActivity, profile as tprofile
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    idle = {}
     for t in trainers:
+        x = inputs.get(t.dtype)
+        if cuda:
+            torch.cuda.synchronize(device)
         with tprofile(activities=acts) as prof:
+            t0 = time.perf_counter()
             for _ in range(steps):
-                t.step(inputs.get(t.dtype))
-            if device.type == "cuda":
+                t.step(x)
+            if cuda:
                 torch.cuda.synchronize(device)
-        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            wall_us = 1e6 * (time.perf_counter() - t0)
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         n_ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
         print(f"--- profile: {t.name}, {steps} steps, {n_ops / steps:.0f} aten ops per step, by {key}")
         print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60))
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=60))
+        if cuda:
+            busy = _union_us([(e.time_range.start, e.time_range.end) for e in prof.events()
+                              if e.device_type.name == "CUDA"])
+            idle[t.name] = max(wall_us - busy, 0.0) / 1e3 / steps
+            print(f"--- {t.name}: device busy {busy / 1e3 / steps:.1f} ms, idle {idle[t.name]:.1f} ms per step")
+    return idle
+
+
+def _union_us(intervals) -> float:
+    """Total length of the union of (start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def count_syncs(t: Trainer, inputs) -> int:
+    """Host-device sync points of one step of `t` (benchmarks/host_syncs.py)."""
+    from host_syncs import SyncCounter
+    x = inputs.get(t.dtype)
+    with SyncCounter() as c:
+        t.step(x)
+    return c.total
 
 
 def build_official(cfg, args, device, precision):
@@ -373,6 +386,13 @@ def _atomic_write(path, write):
             os.remove(tmp)
 
 
+def _write_text(path, text):
+    def write(p):
+        with open(p, "w") as f:
+            f.write(text)
+    _atomic_write(path, write)
+
+
 def markdown(res: dict) -> str:
     c = res["config"]
     lines = [f"**{res['device']}**, {res['date']}, {c['arch']} ({c['img_size']} px, patch {c['patch_size']}), "
@@ -380,10 +400,12 @@ def markdown(res: dict) -> str:
              f"compile {c['compile']}, {c['steps']} timed steps each after {c['warmup']} warm-up, "
              f"{'data ' + c['data'] if c['data'] else 'synthetic inputs on the device'}.",
              "",
-             "| trainer | img/s (median) | IQR | step ms | MFU | peak mem MB | vs baseline |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| trainer | img/s (median) | IQR | step ms | MFU | peak mem MB | vs baseline | device idle ms/step "
+             "| host syncs/step |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     base = res.get("baseline_mae")
     how = "plain torch loop" if c.get("engine") == "plain" else f"DeepSpeed ZeRO-{c.get('zero_stage', 2)}"
+    how += ", compiled" if c.get("compile") else ""
     for role, label in (("mff", f"MFF (ours, {how})"), ("mae", f"MAE (ours, {how})"),
                         ("baseline_mae", "MAE (facebookresearch/mae loop)")):
         r = res.get(role)
@@ -392,8 +414,9 @@ def markdown(res: dict) -> str:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "n/a"
         vs = f"{r['img_per_s'] / base['img_per_s']:.2f}x" if base else "n/a"
+        idle = r.get("device_idle_ms_per_step")
         lines.append(f"| {label} | {r['img_per_s']:.1f} | {r['img_per_s_iqr']:.1f} | {r['step_ms']:.1f} | {mfu} "
-                     f"| {mem} | {vs} |")
+                     f"| {mem} | {vs} | {'n/a' if idle is None else f'{idle:.1f}'} | {r.get('host_syncs_per_step')} |")
     lines += ["", f"MFF / MAE step-time ratio: **{res['ratio_mff_over_mae']:.3f}**"
               + (f"; our MAE over the baseline: **{res['speedup_over_baseline']:.2f}x**, our MFF: "
                  f"**{res['speedup_mff_over_baseline']:.2f}x**" if base else ""),
@@ -426,6 +449,49 @@ def chart(res: dict, path: str) -> None:
     plt.close(fig)
 
 
+def overhead(args, device, cfg, argv) -> dict:
+    """--preset overhead: our engine as configured vs our plain loop on the same model, alternating; host ms per
+    step (on CPU the step time is host time; on CUDA at these widths it is too), paired ratio, syncs per step."""
+    import argparse as _argparse
+    inputs = Inputs(args, device, cfg.img_size)
+    trainers = []
+    for engine in ("deepspeed", "plain"):
+        t = build_ours(cfg, _argparse.Namespace(**dict(vars(args), engine=engine)), device, args.precision)
+        warm_up(t, inputs, args.warmup, device, 0)
+        trainers.append(t)
+    run(trainers, inputs, args.steps, device)
+    idle = profile(trainers, inputs, args.profile, device) if args.profile else {}
+    res = {"preset": "overhead", "device": device_name(device),
+           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "command": "python benchmarks/throughput.py " + " ".join(shlex.quote(a) for a in argv),
+           "config": {"model": cfg.to_dict(), "micro_batch": args.micro_batch, "precision": args.precision,
+                      "zero_stage": args.zero_stage, "steps": args.steps, "warmup": args.warmup,
+                      "n_param_tensors": sum(1 for _ in build_model(cfg).parameters()), "torch": torch.__version__}}
+    for role, t in zip(("engine", "plain"), trainers):
+        res[role] = {"name": t.name, "host_ms_per_step": 1e3 * statistics.median(t.times),
+                     "host_ms_q1_q3": [1e3 * q for q in _quantiles(t.times)],
+                     "host_syncs_per_step": count_syncs(t, inputs), "device_idle_ms_per_step": idle.get(t.name)}
+    e, pl = trainers
+    res["ratio_engine_over_plain"] = statistics.median(a / b for a, b in zip(e.times, pl.times))
+    md = "\n".join([
+        f"**{res['device']}**, {res['date']}: MFF with ViT-B's layout ({res['config']['n_param_tensors']} parameter "
+        f"tensors) at tiny widths, micro batch {args.micro_batch}, {args.precision}, {args.steps} alternating steps.",
+        "", "| trainer | host ms / step (median) | syncs / step |", "|---|---:|---:|",
+        f"| our DeepSpeed engine (ZeRO-{args.zero_stage}, as configured) | {res['engine']['host_ms_per_step']:.1f} "
+        f"| {res['engine']['host_syncs_per_step']} |",
+        f"| our plain loop (autocast, fused AdamW) | {res['plain']['host_ms_per_step']:.1f} "
+        f"| {res['plain']['host_syncs_per_step']} |",
+        "", f"engine / plain host time (paired median): **{res['ratio_engine_over_plain']:.2f}**", "",
+        f"Command: `{res['command']}`", ""])
+    stem = args.json[:-5] if args.json and args.json.endswith(".json") else os.path.join(
+        args.out_dir, f"overhead_{device.type}")
+    _write_text(stem + ".json", json.dumps(res, indent=2))
+    _write_text(stem + ".md", md)
+    print(md)
+    print(f"wrote {stem}.json, {stem}.md", flush=True)
+    return res
+
+
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -437,8 +503,9 @@ def main(argv=None) -> dict:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     cuda = device.type == "cuda"
-    args.precision = args.precision or ("bf16" if cuda else "fp32")
-    args.micro_batch = args.micro_batch or (256 if cuda else 16)
+    over = args.preset == "overhead"
+    args.precision = args.precision or ("bf16" if cuda or over else "fp32")
+    args.micro_batch = args.micro_batch or (2 if over else 256 if cuda else 16)
     if args.precision == "fp16" and not cuda:
         raise SystemExit("--precision fp16: needs a CUDA device (dynamic loss scaling); use fp32 or bf16 on CPU")
     if args.kernels == "triton" and not cuda:
@@ -458,6 +525,8 @@ def main(argv=None) -> dict:
     if cuda:
         torch.cuda.set_device(device)  # after init_distributed (which picks LOCAL_RANK's device)
 
+    if over:
+        return overhead(args, device, mff_cfg, argv)
     t_setup = time.perf_counter()
     mem = (lambda: torch.cuda.memory_allocated(device)) if cuda else (lambda: 0)
     inputs = Inputs(args, device, mff_cfg.img_size)
@@ -475,13 +544,14 @@ def main(argv=None) -> dict:
     t_run = time.perf_counter()
     run(trainers, inputs, args.steps, device)
     run_s = time.perf_counter() - t_run
-    if args.profile:
-        profile(trainers, inputs, args.profile, device)
 
+    idle = profile(trainers, inputs, args.profile, device) if args.profile else {}
     peak = peak_tflops(device, args.peak_tflops)
     res = {}
     for role, t in zip(ROLES, trainers):
         res[role] = summarize(t, args.micro_batch, peak, cuda)
+        res[role]["host_syncs_per_step"] = count_syncs(t, inputs)
+        res[role]["device_idle_ms_per_step"] = idle.get(t.name)
     mff_t, mae_t = trainers[0].times, trainers[1].times
     res["ratio_mff_over_mae"] = statistics.median(a / b for a, b in zip(mff_t, mae_t))
     res["ratio_mff_over_mae_of_medians"] = res["mff"]["step_ms"] / res["mae"]["step_ms"]
@@ -512,16 +582,9 @@ def main(argv=None) -> dict:
     json_path = args.json or stem + ".json"
     base = os.path.splitext(json_path)[0] if args.json else stem
 
-    def dump(p):
-        with open(p, "w") as f:
-            json.dump(res, f, indent=2)
-    _atomic_write(json_path, dump)
+    _write_text(json_path, json.dumps(res, indent=2))
     md = markdown(res)
-
-    def write_md(p):
-        with open(p, "w") as f:
-            f.write(md)
-    _atomic_write(base + ".md", write_md)
+    _write_text(base + ".md", md)
     chart(res, base + ".png")
     print(md)
     print(f"wrote {json_path}, {base}.md, {base}.png", flush=True)

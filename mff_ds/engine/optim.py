@@ -2,16 +2,15 @@
 
 - `lr_at(step, ...)`: mmengine's LinearLR warmup (from `start_factor`) then half-cosine to `min_lr`,
   evaluated from the optimizer-step index, so fp16 overflow skips never shift the schedule.
-- `build_ds_config(...)`: ds_configs JSON + precision JSON + batch/clipping from the recipe + overrides.
-- `build_optimizer(...)`: DeepSpeed FusedAdam (AdamW mode) on CUDA (torch fused AdamW if the op cannot be
-  built), torch.optim.AdamW on CPU.
+- `build_ds_config(...)`: ds_configs JSON + precision JSON + batch/clipping from the recipe + the engine-speed
+  defaults of `engine_defaults` (each only where the JSON and the recipe's overrides leave the key unset).
+- `build_optimizer(...)`: torch.optim.AdamW(fused=True) on every device (see its docstring for why).
 - `build_deepspeed_engine(model, param_groups, ds_config, ...)`: reusable by pretraining and downstream tasks.
 """
 import copy
 import json
 import math
 import os
-import warnings
 from typing import List, Optional, Sequence
 
 import torch
@@ -63,6 +62,45 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
+# Below this many elements per rank a ZeRO-2 gradient bucket is too small to overlap anything useful; above it
+# the bucket delays the first reduce-scatter. 5e7 elements (100 MB in bf16) gives ViT-B 3 buckets and ViT-L 7:
+# all but the last reduce while backward still runs (overlap_comm), on 8 to 64 ranks alike.
+MULTI_RANK_BUCKET = 50_000_000
+
+
+def engine_defaults(zero_stage: int, world_size: int, grad_clip: float) -> dict:
+    """The DeepSpeed settings that decide host work per step, as measured by
+    `benchmarks/throughput.py --device cpu --preset overhead` (docs in README "Engine settings"):
+
+    - parameter_alignment: every weight starts on a 16-byte boundary of ZeRO's flat buffers (without it one
+      odd-sized tensor, MFF's 6 fusion logits, shifted 88 weights off alignment and onto slower GEMM kernels).
+    - compute_grad_norm (ZeRO-2, no clipping): DeepSpeed would take the global norm on every step only to report
+      it; the trainer takes it on logging steps instead (`grad_norm`). With clipping it is needed every step.
+    - one rank: no overlap_comm (it adds a device synchronize after every backward and has nothing to overlap),
+      no contiguous_gradients (a copy kernel and Python bookkeeping per parameter; the single bucket is
+      flattened once instead), one bucket for the whole model.
+    - several ranks: overlap_comm with contiguous double-buffered buckets of MULTI_RANK_BUCKET elements, so the
+      reduce-scatter of each bucket runs during the rest of backward.
+    - throughput timers off: DeepSpeed's own images/s timer synchronizes the device twice per step; the trainer
+      measures images/s itself on logging steps.
+    """
+    zero = {"parameter_alignment": True}
+    if zero_stage == 2:
+        many = world_size > 1
+        zero.update(compute_grad_norm=grad_clip > 0, overlap_comm=many, contiguous_gradients=many,
+                    reduce_scatter=True, reduce_bucket_size=MULTI_RANK_BUCKET if many else 1_000_000_000,
+                    allgather_bucket_size=500_000_000)
+    return {"zero_optimization": zero, "timers": {"throughput": {"enabled": False}}}
+
+
+def _set_defaults(cfg: dict, defaults: dict) -> None:
+    for k, v in defaults.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            _set_defaults(cfg[k], v)
+        else:
+            cfg.setdefault(k, v)
+
+
 def build_ds_config(recipe: Recipe, world_size: int, device: torch.device) -> dict:
     """The merged DeepSpeed config for this recipe, world size and device."""
     precision = resolve_precision(recipe.precision, device)
@@ -83,6 +121,8 @@ def build_ds_config(recipe: Recipe, world_size: int, device: torch.device) -> di
                train_micro_batch_size_per_gpu=recipe.batch.micro_batch,
                gradient_accumulation_steps=recipe.grad_accum(world_size),
                gradient_clipping=recipe.optim.grad_clip)
+    stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
+    _set_defaults(cfg, engine_defaults(stage, world_size, recipe.optim.grad_clip))
     cfg.setdefault("steps_per_print", 1 << 30)
     cfg.setdefault("wall_clock_breakdown", False)
     return cfg
@@ -95,21 +135,17 @@ def precision_of(ds_config: dict) -> str:
     return "fp32"
 
 
-def build_optimizer(param_groups: List[dict], lr: float, betas: Sequence[float] = (0.9, 0.95), eps: float = 1e-8,
-                    device: Optional[torch.device] = None):
-    """AdamW: DeepSpeed FusedAdam (adam_w_mode) on CUDA, torch.optim.AdamW on CPU. Groups carry weight_decay."""
+def build_optimizer(param_groups: List[dict], lr: float, betas: Sequence[float] = (0.9, 0.95), eps: float = 1e-8):
+    """torch.optim.AdamW(fused=True), groups carrying their weight_decay, on CUDA and CPU alike.
+
+    Under ZeRO-1/2 (and DeepSpeed's bf16 optimizer) the optimizer sees one flat fp32 tensor per group, so torch's
+    fused AdamW is one kernel per group, the same math as DeepSpeed's FusedAdam (adam_w_mode) without its JIT
+    build (nvcc, ninja, and a TORCH_CUDA_ARCH_LIST it can parse). One choice everywhere keeps CPU tests and GPU
+    runs on the same update code."""
     groups = [dict(g) for g in param_groups if any(p.requires_grad for p in g["params"])]
     for g in groups:
         g["params"] = [p for p in g["params"] if p.requires_grad]
-    device = device or next(p.device for g in groups for p in g["params"])
-    if device.type == "cuda":
-        try:
-            from deepspeed.ops.adam import FusedAdam
-            return FusedAdam(groups, lr=lr, betas=tuple(betas), eps=eps, adam_w_mode=True, weight_decay=0.0)
-        except Exception as e:  # the op is JIT-built with nvcc; a machine without a working toolchain falls back
-            warnings.warn(f"DeepSpeed FusedAdam unavailable ({type(e).__name__}: {e}); using torch.optim.AdamW(fused=True)")
-            return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=0.0, fused=True)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=0.0)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=0.0, fused=True)
 
 
 def build_deepspeed_engine(model: torch.nn.Module, param_groups: List[dict], ds_config: dict, *, lr: float,
@@ -124,6 +160,49 @@ def build_deepspeed_engine(model: torch.nn.Module, param_groups: List[dict], ds_
     from .distributed import device_for
     device = device or device_for(int(os.environ.get("LOCAL_RANK", 0)))
     model.to(device)
-    optimizer = build_optimizer(param_groups, lr, betas, eps, device)
+    optimizer = build_optimizer(param_groups, lr, betas, eps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=copy.deepcopy(ds_config))
+    _skip_view_refresh_while_intact(engine.optimizer)
     return engine, optimizer
+
+
+def _skip_view_refresh_while_intact(zero_optimizer) -> None:
+    """DeepSpeed's ZeRO-1/2 step() ends by re-pointing every parameter at its slice of the flat 16-bit buffer
+    (`_update_model_bit16_weights`, "TODO: we probably don't need this?" upstream): an unflatten and a .data
+    assignment per parameter, every step, though the all-gather already wrote the new weights into those very
+    slices. Skip it while each group's buffer and its first and last parameters are where they were; whenever
+    DeepSpeed replaces a buffer (checkpoint load, offload/reload) the original runs and the layout is re-read."""
+    original = getattr(zero_optimizer, "_update_model_bit16_weights", None)
+    flats, groups = getattr(zero_optimizer, "bit16_groups_flat", None), getattr(zero_optimizer, "bit16_groups", None)
+    if original is None or flats is None or groups is None:
+        return  # ZeRO-0 / BF16_Optimizer: no per-step refresh to skip
+
+    def layout(i):
+        return flats[i].data_ptr(), groups[i][0].data_ptr(), groups[i][-1].data_ptr()
+    seen = {i: layout(i) for i in range(len(groups))}
+
+    def refresh(i):
+        if seen.get(i) != layout(i):
+            original(i)
+            seen[i] = layout(i)
+    zero_optimizer._update_model_bit16_weights = refresh
+
+
+def norm_is_ours(ds_config: dict, precision: str) -> bool:
+    """True where DeepSpeed does not take the global grad norm itself, so the trainer takes it on logging steps
+    (`grad_norm`): ZeRO-0 in fp32 (no DeepSpeed optimizer wrapper) and ZeRO-2 with compute_grad_norm off."""
+    zero = ds_config.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    return (stage == 0 and precision == "fp32") or (stage == 2 and not zero.get("compute_grad_norm", True))
+
+
+def grad_norm(engine) -> torch.Tensor:
+    """The global L2 norm of this optimizer step's gradients (all ranks, unscaled), as a device tensor.
+
+    Call it after the backward of the step's last micro-batch and before engine.step(), on the same steps on
+    every rank (it is a collective under ZeRO-2). ZeRO-2 holds each rank's reduced partition of the gradients
+    by then; DeepSpeed's own norm routine over them is used, as DeepSpeed would on every step."""
+    opt = engine.optimizer
+    if hasattr(opt, "scaled_global_norm"):  # ZeRO-1/2
+        return opt.scaled_global_norm() / opt.loss_scale
+    return torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None])

@@ -50,11 +50,18 @@ class ScheduleConfig:
     warmup_start_factor: float = 1e-4  # mmengine LinearLR start factor: 1e-4 (300e) / 1e-9 (800e)
 
 
+# torch.compile's modes; the CUDA-graph ones ("reduce-overhead", "max-autotune") are left out: DeepSpeed's
+# gradient hooks and the per-step lr change run outside the graph and would force re-recording.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class DeepSpeedSection:
     config: str = "ds_configs/zero2.json"   # relative to the repo root or absolute
     zero_stage: Optional[int] = None        # override zero_optimization.stage
     load_universal: bool = False            # resume from a ds_to_universal checkpoint (other world size)
+    compile: bool = False                   # torch.compile the model through the engine (engine.compile())
+    compile_mode: str = "default"           # torch.compile mode: default | max-autotune-no-cudagraphs | ...
     overrides: Dict[str, Any] = field(default_factory=dict)  # deep-merged into the DeepSpeed config
 
 
@@ -317,6 +324,8 @@ def schedule_and_deepspeed_problems(s, d) -> List[str]:
         p.append(f"deepspeed.config: expected an existing JSON file, got {d.config!r}")
     if d.zero_stage is not None and d.zero_stage not in (0, 1, 2):
         p.append(f"deepspeed.zero_stage: expected 0, 1 or 2, got {d.zero_stage}")
+    if d.compile_mode not in COMPILE_MODES:
+        p.append(f"deepspeed.compile_mode: expected one of {list(COMPILE_MODES)}, got {d.compile_mode!r}")
     return p
 
 

@@ -18,7 +18,8 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from . import logging as mlog
 from .distributed import DistEnv, device_for, init_distributed
-from .optim import build_deepspeed_engine, build_ds_config, lr_at, precision_of, schedule_steps, set_lr
+from .optim import (build_deepspeed_engine, build_ds_config, grad_norm, lr_at, norm_is_ours, precision_of,
+                    schedule_steps, set_lr)
 from .recipe import Recipe, RecipeError, check, save_recipe
 from .signals import StopOnSignal
 
@@ -171,6 +172,8 @@ def train(recipe: Recipe, output_dir: str, max_steps: Optional[int] = None, resu
     peak_lr = recipe.lr()
     engine, optimizer = build_deepspeed_engine(model, param_groups, ds_config, lr=peak_lr,
                                                betas=recipe.optim.betas, eps=recipe.optim.eps, device=device)
+    if recipe.deepspeed.compile:  # in place: parameter and checkpoint names stay those of the eager model
+        engine.compile(compile_kwargs={"mode": recipe.deepspeed.compile_mode})
     dtype = DTYPES[precision]
     mcfg = getattr(engine.module, "cfg", None)
     seed_everything(recipe.seed + rank)
@@ -218,7 +221,7 @@ def train(recipe: Recipe, output_dir: str, max_steps: Optional[int] = None, resu
     t_mark, steps_mark, last_loss, first_loss = time.time(), pos.step, None, None
     last_saved = pos.step if found else -1
     out = x = own_gn = None
-    own_norm = zero_stage == 0 and precision == "fp32"
+    own_norm = norm_is_ours(ds_config, precision)
 
     def nonfinite_check() -> Optional[int]:
         """Collective; the first optimizer step (0-based) with a non-finite loss on any rank, or None."""
@@ -266,9 +269,7 @@ def train(recipe: Recipe, output_dir: str, max_steps: Optional[int] = None, resu
                 nxt = pos.step + 1
                 if (own_norm and (pos.batch + 1) % A == 0
                         and (nxt % recipe.logging.every_steps == 0 or nxt == stop_step)):
-                    # DeepSpeed keeps no norm for ZeRO-0 fp32: take it here (grads are all-reduced by now)
-                    own_gn = torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters()
-                                                            if p.grad is not None])
+                    own_gn = grad_norm(engine)  # DeepSpeed does not take it (or not every step): here, log steps only
                 engine.step()
                 loss = out.loss.detach().float()
                 loss_sum += loss

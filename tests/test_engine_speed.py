@@ -1,0 +1,199 @@
+"""The engine-speed settings (issue: a ZeRO-2 step as cheap as a plain loop): DeepSpeed defaults chosen by world
+size, every weight 16-byte aligned, the grad norm taken by the trainer on logging steps only, host syncs per step
+independent of depth, and `deepspeed.compile` matching eager."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from mff_ds.engine.optim import MULTI_RANK_BUCKET, build_deepspeed_engine, build_ds_config, grad_norm  # noqa: E402
+from mff_ds.engine.recipe import from_dict  # noqa: E402
+from mff_ds.models import build_model  # noqa: E402
+
+# odd widths on purpose: 36-d (3 heads), 20-d decoder, 3 fused levels -> 3 fusion logits, 12-element biases
+ODD = dict(arch="mff_vit_tiny_patch16", img_size=24, patch_size=8, embed_dim=36, depth=3, num_heads=3,
+           decoder_embed_dim=20, decoder_depth=1, decoder_num_heads=2, out_indices=[0, 1, 2], kernels="torch")
+
+
+def recipe(world=1, **sections):
+    d = {"model": dict(ODD), "batch": {"global_batch": 4 * world, "micro_batch": 4}}
+    d.update(sections)
+    return from_dict(d, world_size=world, source="test")
+
+
+@pytest.fixture(scope="module")
+def dist_env():
+    from mff_ds.engine.distributed import init_distributed
+    saved = dict(os.environ)
+    os.environ.setdefault("LOCAL_RANK", "0")
+    init_distributed()
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def engine_for(r, model_over=None, ds_over=None, seed=0):
+    ds = build_ds_config(r, 1, torch.device("cpu"))
+    for k, v in (ds_over or {}).items():
+        ds["zero_optimization"][k] = v
+    torch.manual_seed(seed)
+    model = build_model(r.model_config() if not model_over else r.model_config().__class__(
+        **dict(r.model_config().to_dict(), **model_over)))
+    engine, _ = build_deepspeed_engine(model, model.param_groups(0.05), ds, lr=1e-3, device=torch.device("cpu"))
+    return engine
+
+
+def test_zero2_defaults_follow_world_size_and_yield_to_the_recipe():
+    one = build_ds_config(recipe(1), 1, torch.device("cpu"))["zero_optimization"]
+    many = build_ds_config(recipe(8), 8, torch.device("cpu"))["zero_optimization"]
+    assert one["stage"] == many["stage"] == 2 and one["parameter_alignment"] and many["parameter_alignment"]
+    assert not one["overlap_comm"] and not one["contiguous_gradients"] and one["reduce_bucket_size"] >= 6e8
+    assert many["overlap_comm"] and many["contiguous_gradients"] and many["reduce_bucket_size"] == MULTI_RANK_BUCKET
+    assert not one["compute_grad_norm"]  # no clipping: the trainer takes the norm on logging steps
+    clipped = build_ds_config(recipe(1, optim={"grad_clip": 1.0}), 1, torch.device("cpu"))
+    assert clipped["zero_optimization"]["compute_grad_norm"] and clipped["gradient_clipping"] == 1.0
+    mine = build_ds_config(recipe(1, deepspeed={"overrides": {"zero_optimization": {"overlap_comm": True}}}), 1,
+                           torch.device("cpu"))
+    assert mine["zero_optimization"]["overlap_comm"]  # the recipe's own value wins
+    assert build_ds_config(recipe(1), 1, torch.device("cpu"))["timers"]["throughput"]["enabled"] is False
+
+
+def misaligned(engine):
+    return [n for n, p in engine.module.named_parameters() if p.data_ptr() % 16]
+
+
+@pytest.mark.parametrize("arch", ["mff", "mae"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("stage", [0, 2])
+def test_every_weight_is_16_byte_aligned(dist_env, arch, precision, stage):
+    model = dict(ODD, out_indices=[2]) if arch == "mae" else dict(ODD)
+    r = recipe(1, model=model, precision=precision, deepspeed={"zero_stage": stage})
+    assert misaligned(engine_for(r)) == []
+
+
+def test_alignment_test_can_fail(dist_env):
+    """Without parameter_alignment, MFF's odd-sized fusion logits shift the weights after them."""
+    r = recipe(1, precision="bf16")
+    assert misaligned(engine_for(r, ds_over={"parameter_alignment": False}))
+
+
+def test_trainer_grad_norm_equals_deepspeeds_and_training_is_unchanged(dist_env):
+    r = recipe(1)
+    ours = engine_for(r)  # compute_grad_norm off (no clipping)
+    theirs = engine_for(r, ds_over={"compute_grad_norm": True})
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(4, 3, 24, 24, generator=g)
+        noise = torch.rand(4, 9, generator=g)
+        for e in (ours, theirs):
+            e.backward(e(x, noise=noise).loss)
+        mine = grad_norm(ours).item()
+        ours.step()
+        theirs.step()
+        assert ours.get_global_grad_norm() is None
+        assert mine == pytest.approx(float(theirs.get_global_grad_norm()), rel=1e-6)
+    for (n, a), (_, b) in zip(ours.module.named_parameters(), theirs.module.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+TINY = """
+name: tiny
+seed: 3
+model: {arch: mff_vit_tiny_patch16, img_size: 32, patch_size: 8, embed_dim: 32, depth: DEPTH, num_heads: 2,
+        decoder_embed_dim: 32, decoder_depth: DEPTH, decoder_num_heads: 2, out_indices: [0, -1],
+        kernels: torch}
+data: {source: synthetic, num_samples: 96, num_workers: 0}
+batch: {global_batch: 16, micro_batch: 8}
+schedule: {epochs: 1, warmup_epochs: 0}
+checkpoint: {every_steps: 0, keep_last: 1, export: false}
+logging: {every_steps: 1000, image_every_steps: 0, progress_bar: false, tensorboard: false}
+"""  # one process: 2 micro-batches per step, 6 steps, one log + checkpoint at the end
+
+SYNCS = """
+import json, sys
+sys.path.insert(0, {repo!r}); sys.path.insert(0, {bench!r})
+from host_syncs import SyncCounter
+from mff_ds.engine.recipe import load_recipe
+from mff_ds.engine.trainer import train
+marks = []
+def forward(engine, images, labels):  # a mark per micro-batch: the syncs between marks are one loop iteration
+    marks.append(counter.total)
+    return engine(images)
+recipe = load_recipe(sys.argv[2], sys.argv[3:], world_size=1)
+with SyncCounter() as counter:
+    train(recipe, sys.argv[1], forward=forward)
+print("MARKS", json.dumps(marks))
+"""
+
+
+def child_env(threads: int) -> dict:
+    """This module's in-process engines set the distributed variables: a child must start its own group."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    return dict(env, OMP_NUM_THREADS=str(threads))
+
+
+def syncs_per_iteration(tmp: Path, depth: int, *sets) -> list:
+    cfg = tmp / f"d{depth}.yaml"
+    cfg.write_text(TINY.replace("DEPTH", str(depth)))
+    (tmp / "syncs.py").write_text(SYNCS.format(repo=str(REPO), bench=str(REPO / "benchmarks")))
+    p = subprocess.run([sys.executable, str(tmp / "syncs.py"), str(tmp / f"out{depth}"), str(cfg), *sets],
+                       capture_output=True, text=True, timeout=180, env=child_env(1))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    marks = json.loads(next(l for l in p.stdout.splitlines() if l.startswith("MARKS"))[6:])
+    return [b - a for a, b in zip(marks, marks[1:])]  # 11 iterations between 12 forwards, none a logging step
+
+
+@pytest.mark.parametrize("precision,stage", [("fp32", 0), ("bf16", 2)])
+def test_host_syncs_per_step_do_not_grow_with_depth(tmp_path, precision, stage):
+    sets = (f"precision={precision}", f"deepspeed.zero_stage={stage}")
+    shallow, deep = syncs_per_iteration(tmp_path, 2, *sets), syncs_per_iteration(tmp_path, 6, *sets)
+    print(f"{precision} ZeRO-{stage}: syncs per micro-batch, depth 2: {shallow}; depth 6: {deep}")
+    assert len(shallow) == len(deep) == 11
+    assert shallow == deep and max(deep) <= 8
+
+
+COMPILE = """
+import json, sys
+import torch._inductor.config as ic
+ic.fallback_random = True  # inductor's own RNG would draw other masks than eager; the comparison needs the same
+sys.path.insert(0, {repo!r})
+from mff_ds.engine.recipe import load_recipe
+from mff_ds.engine.trainer import train
+recipe = load_recipe(sys.argv[2], sys.argv[3:], world_size=1)
+print("SUMMARY", json.dumps(train(recipe, sys.argv[1], resume="none")))
+"""
+
+
+@pytest.mark.slow
+def test_compiled_engine_trains_like_eager_with_the_same_checkpoint_keys(tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY.replace("DEPTH", "2").replace("every_steps: 0, keep_last: 1, export: false",
+                                                      "every_steps: 0, keep_last: 1, export: true")
+                   .replace("every_steps: 1000", "every_steps: 1"))
+    (tmp_path / "run.py").write_text(COMPILE.format(repo=str(REPO)))
+    outs = {}
+    for name, sets in (("eager", []), ("compiled", ["deepspeed.compile=true"])):
+        p = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / name), str(cfg),
+                            "batch.global_batch=8", "data.num_samples=32", *sets],
+                           capture_output=True, text=True, timeout=600, env=child_env(2))
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        outs[name] = tmp_path / name
+    m = {k: [json.loads(l) for l in (v / "metrics.jsonl").read_text().splitlines()] for k, v in outs.items()}
+    assert len(m["eager"]) == len(m["compiled"]) == 4
+    for a, b in zip(m["eager"], m["compiled"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    from safetensors.torch import load_file
+    we, wc = (load_file(str(v / "model_fp32.safetensors")) for v in (outs["eager"], outs["compiled"]))
+    assert we.keys() == wc.keys() and not any("_orig_mod" in k for k in wc)
+    assert max((we[k] - wc[k]).abs().max().item() for k in we) < 1e-5
+    states = [torch.load(v / "checkpoints" / "global_step4" / "mp_rank_00_model_states.pt", weights_only=False)
+              for v in outs.values()]
+    assert states[0]["module"].keys() == states[1]["module"].keys()
