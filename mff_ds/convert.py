@@ -5,6 +5,8 @@ plus the MFF fusion: fusion_proj.j (mmpretrain backbone.proj_layers.j) and fusio
 (mmpretrain backbone.proj_weights, (K,1,1,1)). CLI:
 
     python -m mff_ds.convert {from-mmpretrain,from-mae,to-timm,to-mae,to-mmpretrain} IN OUT
+    python -m mff_ds.convert {to-timm-dir,to-hf} MODEL OUT_DIR      # folders timm / transformers load (mff_ds.hub)
+    python -m mff_ds.convert from-hf HF_DIR OUT
 
 Files ending in .safetensors are written/read with safetensors, anything else with torch.save.
 """
@@ -392,29 +394,50 @@ def load_mae(path, **overrides):
 # ------------------------------------------------------------------ CLI
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m mff_ds.convert", description=__doc__.split("\n")[0])
-    ap.add_argument("command", choices=["from-mmpretrain", "from-mae", "to-timm", "to-mae", "to-mmpretrain"])
+    ap.add_argument("command", choices=["from-mmpretrain", "from-mae", "from-hf", "to-timm", "to-timm-dir", "to-hf",
+                                        "to-mae", "to-mmpretrain"])
     ap.add_argument("src")
     ap.add_argument("dst")
     ap.add_argument("--encoder-only", action="store_true", help="to-mae: write the encoder-only layout")
+    ap.add_argument("--crop-pct", type=float, default=None, help="to-timm-dir: pretrained_cfg crop_pct "
+                    "(default: the fine-tune recipes' val_crop_pct)")
+    ap.add_argument("--interpolation", default=None, help="to-timm-dir: pretrained_cfg interpolation "
+                    "(default: the fine-tune recipes' val_interpolation)")
     a = ap.parse_args(argv)
-    st = Path(a.dst).suffix == ".safetensors"
-    if a.command in ("from-mmpretrain", "from-mae"):
-        model = load_mmpretrain(a.src) if a.command == "from-mmpretrain" else load_mae(a.src)
-        save_model(model, a.dst)
-    else:
-        model = load_model(a.src)
-        if a.command == "to-timm":
-            save_file(to_timm(model), a.dst)
-        elif a.command == "to-mae":
-            out = to_mae(model, full=not a.encoder_only)
-            save_file(out["model"] if st else out, a.dst)
-        elif st:  # safetensors: the mmengine cfg text travels in the metadata
-            ck = mmpretrain_checkpoint(model)
-            save_file(ck["state_dict"], a.dst, ck["meta"])
-        else:
-            save_file(mmpretrain_checkpoint(model), a.dst)
+    try:
+        model = _run(a)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"error: {a.command}: {e}", file=sys.stderr)
+        return 2
     print(f"{a.command}: {a.src} -> {a.dst} ({model.cfg.depth} blocks, embed {model.cfg.embed_dim}, "
           f"{len(model.levels)} fused level(s))")
+    return 0
+
+
+def _run(a):
+    from . import hub
+    st = Path(a.dst).suffix == ".safetensors"
+    if a.command in ("from-mmpretrain", "from-mae", "from-hf"):
+        load = {"from-mmpretrain": load_mmpretrain, "from-mae": load_mae, "from-hf": hub.from_hf}[a.command]
+        model = load(a.src)
+        save_model(model, a.dst)
+        return model
+    model = load_model(a.src)
+    if a.command == "to-timm":
+        save_file(to_timm(model), a.dst)
+    elif a.command == "to-timm-dir":
+        hub.to_timm_dir(model, model.cfg, a.dst, crop_pct=a.crop_pct, interpolation=a.interpolation)
+    elif a.command == "to-hf":
+        hub.to_hf(model, a.dst)
+    elif a.command == "to-mae":
+        out = to_mae(model, full=not a.encoder_only)
+        save_file(out["model"] if st else out, a.dst)
+    elif st:  # safetensors: the mmengine cfg text travels in the metadata
+        ck = mmpretrain_checkpoint(model)
+        save_file(ck["state_dict"], a.dst, ck["meta"])
+    else:
+        save_file(mmpretrain_checkpoint(model), a.dst)
+    return model
 
 
 if __name__ == "__main__":
