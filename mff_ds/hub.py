@@ -33,6 +33,8 @@ def _write_dir(out_dir, write, stale=()) -> Path:
     """write(tmp_folder) fills a temporary folder beside out_dir; its files then replace those in out_dir
     (config.json last); the `stale` names are removed from out_dir first."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: expected a folder to write into (new or existing), got a file")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:

@@ -94,6 +94,20 @@ def test_to_hf_from_hf_is_bit_exact(tmp_path, kind):
     assert (tmp_path / "hf" / hub.FUSION).exists() == (kind == "mff")
 
 
+def test_folders_saved_by_transformers_read_back(tmp_path):
+    """A model fine-tuned in transformers comes back: save_pretrained's own key names (transformers 5 names the
+    decoder blocks decoder.decoder_encoder.layer.N), and a ViTMAEModel folder (encoder only)."""
+    transformers = pytest.importorskip("transformers", reason="the optional extra mff-ds[hf]; make test installs it")
+    model = mae(HF_SIZES["small_p8"])
+    hub.to_hf(model, tmp_path / "hf")
+    transformers.ViTMAEForPreTraining.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "resaved")
+    assert same_state(hub.from_hf(tmp_path / "resaved"), model)
+    transformers.ViTMAEModel.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "encoder")
+    with pytest.warns(UserWarning, match="encoder-only ViTMAE folder"):
+        enc = hub.from_hf(tmp_path / "encoder")
+    assert all(torch.equal(v, enc.state_dict()[k]) for k, v in convert.to_timm(model).items())
+
+
 def test_mff_folder_is_a_working_vitmae_encoder(tmp_path):
     transformers = pytest.importorskip("transformers", reason="the optional extra mff-ds[hf]; make test installs it")
     model = perturbed(build_model({**DECODER, **HF_SIZES["tiny_p16"], "out_indices": [0, 2]})).eval()
@@ -127,6 +141,8 @@ def test_bad_folders_give_one_clear_line(tmp_path, capsys):
     (tmp_path / "hf" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="but model.safetensors is missing"):
         hub.from_hf(tmp_path / "hf")
+    with pytest.raises(ValueError, match="expected a folder to write into .*, got a file"):
+        hub.to_hf(model, tmp_path / "hf" / "config.json")
     run = lambda folder: convert.main(["from-hf", str(folder), str(tmp_path / "o.pth")])
     for folder, want in ((tmp_path / "hf", "model.safetensors is missing"), (tmp_path / "nope", "got no such folder")):
         assert run(folder) == 2
