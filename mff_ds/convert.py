@@ -5,6 +5,8 @@ plus the MFF fusion: fusion_proj.j (mmpretrain backbone.proj_layers.j) and fusio
 (mmpretrain backbone.proj_weights, (K,1,1,1)). CLI:
 
     python -m mff_ds.convert {from-mmpretrain,from-mae,to-timm,to-mae,to-mmpretrain} IN OUT
+    python -m mff_ds.convert {to-timm-dir,to-hf} MODEL OUT_DIR      # folders timm / transformers load (mff_ds.hub)
+    python -m mff_ds.convert from-hf HF_DIR OUT
 
 Files ending in .safetensors are written/read with safetensors, anything else with torch.save.
 """
@@ -25,60 +27,65 @@ from .models.archs import default_out_indices
 
 FORMAT = "mff_ds.model.v1"
 
-# (pattern, replacement) pairs, first match wins; then the block-internal renames.
-_TO_MM = [
-    (r"^patch_embed\.proj\.", "backbone.patch_embed.projection."),
-    (r"^(cls_token|pos_embed)$", r"backbone.\1"),
-    (r"^blocks\.", "backbone.layers."),
-    (r"^norm\.", "backbone.ln1."),
-    (r"^fusion_proj\.", "backbone.proj_layers."),
-    (r"^fusion_logits$", "backbone.proj_weights"),
-    (r"^decoder_norm\.", "neck.ln1."),
-    (r"^(decoder_embed|decoder_pred|decoder_blocks|mask_token|decoder_pos_embed)\b", r"neck.\1"),
+# A layout is two lists of (our name, their name) pairs. In the first, an entry ending in "." renames a prefix and
+# any other a whole name; first match wins, in both directions. Inside encoder and decoder blocks the second list
+# then applies as substring replacements, in its order. A new layout is one more such pair of lists.
+_MM_NAMES = [
+    ("patch_embed.proj.", "backbone.patch_embed.projection."), ("cls_token", "backbone.cls_token"),
+    ("pos_embed", "backbone.pos_embed"), ("blocks.", "backbone.layers."), ("norm.", "backbone.ln1."),
+    ("fusion_proj.", "backbone.proj_layers."), ("fusion_logits", "backbone.proj_weights"),
+    ("decoder_norm.", "neck.ln1."), ("decoder_embed.", "neck.decoder_embed."), ("decoder_pred.", "neck.decoder_pred."),
+    ("decoder_blocks.", "neck.decoder_blocks."), ("mask_token", "neck.mask_token"),
+    ("decoder_pos_embed", "neck.decoder_pos_embed"),
 ]
-_FROM_MM = [
-    (r"^backbone\.patch_embed\.projection\.", "patch_embed.proj."),
-    (r"^backbone\.(cls_token|pos_embed)$", r"\1"),
-    (r"^backbone\.layers\.", "blocks."),
-    (r"^backbone\.ln1\.", "norm."),
-    (r"^backbone\.proj_layers\.", "fusion_proj."),
-    (r"^backbone\.proj_weights$", "fusion_logits"),
-    (r"^neck\.ln1\.", "decoder_norm."),
-    (r"^neck\.(decoder_embed|decoder_pred|decoder_blocks|mask_token|decoder_pos_embed)\b", r"\1"),
+_MM_BLOCK = [(".norm1.", ".ln1."), (".norm2.", ".ln2."), (".mlp.fc1.", ".ffn.layers.0.0."), (".mlp.fc2.", ".ffn.layers.1.")]
+# transformers ViTMAEForPreTraining in the Hub's layout (facebook/vit-mae-*), which transformers 4.x and 5.x read;
+# its q/k/v are separate Linears (_split_qkv). transformers 5's save_pretrained names the decoder blocks
+# decoder.decoder_encoder.layer.N: the second decoder_blocks entry reads those too.
+_HF_NAMES = [
+    ("patch_embed.proj.", "vit.embeddings.patch_embeddings.projection."), ("cls_token", "vit.embeddings.cls_token"),
+    ("pos_embed", "vit.embeddings.position_embeddings"), ("blocks.", "vit.encoder.layer."),
+    ("norm.", "vit.layernorm."), ("decoder_embed.", "decoder.decoder_embed."), ("mask_token", "decoder.mask_token"),
+    ("decoder_pos_embed", "decoder.decoder_pos_embed"), ("decoder_blocks.", "decoder.decoder_layers."),
+    ("decoder_blocks.", "decoder.decoder_encoder.layer."), ("decoder_norm.", "decoder.decoder_norm."),
+    ("decoder_pred.", "decoder.decoder_pred."),
 ]
-_BLOCK_OURS_MM = [(".norm1.", ".ln1."), (".norm2.", ".ln2."), (".mlp.fc1.", ".ffn.layers.0.0."),
-                  (".mlp.fc2.", ".ffn.layers.1.")]
-_IN_BLOCK = re.compile(r"^(backbone\.layers|blocks|neck\.decoder_blocks|decoder_blocks)\.\d+\.")
+_HF_BLOCK = [(".norm1.", ".layernorm_before."), (".attn.proj.", ".attention.output.dense."),
+             (".attn.", ".attention.attention."), (".norm2.", ".layernorm_after."), (".mlp.fc1.", ".intermediate.dense."),
+             (".mlp.fc2.", ".output.dense.")]
+_OUR_BLOCK = re.compile(r"^(decoder_)?blocks\.\d+\.")
+_QKV = ("query", "key", "value")
 
 
-def _rename(name: str, rules, what: str) -> str:
-    for pat, rep in rules:
-        new, n = re.subn(pat, rep, name)
-        if n:
-            return new
+def _rename(name: str, pairs, what: str, reverse: bool = False) -> str:
+    for ours, theirs in pairs:
+        src, dst = (theirs, ours) if reverse else (ours, theirs)
+        if name == src or (src.endswith(".") and name.startswith(src)):
+            return dst + name[len(src):]
     raise ValueError(f"no {what} counterpart for key {name!r}")
 
 
-def _to_mm_name(name: str) -> str:
-    name = _rename(name, _TO_MM, "mmpretrain")
-    if _IN_BLOCK.match(name):
-        for ours, mm in _BLOCK_OURS_MM:
-            name = name.replace(ours, mm)
-    return name
+def _to_name(name: str, names, block, what: str) -> str:
+    out = _rename(name, names, what)
+    if _OUR_BLOCK.match(name):
+        for ours, theirs in block:
+            out = out.replace(ours, theirs)
+    return out
 
 
-def _from_mm_name(name: str) -> str:
-    if _IN_BLOCK.match(name):
-        for ours, mm in _BLOCK_OURS_MM:
-            name = name.replace(mm, ours)
-    return _rename(name, _FROM_MM, "mff_ds")
+def _from_name(name: str, names, block) -> str:
+    out = _rename(name, names, "mff_ds", reverse=True)
+    if _OUR_BLOCK.match(out):
+        for ours, theirs in block:
+            out = out.replace(theirs, ours)
+    return out
 
 
 def to_mmpretrain(tensors: dict) -> dict:
     """Any dict keyed by our parameter names (state dict, gradients) -> mmpretrain keys and layouts."""
     out = {}
     for k, v in tensors.items():
-        mk = _to_mm_name(k)
+        mk = _to_name(k, _MM_NAMES, _MM_BLOCK, "mmpretrain")
         out[mk] = v.reshape(-1, 1, 1, 1) if k == "fusion_logits" and v is not None else v
     return out
 
@@ -89,8 +96,43 @@ def from_mmpretrain(tensors: dict) -> dict:
     for k, v in tensors.items():
         if not k.startswith(("backbone.", "neck.")):
             continue
-        ok = _from_mm_name(k)
+        ok = _from_name(k, _MM_NAMES, _MM_BLOCK)
         out[ok] = v.reshape(-1) if ok == "fusion_logits" else v
+    return out
+
+
+def to_hf_state(tensors: dict) -> dict:
+    """Our encoder + decoder names (no fusion: ViTMAE has no place for it) -> transformers ViTMAE (Hub layout)."""
+    return {_to_name(k, _HF_NAMES, _HF_BLOCK, "transformers ViTMAE"): v for k, v in _split_qkv(tensors).items()}
+
+
+def from_hf_state(tensors: dict) -> dict:
+    """transformers ViTMAEForPreTraining keys (vit./decoder.) -> our names, q/k/v joined into qkv."""
+    return _join_qkv({_from_name(k, _HF_NAMES, _HF_BLOCK): v for k, v in tensors.items()})
+
+
+def _split_qkv(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        if ".attn.qkv." in k:  # timm's fused (3C, C) / (3C,) is q, k, v stacked along dim 0
+            out.update({k.replace(".qkv.", f".{part}."): t for part, t in zip(_QKV, v.chunk(3))})
+        else:
+            out[k] = v
+    return out
+
+
+def _join_qkv(sd: dict) -> dict:
+    out, groups = {}, {}
+    for k, v in sd.items():
+        part = next((p for p in _QKV if f".attn.{p}." in k), None)
+        if part is None:
+            out[k] = v
+        else:
+            groups.setdefault(k.replace(f".{part}.", ".qkv."), {})[part] = v
+    for k, g in groups.items():
+        if len(g) != len(_QKV):
+            raise ValueError(f"{k}: expected query, key and value tensors, got only {sorted(g)}")
+        out[k] = torch.cat([g[p] for p in _QKV])
     return out
 
 
@@ -320,12 +362,15 @@ def to_timm(model_or_sd) -> dict:
 
 
 def timm_name(cfg: ModelConfig) -> str:
-    """The timm model whose layout matches (for the named sizes; custom sizes: build VisionTransformer)."""
+    """The registered timm ViT with this width, depth, heads and patch (timm takes the image size as img_size)."""
+    import timm
     from .models.archs import SIZES
     for size, (dim, depth, heads) in SIZES.items():
-        if (cfg.embed_dim, cfg.depth, cfg.num_heads) == (dim, depth, heads):
-            return f"vit_{size}_patch{cfg.patch_size}_{cfg.img_size}"
-    raise ValueError(f"no named timm ViT with embed {cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads}")
+        name = f"vit_{size}_patch{cfg.patch_size}_224"
+        if (cfg.embed_dim, cfg.depth, cfg.num_heads) == (dim, depth, heads) and timm.is_model(name):
+            return name
+    raise ValueError(f"no registered timm ViT with embed {cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads}, "
+                     f"patch {cfg.patch_size}")
 
 
 def to_mae(model_or_sd, full: bool = True) -> dict:
@@ -349,29 +394,50 @@ def load_mae(path, **overrides):
 # ------------------------------------------------------------------ CLI
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m mff_ds.convert", description=__doc__.split("\n")[0])
-    ap.add_argument("command", choices=["from-mmpretrain", "from-mae", "to-timm", "to-mae", "to-mmpretrain"])
+    ap.add_argument("command", choices=["from-mmpretrain", "from-mae", "from-hf", "to-timm", "to-timm-dir", "to-hf",
+                                        "to-mae", "to-mmpretrain"])
     ap.add_argument("src")
     ap.add_argument("dst")
     ap.add_argument("--encoder-only", action="store_true", help="to-mae: write the encoder-only layout")
+    ap.add_argument("--crop-pct", type=float, default=None, help="to-timm-dir: pretrained_cfg crop_pct "
+                    "(default: the fine-tune recipes' val_crop_pct)")
+    ap.add_argument("--interpolation", default=None, help="to-timm-dir: pretrained_cfg interpolation "
+                    "(default: the fine-tune recipes' val_interpolation)")
     a = ap.parse_args(argv)
-    st = Path(a.dst).suffix == ".safetensors"
-    if a.command in ("from-mmpretrain", "from-mae"):
-        model = load_mmpretrain(a.src) if a.command == "from-mmpretrain" else load_mae(a.src)
-        save_model(model, a.dst)
-    else:
-        model = load_model(a.src)
-        if a.command == "to-timm":
-            save_file(to_timm(model), a.dst)
-        elif a.command == "to-mae":
-            out = to_mae(model, full=not a.encoder_only)
-            save_file(out["model"] if st else out, a.dst)
-        elif st:  # safetensors: the mmengine cfg text travels in the metadata
-            ck = mmpretrain_checkpoint(model)
-            save_file(ck["state_dict"], a.dst, ck["meta"])
-        else:
-            save_file(mmpretrain_checkpoint(model), a.dst)
+    try:
+        model = _run(a)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"error: {a.command}: {e}", file=sys.stderr)
+        return 2
     print(f"{a.command}: {a.src} -> {a.dst} ({model.cfg.depth} blocks, embed {model.cfg.embed_dim}, "
           f"{len(model.levels)} fused level(s))")
+    return 0
+
+
+def _run(a):
+    from . import hub
+    st = Path(a.dst).suffix == ".safetensors"
+    if a.command in ("from-mmpretrain", "from-mae", "from-hf"):
+        load = {"from-mmpretrain": load_mmpretrain, "from-mae": load_mae, "from-hf": hub.from_hf}[a.command]
+        model = load(a.src)
+        save_model(model, a.dst)
+        return model
+    model = load_model(a.src)
+    if a.command == "to-timm":
+        save_file(to_timm(model), a.dst)
+    elif a.command == "to-timm-dir":
+        hub.to_timm_dir(model, model.cfg, a.dst, crop_pct=a.crop_pct, interpolation=a.interpolation)
+    elif a.command == "to-hf":
+        hub.to_hf(model, a.dst)
+    elif a.command == "to-mae":
+        out = to_mae(model, full=not a.encoder_only)
+        save_file(out["model"] if st else out, a.dst)
+    elif st:  # safetensors: the mmengine cfg text travels in the metadata
+        ck = mmpretrain_checkpoint(model)
+        save_file(ck["state_dict"], a.dst, ck["meta"])
+    else:
+        save_file(mmpretrain_checkpoint(model), a.dst)
+    return model
 
 
 if __name__ == "__main__":

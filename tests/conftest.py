@@ -5,6 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# timm and transformers read only local folders in the tests: a Hub lookup must fail, not download
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
 REPO = Path(__file__).resolve().parents[1]
 # ../shared beside the repo; MFF_DS_FIXTURES points elsewhere (e.g. a copy carried to a GPU machine)
 FIXTURES = Path(os.environ.get("MFF_DS_FIXTURES", REPO.parent / "shared" / "fixtures" / "mmpretrain"))

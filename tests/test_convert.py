@@ -80,7 +80,7 @@ def test_to_timm_loads_strictly_and_features_match():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(vit.forward_features(x), model.forward_features(x), atol=1e-5)
-    assert convert.timm_name(model.cfg) == "vit_tiny_patch16_32"
+    assert convert.timm_name(model.cfg) == "vit_tiny_patch16_224"
 
 
 def test_official_mae_layouts(tmp_path):

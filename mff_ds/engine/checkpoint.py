@@ -1,5 +1,5 @@
 """Checkpoints: DeepSpeed save/load with client state, a completion marker, an atomic `latest`, keep-last-K,
-and the end-of-run exports (consolidated fp32 model, timm encoder).
+and the end-of-run exports (consolidated fp32 model, timm encoder file and folder).
 
 DeepSpeed's own `latest` file is written by rank 0 with a plain open('w') before the other ranks finish their
 ZeRO shards, so a kill can leave it pointing at a half-written checkpoint. We save with save_latest=False;
@@ -169,13 +169,16 @@ def fp32_state_dict(engine, root: str, tag: str) -> dict:
 
 
 def export(engine, root: str, tag: str, out_dir: str, meta: dict) -> List[str]:
-    """Rank 0: model_fp32.safetensors (our model file: `mff_ds.convert.load_model` reads it) and
-    encoder_timm.safetensors (strict-loads into the matching timm ViT)."""
+    """Rank 0: model_fp32.safetensors (our model file: `mff_ds.convert.load_model` reads it),
+    encoder_timm.safetensors (strict-loads into the matching timm ViT) and the folder encoder_timm/
+    (`timm.create_model("local-dir:.../encoder_timm", pretrained=True)`)."""
     from mff_ds.convert import FORMAT, save_file, to_timm
+    from mff_ds.hub import to_timm_dir
     sd = fp32_state_dict(engine, root, tag)
     cfg = engine.module.cfg.to_dict()
     model_path = os.path.join(out_dir, "model_fp32.safetensors")
     save_file(sd, model_path, {**meta, "format": FORMAT, "model_config": cfg})
     timm_path = os.path.join(out_dir, "encoder_timm.safetensors")
     save_file(to_timm(sd), timm_path, {**meta, "model_config": cfg})
-    return [model_path, timm_path]
+    timm_dir = str(to_timm_dir(sd, engine.module.cfg, os.path.join(out_dir, "encoder_timm")))
+    return [model_path, timm_path, timm_dir]
