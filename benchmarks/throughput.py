@@ -31,8 +31,9 @@ or our code; benchmarks/host_syncs.py) counted over one extra step of each train
 --preset overhead: MFF with ViT-B's parameter layout (12 + 8 blocks, 6 fused levels, 265 tensors) at tiny widths
 (48-d encoder, 32-d decoder, 32 px, micro batch 2, bf16), so a step is almost all framework work on the host.
 Trainers: our engine as the recipe configures it (configs/mff_vit-b_300e.yaml through build_ds_config, ZeRO-2
-bf16) and our plain loop (autocast, fused AdamW), timed alternately; reported: host ms per step of each, the
-paired ratio engine / plain (median over the alternation rounds), and the sync points per step. On CUDA, add
+bf16), our plain loop (autocast, fused AdamW), and the same engine with DeepSpeed's default settings for the stage
+(what engine_defaults replaces), timed alternately; reported: host ms per step of each, the paired ratios to the
+plain loop (median over the alternation rounds), and the sync points per step. On CUDA, add
 --profile N to get the device idle time per step.
 
 Output: --json (default <out-dir>/throughput_<device>.json), a markdown table and a PNG bar chart beside it.
@@ -175,12 +176,18 @@ def build_ours(cfg, args, device, precision, world_size=1):
                        world_size=world_size, source="throughput")
     ds_config = build_ds_config(recipe, world_size, device)
     assert precision_of(ds_config) == precision
+    stock = getattr(args, "stock", False)
+    if stock:  # DeepSpeed's own defaults for the stage instead of engine_defaults (the overhead preset's "before")
+        ds_config["zero_optimization"] = {"stage": args.zero_stage}
+        ds_config.pop("timers")
     torch.manual_seed(args.seed)
     model = build_model(cfg)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     groups = model.param_groups(recipe.optim.weight_decay, decay_fusion_logits=recipe.optim.decay_fusion_logits)
     engine, opt = build_deepspeed_engine(model, groups, ds_config, lr=recipe.lr(), betas=recipe.optim.betas,
                                          eps=recipe.optim.eps, device=device)
+    if stock:
+        del engine.optimizer._update_model_bit16_weights  # DeepSpeed's own per-step view refresh again
     if args.compile:
         engine.compile(compile_kwargs={"mode": args.compile_mode})
 
@@ -189,7 +196,7 @@ def build_ours(cfg, args, device, precision, world_size=1):
         engine.backward(out.loss)
         engine.step()
 
-    name = ("MFF" if model.is_mff else "MAE") + (" compiled" if args.compile else "")
+    name = ("MFF" if model.is_mff else "MAE") + (" compiled" if args.compile else "") + (" stock" if stock else "")
     return Trainer(name, step, flops_per_image(cfg), n_params, type(opt).__name__ + "(fused=True)", DTYPES[precision])
 
 
@@ -455,8 +462,9 @@ def overhead(args, device, cfg, argv) -> dict:
     import argparse as _argparse
     inputs = Inputs(args, device, cfg.img_size)
     trainers = []
-    for engine in ("deepspeed", "plain"):
-        t = build_ours(cfg, _argparse.Namespace(**dict(vars(args), engine=engine)), device, args.precision)
+    for engine, stock in (("deepspeed", False), ("plain", False), ("deepspeed", True)):
+        a = _argparse.Namespace(**dict(vars(args), engine=engine, stock=stock))
+        t = build_ours(cfg, a, device, args.precision)
         warm_up(t, inputs, args.warmup, device, 0)
         trainers.append(t)
     run(trainers, inputs, args.steps, device)
@@ -467,12 +475,13 @@ def overhead(args, device, cfg, argv) -> dict:
            "config": {"model": cfg.to_dict(), "micro_batch": args.micro_batch, "precision": args.precision,
                       "zero_stage": args.zero_stage, "steps": args.steps, "warmup": args.warmup,
                       "n_param_tensors": sum(1 for _ in build_model(cfg).parameters()), "torch": torch.__version__}}
-    for role, t in zip(("engine", "plain"), trainers):
+    for role, t in zip(("engine", "plain", "engine_stock"), trainers):
         res[role] = {"name": t.name, "host_ms_per_step": 1e3 * statistics.median(t.times),
                      "host_ms_q1_q3": [1e3 * q for q in _quantiles(t.times)],
                      "host_syncs_per_step": count_syncs(t, inputs), "device_idle_ms_per_step": idle.get(t.name)}
-    e, pl = trainers
+    e, pl, st = trainers
     res["ratio_engine_over_plain"] = statistics.median(a / b for a, b in zip(e.times, pl.times))
+    res["ratio_stock_engine_over_plain"] = statistics.median(a / b for a, b in zip(st.times, pl.times))
     md = "\n".join([
         f"**{res['device']}**, {res['date']}: MFF with ViT-B's layout ({res['config']['n_param_tensors']} parameter "
         f"tensors) at tiny widths, micro batch {args.micro_batch}, {args.precision}, {args.steps} alternating steps.",
@@ -481,7 +490,10 @@ def overhead(args, device, cfg, argv) -> dict:
         f"| {res['engine']['host_syncs_per_step']} |",
         f"| our plain loop (autocast, fused AdamW) | {res['plain']['host_ms_per_step']:.1f} "
         f"| {res['plain']['host_syncs_per_step']} |",
-        "", f"engine / plain host time (paired median): **{res['ratio_engine_over_plain']:.2f}**", "",
+        f"| the same engine with DeepSpeed's default ZeRO-{args.zero_stage} settings | "
+        f"{res['engine_stock']['host_ms_per_step']:.1f} | {res['engine_stock']['host_syncs_per_step']} |",
+        "", f"engine / plain host time (paired median): **{res['ratio_engine_over_plain']:.2f}**; with DeepSpeed's "
+        f"defaults: {res['ratio_stock_engine_over_plain']:.2f}", "",
         f"Command: `{res['command']}`", ""])
     stem = args.json[:-5] if args.json and args.json.endswith(".json") else os.path.join(
         args.out_dir, f"overhead_{device.type}")

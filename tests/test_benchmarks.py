@@ -69,9 +69,10 @@ def test_overhead_preset_compares_engine_and_plain_loop_on_vit_b_layout(tmp_path
     assert (c["precision"], c["micro_batch"], c["zero_stage"]) == ("bf16", 2, 2)
     assert (c["model"]["depth"], c["model"]["decoder_depth"], len(c["model"]["out_indices"])) == (12, 8, 6)
     assert c["n_param_tensors"] == sum(1 for _ in build_model("mff_vit_base_patch16").parameters())
-    for role in ("engine", "plain"):
+    for role in ("engine", "plain", "engine_stock"):
         assert res[role]["host_ms_per_step"] > 0 and 0 <= res[role]["host_syncs_per_step"] <= 8
-    assert res["ratio_engine_over_plain"] > 0 and "engine / plain" in (tmp_path / "ovh.md").read_text()
+    assert res["ratio_engine_over_plain"] > 0 and res["ratio_stock_engine_over_plain"] > 0
+    assert "engine / plain" in (tmp_path / "ovh.md").read_text()
 
 
 @pytest.mark.parametrize("argv, msg", [
