@@ -1,24 +1,20 @@
-"""Triton fused multi-level fusion + LayerNorm: y = LN(sum_k softmax(logits)_k * levels[k]), forward and backward.
+"""Triton fused multi-level fusion + LayerNorm: y = LN(sum_k w_k * levels[k]), forward and backward launchers of
+the custom ops in fusion.py (w = softmax(logits) is computed outside, so its backward is torch's).
 
 The K <= 8 levels are passed as separate pointers (unused slots point at level 0 and are masked off, so they
 are never read); each level is read once per pass and no stacked (K, B, N, C) tensor exists. Forward: one
 program per row, float32 accumulation, saves mean and rstd per row. Backward: each program walks a block of
 rows, recomputes the fused row, writes d(level_k) = w_k * d(fused) and accumulates d(LN weight), d(LN bias)
-and the K dots <d(fused), level_k> (-> d(logits) through the softmax Jacobian) as float32 partials.
+and the K dots <d(fused), level_k> = d(w_k) as float32 partials.
 """
 import torch
 import triton
 import triton.language as tl
 
-MAX_LEVELS = 8
+from . import _dispatch as common
+from .fusion import MAX_LEVELS
+
 MAX_K = tl.constexpr(MAX_LEVELS)
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_empty = torch.empty  # allocation hook for every buffer a kernel fills; tests swap in a NaN-filling one
-
-
-def _settings(n):
-    block = triton.next_power_of_2(n)
-    return block, 4 if block <= 1024 else 8 if block <= 4096 else 16
 
 
 @triton.jit
@@ -150,71 +146,43 @@ def _num_row_programs(M, device):
     return max(1, min(M, 4))
 
 
-class FusedFusionLayerNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, weight, bias, eps, *levels):
-        K = len(levels)
-        shape, dtype = levels[0].shape, levels[0].dtype
-        C = shape[-1]
-        xs = [x.contiguous() for x in levels]
-        M = xs[0].numel() // C
-        w = torch.zeros(MAX_LEVELS, device=xs[0].device, dtype=torch.float32)
-        w[:K] = torch.softmax(logits.detach().reshape(-1).float(), dim=0)
-        ptrs = xs + [xs[0]] * (MAX_LEVELS - K)
-        y = _empty(shape, device=xs[0].device, dtype=dtype)
-        mean = _empty(M, device=xs[0].device, dtype=torch.float32)
-        rstd = _empty(M, device=xs[0].device, dtype=torch.float32)
-        block, warps = _settings(C)
-        _fusion_fwd_kernel[(M,)](*ptrs, w, weight.contiguous(), bias.contiguous(), y, mean, rstd, C, eps,
-                                 K=K, BLOCK=block, num_warps=warps)
-        ctx.save_for_backward(w, weight, mean, rstd, *xs)
-        ctx.meta = (K, M, C, logits.shape, logits.dtype, bias.dtype)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        w, weight, mean, rstd, *xs = ctx.saved_tensors
-        K, M, C, logits_shape, logits_dtype, bias_dtype = ctx.meta
-        dy = dy.contiguous()
-        dev = dy.device
-        dxs = [_empty(x.shape, device=x.device, dtype=x.dtype) for x in xs]
-        G = _num_row_programs(M, dev)
-        rows = triton.cdiv(M, G)
-        G = triton.cdiv(M, rows)
-        dlnw = _empty(G, C, device=dev, dtype=torch.float32)
-        dlnb = _empty(G, C, device=dev, dtype=torch.float32)
-        dw = _empty(G, MAX_LEVELS, device=dev, dtype=torch.float32)
-        block, warps = _settings(C)
-        warps = min(16, 2 * warps)  # K live rows per program: more warps keep registers per thread below ~180 (sm_90)
-        pad = MAX_LEVELS - K
-        _fusion_bwd_kernel[(G,)](*(xs + [xs[0]] * pad), *(dxs + [dxs[0]] * pad), w, weight.contiguous(), dy,
-                                 mean, rstd, dlnw, dlnb, dw, M, C, rows, K=K, BLOCK=block, num_warps=warps)
-        wk = w[:K]
-        dwk = dw[:, :K].sum(0)
-        d_logits = (wk * (dwk - (wk * dwk).sum())).to(logits_dtype).reshape(logits_shape)
-        d_weight = dlnw.sum(0).to(weight.dtype)
-        d_bias = dlnb.sum(0).to(bias_dtype)
-        return (d_logits, d_weight, d_bias, None, *dxs)
-
-
-def fused_fusion_layernorm_triton(levels, logits, weight, bias, eps=1e-6):
-    """Same contract as fusion.fused_fusion_layernorm_reference; K = len(levels) in 1..8."""
-    levels = list(levels)
+def fusion_layernorm_fwd(levels, w, weight, bias, eps):
+    """levels: K (B, N, C); w: (K,) float32 softmax weights -> y, mean and rstd per row (float32)."""
     K = len(levels)
-    if not 1 <= K <= MAX_LEVELS:
-        raise ValueError(f"fused_fusion_layernorm: expected 1 to {MAX_LEVELS} levels, got {K}")
-    shape, dtype = levels[0].shape, levels[0].dtype
-    for i, x in enumerate(levels):
-        if x.shape != shape or x.dtype != dtype or x.device != levels[0].device:
-            raise ValueError(f"fused_fusion_layernorm: level {i} is {tuple(x.shape)} {x.dtype} {x.device}, "
-                             f"expected {tuple(shape)} {dtype} {levels[0].device} like level 0")
-    if dtype not in _DTYPES:
-        raise TypeError(f"fused_fusion_layernorm: expected level dtype in {_DTYPES}, got {dtype}")
+    xs = [x.contiguous() for x in levels]
+    shape, dev = xs[0].shape, xs[0].device
     C = shape[-1]
-    if logits.numel() != K:
-        raise ValueError(f"fused_fusion_layernorm: logits must have {K} entries (one per level), got {logits.numel()}")
-    if weight is None or bias is None or tuple(weight.shape) != (C,) or tuple(bias.shape) != (C,):
-        raise ValueError(f"fused_fusion_layernorm: weight and bias must be ({C},) tensors, got "
-                         f"{None if weight is None else tuple(weight.shape)} and {None if bias is None else tuple(bias.shape)}")
-    return FusedFusionLayerNorm.apply(logits, weight, bias, float(eps), *levels)
+    M = xs[0].numel() // C
+    y = common.empty(shape, device=dev, dtype=xs[0].dtype)
+    mean = common.empty(M, device=dev, dtype=torch.float32)
+    rstd = common.empty(M, device=dev, dtype=torch.float32)
+    block, warps = common.block_warps(C)
+    _fusion_fwd_kernel[(M,)](*xs, *[xs[0]] * (MAX_LEVELS - K), _padded(w), weight.contiguous(), bias.contiguous(),
+                             y, mean, rstd, C, eps, K=K, BLOCK=block, num_warps=warps)
+    return y, mean, rstd
 
+
+def fusion_layernorm_bwd(dy, levels, w, weight, mean, rstd):
+    """-> d(levels), d(w) (K,), d(LN weight), d(LN bias) (float32)."""
+    K = len(levels)
+    xs = [x.contiguous() for x in levels]
+    dy = dy.contiguous()
+    dev = dy.device
+    M, C = mean.numel(), dy.shape[-1]
+    dxs = [common.empty(x.shape, device=dev, dtype=x.dtype) for x in xs]
+    G = _num_row_programs(M, dev)
+    rows = triton.cdiv(M, G)
+    G = triton.cdiv(M, rows)
+    dlnw = common.empty(G, C, device=dev, dtype=torch.float32)
+    dlnb = common.empty(G, C, device=dev, dtype=torch.float32)
+    dw = common.empty(G, MAX_LEVELS, device=dev, dtype=torch.float32)
+    block, warps = common.block_warps(C)
+    warps = min(16, 2 * warps)  # K live rows per program: more warps keep registers per thread below ~180 (sm_90)
+    pad = MAX_LEVELS - K
+    _fusion_bwd_kernel[(G,)](*xs, *[xs[0]] * pad, *dxs, *[dxs[0]] * pad, _padded(w), weight.contiguous(), dy,
+                             mean, rstd, dlnw, dlnb, dw, M, C, rows, K=K, BLOCK=block, num_warps=warps)
+    return dxs, dw[:, :K].sum(0), dlnw.sum(0), dlnb.sum(0)
+
+
+def _padded(w):
+    return torch.nn.functional.pad(w.float(), (0, MAX_LEVELS - w.numel()))

@@ -1,4 +1,5 @@
-"""Triton random masking (encoder) and unmasking (decoder), forward and backward.
+"""Triton random masking (encoder) and unmasking (decoder), forward and backward launchers of the custom ops
+in masking.py.
 
 Encoder: one argsort of the noise in torch; then one kernel pass gathers the kept tokens, adds their
 positions, and scatters ids_restore and the mask (no second argsort). Backward gathers d(kept) back to
@@ -10,18 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_empty = torch.empty  # allocation hook for every buffer a kernel fills; tests swap in a NaN-filling one
-
-
-def _settings(n):
-    block = triton.next_power_of_2(n)
-    return block, 4 if block <= 1024 else 8 if block <= 4096 else 16
-
-
-def _check_dtype(name, t):
-    if t.dtype not in _DTYPES:
-        raise TypeError(f"{name}: expected dtype in {_DTYPES}, got {t.dtype}")
+from . import _dispatch as common
 
 
 @triton.jit
@@ -85,114 +75,49 @@ def _unmask_bwd_kernel(gout_ptr, restore_ptr, gkept_ptr, gmt_part_ptr, L, D, len
     tl.store(gmt_part_ptr + (b * tl.num_programs(1) + chunk) * D + cols, acc, mask=m)
 
 
-class RandomMasking(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tokens, pos_embed, noise, len_keep):
-        B, L, C = tokens.shape
-        tokens, pos_embed = tokens.contiguous(), pos_embed.contiguous()
-        ids_shuffle = torch.argsort(noise, dim=1).contiguous()
-        dtype = torch.result_type(tokens, pos_embed)
-        kept = _empty(B, len_keep, C, device=tokens.device, dtype=dtype)
-        mask = _empty(B, L, device=noise.device, dtype=noise.dtype)
-        ids_restore = _empty(B, L, device=noise.device, dtype=torch.int64)
-        block, warps = _settings(C)
-        _mask_fwd_kernel[(B * L,)](tokens, pos_embed, ids_shuffle, kept, mask, ids_restore, L, C, len_keep,
-                                   BLOCK=block, num_warps=warps)
-        ids_keep = ids_shuffle[:, :len_keep]
-        ctx.save_for_backward(ids_restore)
-        ctx.meta = (B, L, C, len_keep, tokens.dtype, pos_embed.dtype, dtype)
-        ctx.mark_non_differentiable(mask, ids_restore, ids_keep)
-        return kept, mask, ids_restore, ids_keep
-
-    @staticmethod
-    def backward(ctx, g_kept, _g_mask, _g_restore, _g_keep):
-        (ids_restore,) = ctx.saved_tensors
-        B, L, C, len_keep, tok_dtype, pos_dtype, dtype = ctx.meta
-        need_tok, need_pos = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if g_kept is None or not (need_tok or need_pos):
-            return None, None, None, None
-        g = _empty(B, L, C, device=g_kept.device, dtype=dtype)
-        block, warps = _settings(C)
-        _mask_bwd_kernel[(B * L,)](g_kept.to(dtype).contiguous(), ids_restore, g, L, C, len_keep,
-                                   BLOCK=block, num_warps=warps)
-        g_tok = g.to(tok_dtype) if need_tok else None
-        g_pos = g.sum(0, keepdim=True).to(pos_dtype) if need_pos else None
-        return g_tok, g_pos, None, None
-
-
-class UnmaskTokens(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, kept, mask_token, ids_restore, pos_embed):
-        B, len_keep, D = kept.shape
-        L = ids_restore.shape[1]
-        kept, pos_embed = kept.contiguous(), pos_embed.contiguous()
-        ids_restore = ids_restore.contiguous()
-        mt = mask_token.reshape(D).to(kept.dtype).contiguous()  # the reference casts mask_token to kept's dtype
-        dtype = torch.result_type(kept, pos_embed)
-        y = _empty(B, L, D, device=kept.device, dtype=dtype)
-        block, warps = _settings(D)
-        _unmask_fwd_kernel[(B * L,)](kept, mt, ids_restore, pos_embed, y, L, D, len_keep,
-                                     BLOCK=block, num_warps=warps)
-        ctx.save_for_backward(ids_restore)
-        ctx.meta = (B, L, D, len_keep, kept.dtype, mask_token.dtype, mask_token.shape, pos_embed.dtype, dtype)
-        return y
-
-    @staticmethod
-    def backward(ctx, g_out):
-        (ids_restore,) = ctx.saved_tensors
-        B, L, D, len_keep, kept_dtype, mt_dtype, mt_shape, pos_dtype, dtype = ctx.meta
-        need_kept, need_mt, _, need_pos = ctx.needs_input_grad[:4]
-        g_out = g_out.to(dtype).contiguous()
-        g_kept = g_mt = g_pos = None
-        if need_kept or need_mt:
-            rows = 16
-            chunks = triton.cdiv(L, rows)
-            g_kept = _empty(B, len_keep, D, device=g_out.device, dtype=kept_dtype)
-            part = _empty(B * chunks, D, device=g_out.device, dtype=torch.float32)
-            block, warps = _settings(D)
-            _unmask_bwd_kernel[(B, chunks)](g_out, ids_restore, g_kept, part, L, D, len_keep,
-                                            ROWS=rows, BLOCK=block, num_warps=warps)
-            # the reference sums d(mask_token) in kept's dtype after the cast; float32 here is at least as exact
-            g_mt = part.sum(0).to(mt_dtype).reshape(mt_shape) if need_mt else None
-            g_kept = g_kept if need_kept else None
-        if need_pos:
-            g_pos = g_out.sum(0, keepdim=True).to(pos_dtype)
-        return g_kept, g_mt, None, g_pos
-
-
-def random_masking_triton(tokens, pos_embed, noise, len_keep):
-    """Same contract (and results, bit for bit) as masking.random_masking_reference."""
-    if tokens.dim() != 3:
-        raise ValueError(f"random_masking: tokens must be (B, L, C), got shape {tuple(tokens.shape)}")
+def random_masking_fwd(tokens, pos_embed, noise, len_keep):
     B, L, C = tokens.shape
-    if tuple(pos_embed.shape) != (1, L, C):
-        raise ValueError(f"random_masking: pos_embed must be (1, {L}, {C}), got {tuple(pos_embed.shape)}")
-    if tuple(noise.shape) != (B, L):
-        raise ValueError(f"random_masking: noise must be ({B}, {L}), got {tuple(noise.shape)}")
-    if not 0 <= int(len_keep) <= L:
-        raise ValueError(f"random_masking: len_keep must be in [0, {L}], got {len_keep}")
-    _check_dtype("random_masking tokens", tokens)
-    _check_dtype("random_masking pos_embed", pos_embed)
-    if not noise.is_floating_point():
-        raise TypeError(f"random_masking: noise must be floating point, got {noise.dtype}")
-    return RandomMasking.apply(tokens, pos_embed, noise, int(len_keep))
+    tokens, pos_embed = tokens.contiguous(), pos_embed.contiguous()
+    ids_shuffle = torch.argsort(noise, dim=1).contiguous()
+    kept = common.empty(B, len_keep, C, device=tokens.device, dtype=torch.result_type(tokens, pos_embed))
+    mask = common.empty(B, L, device=noise.device, dtype=noise.dtype)
+    ids_restore = common.empty(B, L, device=noise.device, dtype=torch.int64)
+    block, warps = common.block_warps(C)
+    _mask_fwd_kernel[(B * L,)](tokens, pos_embed, ids_shuffle, kept, mask, ids_restore, L, C, len_keep,
+                               BLOCK=block, num_warps=warps)
+    return kept, mask, ids_restore, ids_shuffle
 
 
-def unmask_tokens_triton(kept, mask_token, ids_restore, pos_embed):
-    """Same contract as masking.unmask_tokens_reference. ids_restore must be a permutation of range(L) per
-    row (as random_masking returns it); it is not checked."""
-    if kept.dim() != 3:
-        raise ValueError(f"unmask_tokens: kept must be (B, len_keep, D), got shape {tuple(kept.shape)}")
-    B, len_keep, D = kept.shape
-    if ids_restore.dim() != 2 or ids_restore.shape[0] != B or ids_restore.shape[1] < len_keep:
-        raise ValueError(f"unmask_tokens: ids_restore must be ({B}, L >= {len_keep}), got {tuple(ids_restore.shape)}")
+def random_masking_bwd(g_kept, ids_restore):
+    """d(kept) (B, len_keep, C) -> d(tokens + positions) (B, L, C), zeros at removed patches."""
+    B, len_keep, C = g_kept.shape
     L = ids_restore.shape[1]
-    if mask_token.numel() != D:
-        raise ValueError(f"unmask_tokens: mask_token must be (1, 1, {D}), got {tuple(mask_token.shape)}")
-    if tuple(pos_embed.shape) != (1, L, D):
-        raise ValueError(f"unmask_tokens: pos_embed must be (1, {L}, {D}), got {tuple(pos_embed.shape)}")
-    if ids_restore.dtype != torch.int64:
-        raise TypeError(f"unmask_tokens: ids_restore must be int64, got {ids_restore.dtype}")
-    for name, t in (("kept", kept), ("mask_token", mask_token), ("pos_embed", pos_embed)):
-        _check_dtype(f"unmask_tokens {name}", t)
-    return UnmaskTokens.apply(kept, mask_token, ids_restore, pos_embed)
+    g = common.empty(B, L, C, device=g_kept.device, dtype=g_kept.dtype)
+    block, warps = common.block_warps(C)
+    _mask_bwd_kernel[(B * L,)](g_kept.contiguous(), ids_restore.contiguous(), g, L, C, len_keep,
+                               BLOCK=block, num_warps=warps)
+    return g
+
+
+def unmask_tokens_fwd(kept, mask_token, ids_restore, pos_embed):
+    B, len_keep, D = kept.shape
+    L = ids_restore.shape[1]
+    mt = mask_token.to(kept.dtype).contiguous()  # the reference casts mask_token to kept's dtype
+    y = common.empty(B, L, D, device=kept.device, dtype=torch.result_type(kept, pos_embed))
+    block, warps = common.block_warps(D)
+    _unmask_fwd_kernel[(B * L,)](kept.contiguous(), mt, ids_restore.contiguous(), pos_embed.contiguous(), y,
+                                 L, D, len_keep, BLOCK=block, num_warps=warps)
+    return y
+
+
+def unmask_tokens_bwd(g_out, ids_restore, len_keep, kept_dtype):
+    """d(out) (B, L, D) -> d(kept) (B, len_keep, D) in kept_dtype, d(mask_token) (D,) in float32."""
+    B, L, D = g_out.shape
+    rows = 16
+    chunks = triton.cdiv(L, rows)
+    g_kept = common.empty(B, len_keep, D, device=g_out.device, dtype=kept_dtype)
+    part = common.empty(B * chunks, D, device=g_out.device, dtype=torch.float32)
+    block, warps = common.block_warps(D)
+    _unmask_bwd_kernel[(B, chunks)](g_out.contiguous(), ids_restore.contiguous(), g_kept, part, L, D, len_keep,
+                                    ROWS=rows, BLOCK=block, num_warps=warps)
+    return g_kept, part.sum(0)
