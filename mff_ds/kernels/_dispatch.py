@@ -32,7 +32,24 @@ def check_dtype(name, t):
         raise TypeError(f"{name}: expected dtype in {DTYPES}, got {t.dtype}")
 
 
-def block_warps(n):
-    """One row of n elements per program: the block (next power of 2) and the warps for it."""
-    block = 1 << max(0, n - 1).bit_length()
-    return block, 4 if block <= 1024 else 8 if block <= 4096 else 16
+def block(n):
+    """The block covering a row of n elements: the next power of 2 (Triton's tl.arange needs one)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def row_programs(rows, device):
+    """Programs for a kernel that walks blocks of rows and leaves one partial per program: 4 per SM on CUDA
+    (enough to fill it, few partials to sum)."""
+    if device.type == "cuda":
+        return max(1, min(rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(rows, 4))
+
+
+def autotune(pairs, key):
+    """triton.autotune over (rows per tile R, num_warps) pairs, keyed on the row width (`key`): on the GPU each
+    pair is timed once per width. The interpreter cannot time kernels and runs the first pair, so list one with
+    R > 1 first: the CPU tests then cover partial row tiles. Every kernel here only writes its outputs (no
+    accumulation into them), so timing runs repeat harmlessly."""
+    import triton
+    configs = [triton.Config({"R": r}, num_warps=w) for r, w in pairs]
+    return triton.autotune(configs[:1] if os.environ.get("TRITON_INTERPRET") == "1" else configs, key=key)

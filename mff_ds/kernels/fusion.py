@@ -47,9 +47,9 @@ def _(levels, w, weight, bias, eps):
 
 @torch.library.custom_op("mff_ds::fusion_layernorm_backward", mutates_args=())
 def _fusion_bwd_op(dy: torch.Tensor, levels: list[torch.Tensor], w: torch.Tensor, weight: torch.Tensor,
-                   mean: torch.Tensor, rstd: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor,
-                                                                    torch.Tensor]:
-    """-> d(levels), d(w) (K,), d(LN weight), d(LN bias) (float32)."""
+                   mean: torch.Tensor, rstd: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """-> d(levels), [d(LN weight) (C) | d(LN bias) (C) | d(w) (K)] in float32 (one tensor: the kernel reduces
+    them in one buffer, and an op's outputs may not be views of one another)."""
     if common.runs_triton(dy):
         from .fusion_triton import fusion_layernorm_bwd
         return fusion_layernorm_bwd(dy, levels, w, weight, mean, rstd)
@@ -59,14 +59,12 @@ def _fusion_bwd_op(dy: torch.Tensor, levels: list[torch.Tensor], w: torch.Tensor
     g = (wdy - xhat * (xhat * wdy).mean(-1, keepdim=True) - wdy.mean(-1, keepdim=True)) * rstd[:, None]  # d(fused)
     dxs = [(g * wk).to(x.dtype).reshape(x.shape) for x, wk in zip(levels, w.float())]
     dw = torch.stack([(g * x.float().reshape(g.shape)).sum() for x in levels])
-    return dxs, dw, (dy32 * xhat).sum(0), dy32.sum(0)
+    return dxs, torch.cat([(dy32 * xhat).sum(0), dy32.sum(0), dw])
 
 
 @_fusion_bwd_op.register_fake
 def _(dy, levels, w, weight, mean, rstd):
-    C = dy.shape[-1]
-    return ([torch.empty_like(x) for x in levels], w.new_empty(len(levels), dtype=torch.float32),
-            dy.new_empty(C, dtype=torch.float32), dy.new_empty(C, dtype=torch.float32))
+    return [torch.empty_like(x) for x in levels], dy.new_empty(2 * dy.shape[-1] + len(levels), dtype=torch.float32)
 
 
 def _fusion_setup(ctx, inputs, output):
@@ -78,8 +76,9 @@ def _fusion_setup(ctx, inputs, output):
 
 def _fusion_backward(ctx, dy, _g_mean, _g_rstd):
     w, weight, mean, rstd, *levels = ctx.saved_tensors
-    dxs, dw, dlnw, dlnb = _fusion_bwd_op(dy, levels, w, weight, mean, rstd)
-    return list(dxs), dw, dlnw.to(ctx.dtypes[0]), dlnb.to(ctx.dtypes[1]), None
+    dxs, stats = _fusion_bwd_op(dy, levels, w, weight, mean, rstd)
+    C = dy.shape[-1]
+    return list(dxs), stats[2 * C:], stats[:C].to(ctx.dtypes[0]), stats[C:2 * C].to(ctx.dtypes[1]), None
 
 
 _fusion_op.register_autograd(_fusion_backward, setup_context=_fusion_setup)

@@ -15,54 +15,63 @@ from . import _dispatch as common
 
 
 @triton.jit
-def _patch(img_ptr, pred_ptr, mask_ptr, row, L, GW, H, W, P, eps,
-           PATCH: tl.constexpr, CH: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
-    """(pred - target) over one patch (0 outside it and for unmasked patches), and its mask value."""
-    b = row // L
-    l = row % L
+def _patches(img_ptr, pred_ptr, mask_ptr, rows, BL, L, GW, H, W, P, eps,
+             PATCH: tl.constexpr, CH: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
+    """(pred - target) over R patches, one a row (0 outside a patch and for unmasked patches), and their mask."""
+    rm = rows < BL
+    b = rows // L
+    l = rows % L
     hi = l // GW
     wi = l % GW
     e = tl.arange(0, BLOCK)
     c = e % CH
     q = (e // CH) % PATCH
     pp = e // (CH * PATCH)
-    msk = tl.load(mask_ptr + row)
-    m = e < tl.where(msk != 0.0, P, 0)  # whole patch off when unmasked
-    img_off = (b * CH + c) * H * W + (hi * PATCH + pp) * W + wi * PATCH + q
+    msk = tl.load(mask_ptr + rows, mask=rm, other=0.0)
+    m = (msk != 0.0)[:, None] & (e < P)[None, :]  # whole patch off when unmasked
+    img_off = ((b * CH)[:, None] + c[None, :]) * H * W + ((hi * PATCH)[:, None] + pp[None, :]) * W \
+        + (wi * PATCH)[:, None] + q[None, :]
     x = tl.load(img_ptr + img_off, mask=m, other=0.0).to(tl.float32)
-    pr = tl.load(pred_ptr + row * P + e, mask=m, other=0.0).to(tl.float32)
+    pr = tl.load(pred_ptr + (rows * P)[:, None] + e[None, :], mask=m, other=0.0).to(tl.float32)
     if NORM:
-        mean = tl.sum(x, axis=0) / P
-        xc = tl.where(m, x - mean, 0.0)
-        var = tl.sum(xc * xc, axis=0) / (P - 1)
-        x = xc / tl.sqrt(var + eps)
+        mean = tl.sum(x, axis=1) / P
+        xc = tl.where(m, x - mean[:, None], 0.0)
+        var = tl.sum(xc * xc, axis=1) / (P - 1)
+        x = xc / tl.sqrt(var + eps)[:, None]
     return tl.where(m, pr - x, 0.0), msk
 
 
-@triton.jit
-def _npl_fwd_kernel(img_ptr, pred_ptr, mask_ptr, loss_ptr, L, GW, H, W, P, eps,
-                    PATCH: tl.constexpr, CH: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # b * L + l
-    d, msk = _patch(img_ptr, pred_ptr, mask_ptr, row, L, GW, H, W, P, eps, PATCH, CH, NORM, BLOCK)
-    tl.store(loss_ptr + row, tl.sum(d * d, axis=0) / P)
+_TILES = [(4, 4), (1, 4), (2, 4), (2, 8), (4, 8), (8, 8)]  # (patches per tile, warps); the first is the interpreter's
 
 
+@common.autotune(_TILES, key=["P", "NORM"])
 @triton.jit
-def _npl_bwd_kernel(img_ptr, pred_ptr, mask_ptr, gloss_ptr, dpred_ptr, L, GW, H, W, P, eps,
-                    PATCH: tl.constexpr, CH: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    d, msk = _patch(img_ptr, pred_ptr, mask_ptr, row, L, GW, H, W, P, eps, PATCH, CH, NORM, BLOCK)
-    coef = tl.load(gloss_ptr + row, mask=msk != 0.0, other=0.0) * (2.0 / P)
+def _npl_fwd_kernel(img_ptr, pred_ptr, mask_ptr, loss_ptr, BL, L, GW, H, W, P, eps,
+                    PATCH: tl.constexpr, CH: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)  # b * L + l
+    d, msk = _patches(img_ptr, pred_ptr, mask_ptr, rows, BL, L, GW, H, W, P, eps, PATCH, CH, NORM, BLOCK)
+    tl.store(loss_ptr + rows, tl.sum(d * d, axis=1) / P, mask=rows < BL)
+
+
+@common.autotune(_TILES, key=["P", "NORM"])
+@triton.jit
+def _npl_bwd_kernel(img_ptr, pred_ptr, mask_ptr, gloss_ptr, dpred_ptr, BL, L, GW, H, W, P, eps,
+                    PATCH: tl.constexpr, CH: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+    d, msk = _patches(img_ptr, pred_ptr, mask_ptr, rows, BL, L, GW, H, W, P, eps, PATCH, CH, NORM, BLOCK)
+    rm = rows < BL
+    coef = tl.load(gloss_ptr + rows, mask=rm & (msk != 0.0), other=0.0) * (2.0 / P)
     e = tl.arange(0, BLOCK)
-    tl.store(dpred_ptr + row * P + e, (d * coef).to(dpred_ptr.dtype.element_ty), mask=e < P)
+    tl.store(dpred_ptr + (rows * P)[:, None] + e[None, :], (d * coef[:, None]).to(dpred_ptr.dtype.element_ty),
+             mask=rm[:, None] & (e < P)[None, :])
 
 
 def _launch(kernel, img, pred, maskf, p, eps, norm, out):
     B, CH, H, W = img.shape
     L, P = pred.shape[1], pred.shape[2]
-    block, warps = common.block_warps(P)
-    kernel[(B * L,)](img.contiguous(), pred.contiguous(), maskf.contiguous(), *out, L, W // p, H, W, P, eps,
-                     PATCH=p, CH=CH, NORM=norm, BLOCK=block, num_warps=warps)
+    kernel[lambda meta: (triton.cdiv(B * L, meta["R"]),)](
+        img.contiguous(), pred.contiguous(), maskf.contiguous(), *out, B * L, L, W // p, H, W, P, eps,
+        PATCH=p, CH=CH, NORM=norm, BLOCK=common.block(P))
 
 
 def norm_pix_loss_fwd(pred, images, maskf, patch_size, eps, norm_pix):
