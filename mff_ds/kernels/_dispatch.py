@@ -47,9 +47,11 @@ def row_programs(rows, device):
 
 def autotune(pairs, key):
     """triton.autotune over (rows per tile R, num_warps) pairs, keyed on the row width (`key`): on the GPU each
-    pair is timed once per width. The interpreter cannot time kernels and runs the first pair, so list one with
-    R > 1 first: the CPU tests then cover partial row tiles. Every kernel here only writes its outputs (no
-    accumulation into them), so timing runs repeat harmlessly."""
+    pair is timed once per width. The interpreter cannot time kernels and runs the first pair, as does
+    MFF_DS_AUTOTUNE=0 (the tests: their many small widths would each compile every pair); list one with R > 1
+    first, so the tests cover partial row tiles. Every kernel here only writes its outputs (no accumulation into
+    them), so timing runs repeat harmlessly."""
     import triton
     configs = [triton.Config({"R": r}, num_warps=w) for r, w in pairs]
-    return triton.autotune(configs[:1] if os.environ.get("TRITON_INTERPRET") == "1" else configs, key=key)
+    first_only = os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("MFF_DS_AUTOTUNE") == "0"
+    return triton.autotune(configs[:1] if first_only else configs, key=key)

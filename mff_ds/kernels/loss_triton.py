@@ -41,7 +41,7 @@ def _patches(img_ptr, pred_ptr, mask_ptr, rows, BL, L, GW, H, W, P, eps,
     return tl.where(m, pr - x, 0.0), msk
 
 
-_TILES = [(4, 4), (1, 4), (2, 4), (2, 8), (4, 8), (8, 8)]  # (patches per tile, warps); the first is the interpreter's
+_TILES = [(4, 4), (1, 4), (2, 8), (8, 8)]  # (patches per tile, warps); the first is the interpreter's
 
 
 @common.autotune(_TILES, key=["P", "NORM"])

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from . import _dispatch as common
 
-_TILES = [(4, 4), (1, 4), (2, 4), (2, 8), (4, 8), (8, 8)]  # (rows per tile, warps); the first is the interpreter's
+_TILES = [(4, 4), (1, 4), (2, 8), (8, 8)]  # (rows per tile, warps); the first is the interpreter's
 
 
 @common.autotune(_TILES, key=["C"])
