@@ -141,6 +141,28 @@ def test_unmask_tokens(dtype, B, L, D, len_keep, pos_grad):
         check(n, a, b, dtype)
 
 
+def test_masking_ops_take_the_models_strided_inputs():
+    """The model passes tokens as a transposed view (patch embed's NCL -> NLC) and kept as a slice past the cls
+    token; the kernels read them in place: same values and gradients as the reference, bit for bit (but
+    d(mask_token), a sum in another order)."""
+    torch.manual_seed(7)
+    B, L, C, keep = 2, 9, 40, 3
+    tok = torch.randn(B, C, L, device=DEVICE).transpose(1, 2).requires_grad_()
+    pos, noise = torch.randn(1, L, C, device=DEVICE), torch.rand(B, L, device=DEVICE)
+    x = torch.randn(B, 1 + keep, C, device=DEVICE, requires_grad=True)
+    mt = torch.randn(1, 1, C, device=DEVICE, requires_grad=True)
+    assert not tok.is_contiguous() and not x[:, 1:].is_contiguous()
+    outs = {}
+    for impl in ("triton", "torch"):
+        kept, _, ids_restore, _ = kernels.random_masking(tok, pos, noise, keep, impl=impl)
+        y = kernels.unmask_tokens(x[:, 1:], mt, ids_restore, pos, impl=impl)
+        g = torch.arange(kept.numel(), device=DEVICE).reshape(kept.shape).float().sin()
+        outs[impl] = [kept, y, *torch.autograd.grad((kept * g).sum() + y.square().sum(), [tok, x, mt])]
+    for name, a, b in zip(("kept", "unmasked", "d_tokens", "d_x"), outs["triton"], outs["torch"]):
+        assert torch.equal(a, b), name
+    torch.testing.assert_close(outs["triton"][4], outs["torch"][4])
+
+
 # -------------------------------------------------------------------------------------------------- fusion
 FUSION_CASES = [(1, 1, 1, 72), (2, 3, 50, 200), (3, 1, 50, 72), (4, 3, 1, 200), (5, 1, 7, 72), (6, 3, 50, 72),
                 (7, 2, 3, 200), (8, 1, 50, 200)]
@@ -343,10 +365,10 @@ def comp(tuned, sig, consts):
 rows = dict(L="i32", len_keep="i32", BL="i32")
 for dt in ("bf16", "fp32"):
     comp(mt._mask_fwd_kernel, dict(tok_ptr="*"+dt, pos_ptr="*fp32", shuffle_ptr="*i64", kept_ptr="*fp32", mask_ptr="*fp32",
-         restore_ptr="*i64", C="i32", **rows), {"BLOCK": 1024})
+         restore_ptr="*i64", C="i32", tok_sb="i32", tok_sl="i32", tok_sc="i32", **rows), {"BLOCK": 1024})
     comp(mt._mask_bwd_kernel, dict(gkept_ptr="*"+dt, restore_ptr="*i64", gtok_ptr="*"+dt, C="i32", **rows), {"BLOCK": 1024})
     comp(mt._unmask_fwd_kernel, dict(kept_ptr="*"+dt, mt_ptr="*"+dt, restore_ptr="*i64", pos_ptr="*fp32", out_ptr="*fp32",
-         D="i32", **rows), {"BLOCK": 512})
+         D="i32", kept_sb="i32", kept_sr="i32", **rows), {"BLOCK": 512})
     comp(mt._unmask_bwd_kernel, dict(gout_ptr="*fp32", restore_ptr="*i64", gkept_ptr="*"+dt, gmt_part_ptr="*fp32",
          D="i32", rows_per_prog="i32", **rows), {"BLOCK": 512})
     xs = {f"x{i}": "*"+dt for i in range(8)}

@@ -21,7 +21,7 @@ _TILES = [(4, 4), (1, 4), (2, 8), (8, 8)]  # (rows per tile, warps); the first i
 @common.autotune(_TILES, key=["C"])
 @triton.jit
 def _mask_fwd_kernel(tok_ptr, pos_ptr, shuffle_ptr, kept_ptr, mask_ptr, restore_ptr, BL, L, C, len_keep,
-                     BLOCK: tl.constexpr, R: tl.constexpr):
+                     tok_sb, tok_sl, tok_sc, BLOCK: tl.constexpr, R: tl.constexpr):
     row = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)  # b * L + j, j = rank of the patch in the shuffle
     rm = row < BL
     b = row // L
@@ -31,7 +31,8 @@ def _mask_fwd_kernel(tok_ptr, pos_ptr, shuffle_ptr, kept_ptr, mask_ptr, restore_
     tl.store(mask_ptr + b * L + src, (j >= len_keep).to(mask_ptr.dtype.element_ty), mask=rm)
     cols = tl.arange(0, BLOCK)
     m = (rm & (j < len_keep))[:, None] & (cols < C)[None, :]
-    x = tl.load(tok_ptr + ((b * L + src) * C)[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    x = tl.load(tok_ptr + (b * tok_sb + src * tok_sl)[:, None] + cols[None, :] * tok_sc, mask=m, other=0.0)
+    x = x.to(tl.float32)
     p = tl.load(pos_ptr + (src * C)[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
     tl.store(kept_ptr + ((b * len_keep + j) * C)[:, None] + cols[None, :], (x + p).to(kept_ptr.dtype.element_ty),
              mask=m)
@@ -53,7 +54,7 @@ def _mask_bwd_kernel(gkept_ptr, restore_ptr, gtok_ptr, BL, L, C, len_keep, BLOCK
 
 @common.autotune(_TILES, key=["D"])
 @triton.jit
-def _unmask_fwd_kernel(kept_ptr, mt_ptr, restore_ptr, pos_ptr, out_ptr, BL, L, D, len_keep,
+def _unmask_fwd_kernel(kept_ptr, mt_ptr, restore_ptr, pos_ptr, out_ptr, BL, L, D, len_keep, kept_sb, kept_sr,
                        BLOCK: tl.constexpr, R: tl.constexpr):
     row = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)  # b * L + l
     rm = row < BL
@@ -62,7 +63,7 @@ def _unmask_fwd_kernel(kept_ptr, mt_ptr, restore_ptr, pos_ptr, out_ptr, BL, L, D
     r = tl.load(restore_ptr + row, mask=rm, other=0)
     cols = tl.arange(0, BLOCK)
     cm = (cols < D)[None, :]
-    x = tl.load(kept_ptr + ((b * len_keep + r) * D)[:, None] + cols[None, :],
+    x = tl.load(kept_ptr + (b * kept_sb + r * kept_sr)[:, None] + cols[None, :],
                 mask=(rm & (r < len_keep))[:, None] & cm, other=0.0).to(tl.float32)
     t = tl.load(mt_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
     t = tl.where((r >= len_keep)[:, None], t[None, :], 0.0)
@@ -103,8 +104,10 @@ def random_masking_fwd(tokens, pos_embed, noise, len_keep):
     kept = common.empty(B, len_keep, C, device=tokens.device, dtype=torch.result_type(tokens, pos_embed))
     mask = common.empty(B, L, device=noise.device, dtype=noise.dtype)
     ids_restore = common.empty(B, L, device=noise.device, dtype=torch.int64)
-    _mask_fwd_kernel[_rows(B * L)](tokens.contiguous(), pos_embed.contiguous(), ids_shuffle, kept, mask, ids_restore,
-                                   B * L, L, C, len_keep, BLOCK=common.block(C))
+    # tokens as they come (the model's are a transposed view of the patch-embed output): copying them to
+    # contiguous would move all B*L rows twice to gather a quarter of them
+    _mask_fwd_kernel[_rows(B * L)](tokens, pos_embed.contiguous(), ids_shuffle, kept, mask, ids_restore,
+                                   B * L, L, C, len_keep, *tokens.stride(), BLOCK=common.block(C))
     return kept, mask, ids_restore, ids_shuffle
 
 
@@ -123,8 +126,11 @@ def unmask_tokens_fwd(kept, mask_token, ids_restore, pos_embed):
     L = ids_restore.shape[1]
     mt = mask_token.to(kept.dtype).contiguous()  # the reference casts mask_token to kept's dtype
     y = common.empty(B, L, D, device=kept.device, dtype=torch.result_type(kept, pos_embed))
-    _unmask_fwd_kernel[_rows(B * L)](kept.contiguous(), mt, ids_restore.contiguous(), pos_embed.contiguous(), y,
-                                     B * L, L, D, len_keep, BLOCK=common.block(D))
+    if kept.stride(2) != 1:
+        kept = kept.contiguous()
+    # kept as it comes otherwise (the model's is a slice past the cls token): no copy
+    _unmask_fwd_kernel[_rows(B * L)](kept, mt, ids_restore.contiguous(), pos_embed.contiguous(), y, B * L, L, D,
+                                     len_keep, kept.stride(0), kept.stride(1), BLOCK=common.block(D))
     return y
 
 
