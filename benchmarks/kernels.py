@@ -36,7 +36,8 @@ def esize(dtype):
 # the float32 noise / mask 4. Terms below a few KB (LN weights, mask token, K logits) are left out.
 def masking_case(K_, B, L, C, keep, dt, dev, kernels):
     def inputs():
-        return [torch.randn(B, L, C, device=dev, dtype=dt, requires_grad=True),
+        # tokens as the model passes them: a transposed view of the patch embedding's (B, C, L) output
+        return [torch.randn(B, C, L, device=dev, dtype=dt).transpose(1, 2).requires_grad_(),
                 torch.randn(1, L, C, device=dev, dtype=dt), torch.rand(B, L, device=dev)]
     e = esize(dt)
     return dict(
@@ -52,7 +53,8 @@ def masking_case(K_, B, L, C, keep, dt, dev, kernels):
 def unmask_case(K_, B, L, C, keep, dt, dev, kernels, D=512):
     def inputs():
         ids = torch.argsort(torch.argsort(torch.rand(B, L, device=dev), dim=1), dim=1)
-        return [torch.randn(B, keep, D, device=dev, dtype=dt, requires_grad=True),
+        # kept as the model passes it: the decoder tokens past the cls token
+        return [torch.randn(B, 1 + keep, D, device=dev, dtype=dt)[:, 1:].requires_grad_(),
                 torch.randn(1, 1, D, device=dev, dtype=dt, requires_grad=True), ids,
                 torch.randn(1, L, D, device=dev, dtype=dt)]
     e = esize(dt)

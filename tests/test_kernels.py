@@ -141,26 +141,31 @@ def test_unmask_tokens(dtype, B, L, D, len_keep, pos_grad):
         check(n, a, b, dtype)
 
 
-def test_masking_ops_take_the_models_strided_inputs():
-    """The model passes tokens as a transposed view (patch embed's NCL -> NLC) and kept as a slice past the cls
-    token; the kernels read them in place: same values and gradients as the reference, bit for bit (but
-    d(mask_token), a sum in another order)."""
+def test_ops_take_the_models_strided_inputs():
+    """As in the model: tokens are a transposed view (patch embed's NCL -> NLC), kept and pred are slices past
+    the cls token, and the grads reaching the ops are slices of concatenation grads; the kernels read them all in
+    place. Same values as the reference (masking/unmasking bit for bit) and the same gradients."""
     torch.manual_seed(7)
-    B, L, C, keep = 2, 9, 40, 3
+    B, C, keep, p = 2, 40, 3, 2
+    images = torch.randn(B, 3, 6, 6, device=DEVICE)
+    L, P = 9, 12
     tok = torch.randn(B, C, L, device=DEVICE).transpose(1, 2).requires_grad_()
     pos, noise = torch.randn(1, L, C, device=DEVICE), torch.rand(B, L, device=DEVICE)
-    x = torch.randn(B, 1 + keep, C, device=DEVICE, requires_grad=True)
-    mt = torch.randn(1, 1, C, device=DEVICE, requires_grad=True)
-    assert not tok.is_contiguous() and not x[:, 1:].is_contiguous()
+    cls, mt = torch.randn(1, 1, C, device=DEVICE, requires_grad=True), torch.randn(1, 1, C, device=DEVICE, requires_grad=True)
+    head = torch.randn(C, P, device=DEVICE, requires_grad=True)
+    assert not tok.is_contiguous()
     outs = {}
     for impl in ("triton", "torch"):
-        kept, _, ids_restore, _ = kernels.random_masking(tok, pos, noise, keep, impl=impl)
+        kept, mask, ids_restore, _ = kernels.random_masking(tok, pos, noise, keep, impl=impl)
+        x = torch.cat([cls.expand(B, -1, -1), kept], dim=1).sin()
         y = kernels.unmask_tokens(x[:, 1:], mt, ids_restore, pos, impl=impl)
-        g = torch.arange(kept.numel(), device=DEVICE).reshape(kept.shape).float().sin()
-        outs[impl] = [kept, y, *torch.autograd.grad((kept * g).sum() + y.square().sum(), [tok, x, mt])]
-    for name, a, b in zip(("kept", "unmasked", "d_tokens", "d_x"), outs["triton"], outs["torch"]):
+        pred = (torch.cat([x[:, :1], y], dim=1) @ head)[:, 1:]
+        loss = kernels.norm_pix_loss(pred, images, mask, p, impl=impl)
+        outs[impl] = [kept, y, loss, *torch.autograd.grad(loss, [tok, cls, mt, head])]
+    for name, a, b in zip(("kept", "unmasked"), outs["triton"], outs["torch"]):
         assert torch.equal(a, b), name
-    torch.testing.assert_close(outs["triton"][4], outs["torch"][4])
+    for name, a, b in zip(("loss", "d_tokens", "d_cls", "d_mask_token", "d_head"), outs["triton"][2:], outs["torch"][2:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 # -------------------------------------------------------------------------------------------------- fusion
@@ -366,11 +371,12 @@ rows = dict(L="i32", len_keep="i32", BL="i32")
 for dt in ("bf16", "fp32"):
     comp(mt._mask_fwd_kernel, dict(tok_ptr="*"+dt, pos_ptr="*fp32", shuffle_ptr="*i64", kept_ptr="*fp32", mask_ptr="*fp32",
          restore_ptr="*i64", C="i32", tok_sb="i32", tok_sl="i32", tok_sc="i32", **rows), {"BLOCK": 1024})
-    comp(mt._mask_bwd_kernel, dict(gkept_ptr="*"+dt, restore_ptr="*i64", gtok_ptr="*"+dt, C="i32", **rows), {"BLOCK": 1024})
+    comp(mt._mask_bwd_kernel, dict(gkept_ptr="*"+dt, restore_ptr="*i64", gtok_ptr="*"+dt, C="i32", gk_sb="i32", gk_sr="i32",
+         **rows), {"BLOCK": 1024})
     comp(mt._unmask_fwd_kernel, dict(kept_ptr="*"+dt, mt_ptr="*"+dt, restore_ptr="*i64", pos_ptr="*fp32", out_ptr="*fp32",
          D="i32", kept_sb="i32", kept_sr="i32", **rows), {"BLOCK": 512})
     comp(mt._unmask_bwd_kernel, dict(gout_ptr="*fp32", restore_ptr="*i64", gkept_ptr="*"+dt, gmt_part_ptr="*fp32",
-         D="i32", rows_per_prog="i32", **rows), {"BLOCK": 512})
+         D="i32", rows_per_prog="i32", go_sb="i32", go_sl="i32", **rows), {"BLOCK": 512})
     xs = {f"x{i}": "*"+dt for i in range(8)}
     for K in (1, 6, 8):
         comp(ft._fusion_fwd_kernel, dict(**xs, w_ptr="*fp32", lnw_ptr="*fp32", lnb_ptr="*fp32", y_ptr="*"+dt, mean_ptr="*fp32",
@@ -380,7 +386,7 @@ for dt in ("bf16", "fp32"):
              rows_per_prog="i32"), {"K": K, "BLOCK": 1024})
     for norm in (True, False):
         s = dict(img_ptr="*fp32", pred_ptr="*"+dt, mask_ptr="*fp32", BL="i32", L="i32", GW="i32", H="i32", W="i32",
-                 P="i32", eps="fp32")
+                 P="i32", eps="fp32", pred_sb="i32", pred_sl="i32")
         comp(lt._npl_fwd_kernel, dict(**s, loss_ptr="*fp32"), {"PATCH": 14, "CH": 3, "NORM": norm, "BLOCK": 1024})
         comp(lt._npl_bwd_kernel, dict(**s, gloss_ptr="*fp32", dpred_ptr="*"+dt), {"PATCH": 16, "CH": 3, "NORM": norm,
              "BLOCK": 1024})

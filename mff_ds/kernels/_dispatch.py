@@ -37,6 +37,14 @@ def block(n):
     return 1 << max(0, n - 1).bit_length()
 
 
+def rows_in_place(t):
+    """A (B, N, C) tensor for a kernel that addresses row n of batch b at b*s0 + n*s1: itself when its last
+    dim has unit stride (the model's slices and transposed views do not need a copy), else a contiguous copy;
+    and those two strides."""
+    t = t if t.stride(2) == 1 else t.contiguous()
+    return t, t.stride(0), t.stride(1)
+
+
 def row_programs(rows, device):
     """Programs for a kernel that walks blocks of rows and leaves one partial per program: 4 per SM on CUDA
     (enough to fill it, few partials to sum)."""

@@ -42,7 +42,7 @@ def _fusion_op(levels: list[torch.Tensor], w: torch.Tensor, weight: torch.Tensor
 def _(levels, w, weight, bias, eps):
     x = levels[0]
     M = x.numel() // x.shape[-1]
-    return torch.empty_like(x), x.new_empty(M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty(M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32)
 
 
 @torch.library.custom_op("mff_ds::fusion_layernorm_backward", mutates_args=())
@@ -64,7 +64,7 @@ def _fusion_bwd_op(dy: torch.Tensor, levels: list[torch.Tensor], w: torch.Tensor
 
 @_fusion_bwd_op.register_fake
 def _(dy, levels, w, weight, mean, rstd):
-    return [torch.empty_like(x) for x in levels], dy.new_empty(2 * dy.shape[-1] + len(levels), dtype=torch.float32)
+    return [x.new_empty(x.shape) for x in levels], dy.new_empty(2 * dy.shape[-1] + len(levels), dtype=torch.float32)
 
 
 def _fusion_setup(ctx, inputs, output):

@@ -52,12 +52,12 @@ def _loss_op(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, patch
         from .loss_triton import norm_pix_loss_fwd
         return norm_pix_loss_fwd(pred, images, mask, patch_size, eps, norm_pix)
     d = pred.float() - _target(images.float(), patch_size, eps, norm_pix)
-    return torch.where(mask != 0, (d * d).mean(-1), 0.0)
+    return torch.where(mask != 0, (d * d).mean(-1), 0.0).contiguous()
 
 
 @_loss_op.register_fake
 def _(pred, images, mask, patch_size, eps, norm_pix):
-    return torch.empty_like(mask, dtype=torch.float32)
+    return mask.new_empty(mask.shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("mff_ds::norm_pix_loss_backward", mutates_args=())
@@ -69,12 +69,12 @@ def _loss_bwd_op(g_loss: torch.Tensor, pred: torch.Tensor, images: torch.Tensor,
         return norm_pix_loss_bwd(g_loss, pred, images, mask, patch_size, eps, norm_pix)
     d = pred.float() - _target(images.float(), patch_size, eps, norm_pix)
     coef = torch.where(mask != 0, g_loss.float(), 0.0) * (2.0 / pred.shape[-1])
-    return (d * coef[..., None]).to(pred.dtype)
+    return (d * coef[..., None]).to(pred.dtype).contiguous()
 
 
 @_loss_bwd_op.register_fake
 def _(g_loss, pred, images, mask, patch_size, eps, norm_pix):
-    return torch.empty_like(pred)
+    return pred.new_empty(pred.shape)
 
 
 def _loss_setup(ctx, inputs, output):

@@ -15,7 +15,7 @@ from . import _dispatch as common
 
 
 @triton.jit
-def _patches(img_ptr, pred_ptr, mask_ptr, rows, BL, L, GW, H, W, P, eps,
+def _patches(img_ptr, pred_ptr, mask_ptr, rows, BL, L, GW, H, W, P, eps, pred_sb, pred_sl,
              PATCH: tl.constexpr, CH: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
     """(pred - target) over R patches, one a row (0 outside a patch and for unmasked patches), and their mask."""
     rm = rows < BL
@@ -32,7 +32,7 @@ def _patches(img_ptr, pred_ptr, mask_ptr, rows, BL, L, GW, H, W, P, eps,
     img_off = ((b * CH)[:, None] + c[None, :]) * H * W + ((hi * PATCH)[:, None] + pp[None, :]) * W \
         + (wi * PATCH)[:, None] + q[None, :]
     x = tl.load(img_ptr + img_off, mask=m, other=0.0).to(tl.float32)
-    pr = tl.load(pred_ptr + (rows * P)[:, None] + e[None, :], mask=m, other=0.0).to(tl.float32)
+    pr = tl.load(pred_ptr + (b * pred_sb + l * pred_sl)[:, None] + e[None, :], mask=m, other=0.0).to(tl.float32)
     if NORM:
         mean = tl.sum(x, axis=1) / P
         xc = tl.where(m, x - mean[:, None], 0.0)
@@ -46,19 +46,21 @@ _TILES = [(4, 4), (1, 4), (2, 8), (8, 8)]  # (patches per tile, warps); the firs
 
 @common.autotune(_TILES, key=["P", "NORM"])
 @triton.jit
-def _npl_fwd_kernel(img_ptr, pred_ptr, mask_ptr, loss_ptr, BL, L, GW, H, W, P, eps,
+def _npl_fwd_kernel(img_ptr, pred_ptr, mask_ptr, loss_ptr, BL, L, GW, H, W, P, eps, pred_sb, pred_sl,
                     PATCH: tl.constexpr, CH: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)  # b * L + l
-    d, msk = _patches(img_ptr, pred_ptr, mask_ptr, rows, BL, L, GW, H, W, P, eps, PATCH, CH, NORM, BLOCK)
+    d, msk = _patches(img_ptr, pred_ptr, mask_ptr, rows, BL, L, GW, H, W, P, eps, pred_sb, pred_sl,
+                      PATCH, CH, NORM, BLOCK)
     tl.store(loss_ptr + rows, tl.sum(d * d, axis=1) / P, mask=rows < BL)
 
 
 @common.autotune(_TILES, key=["P", "NORM"])
 @triton.jit
-def _npl_bwd_kernel(img_ptr, pred_ptr, mask_ptr, gloss_ptr, dpred_ptr, BL, L, GW, H, W, P, eps,
+def _npl_bwd_kernel(img_ptr, pred_ptr, mask_ptr, gloss_ptr, dpred_ptr, BL, L, GW, H, W, P, eps, pred_sb, pred_sl,
                     PATCH: tl.constexpr, CH: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
-    d, msk = _patches(img_ptr, pred_ptr, mask_ptr, rows, BL, L, GW, H, W, P, eps, PATCH, CH, NORM, BLOCK)
+    d, msk = _patches(img_ptr, pred_ptr, mask_ptr, rows, BL, L, GW, H, W, P, eps, pred_sb, pred_sl,
+                      PATCH, CH, NORM, BLOCK)
     rm = rows < BL
     coef = tl.load(gloss_ptr + rows, mask=rm & (msk != 0.0), other=0.0) * (2.0 / P)
     e = tl.arange(0, BLOCK)
@@ -69,8 +71,9 @@ def _npl_bwd_kernel(img_ptr, pred_ptr, mask_ptr, gloss_ptr, dpred_ptr, BL, L, GW
 def _launch(kernel, img, pred, maskf, p, eps, norm, out):
     B, CH, H, W = img.shape
     L, P = pred.shape[1], pred.shape[2]
+    pred, sb, sl = common.rows_in_place(pred)  # the model's is a slice past the cls token: no copy
     kernel[lambda meta: (triton.cdiv(B * L, meta["R"]),)](
-        img.contiguous(), pred.contiguous(), maskf.contiguous(), *out, B * L, L, W // p, H, W, P, eps,
+        img.contiguous(), pred, maskf.contiguous(), *out, B * L, L, W // p, H, W, P, eps, sb, sl,
         PATCH=p, CH=CH, NORM=norm, BLOCK=common.block(P))
 
 

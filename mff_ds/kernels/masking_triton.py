@@ -40,14 +40,15 @@ def _mask_fwd_kernel(tok_ptr, pos_ptr, shuffle_ptr, kept_ptr, mask_ptr, restore_
 
 @common.autotune(_TILES, key=["C"])
 @triton.jit
-def _mask_bwd_kernel(gkept_ptr, restore_ptr, gtok_ptr, BL, L, C, len_keep, BLOCK: tl.constexpr, R: tl.constexpr):
+def _mask_bwd_kernel(gkept_ptr, restore_ptr, gtok_ptr, BL, L, C, len_keep, gk_sb, gk_sr,
+                     BLOCK: tl.constexpr, R: tl.constexpr):
     row = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)  # b * L + l
     rm = row < BL
     b = row // L
     r = tl.load(restore_ptr + row, mask=rm, other=0)
     cols = tl.arange(0, BLOCK)
     cm = (cols < C)[None, :]
-    g = tl.load(gkept_ptr + ((b * len_keep + r) * C)[:, None] + cols[None, :],
+    g = tl.load(gkept_ptr + (b * gk_sb + r * gk_sr)[:, None] + cols[None, :],
                 mask=(rm & (r < len_keep))[:, None] & cm, other=0.0)
     tl.store(gtok_ptr + (row * C)[:, None] + cols[None, :], g.to(gtok_ptr.dtype.element_ty), mask=rm[:, None] & cm)
 
@@ -75,7 +76,7 @@ def _unmask_fwd_kernel(kept_ptr, mt_ptr, restore_ptr, pos_ptr, out_ptr, BL, L, D
 @common.autotune(_TILES, key=["D"])
 @triton.jit
 def _unmask_bwd_kernel(gout_ptr, restore_ptr, gkept_ptr, gmt_part_ptr, BL, L, D, len_keep, rows_per_prog,
-                       BLOCK: tl.constexpr, R: tl.constexpr):
+                       go_sb, go_sl, BLOCK: tl.constexpr, R: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     cm = (cols < D)[None, :]
@@ -87,7 +88,8 @@ def _unmask_bwd_kernel(gout_ptr, restore_ptr, gkept_ptr, gmt_part_ptr, BL, L, D,
         rm = row < stop
         b = row // L
         r = tl.load(restore_ptr + row, mask=rm, other=0)
-        g = tl.load(gout_ptr + (row * D)[:, None] + cols[None, :], mask=rm[:, None] & cm, other=0.0)
+        g = tl.load(gout_ptr + (b * go_sb + (row % L) * go_sl)[:, None] + cols[None, :], mask=rm[:, None] & cm,
+                    other=0.0)
         tl.store(gkept_ptr + ((b * len_keep + r) * D)[:, None] + cols[None, :], g.to(gkept_ptr.dtype.element_ty),
                  mask=(rm & (r < len_keep))[:, None] & cm)
         acc += tl.sum(tl.where((rm & (r >= len_keep))[:, None], g.to(tl.float32), 0.0), axis=0)
@@ -116,7 +118,8 @@ def random_masking_bwd(g_kept, ids_restore):
     B, len_keep, C = g_kept.shape
     L = ids_restore.shape[1]
     g = common.empty(B, L, C, device=g_kept.device, dtype=g_kept.dtype)
-    _mask_bwd_kernel[_rows(B * L)](g_kept.contiguous(), ids_restore.contiguous(), g, B * L, L, C, len_keep,
+    g_kept, sb, sr = common.rows_in_place(g_kept)  # in the model a slice of the [cls, kept] grad: no copy
+    _mask_bwd_kernel[_rows(B * L)](g_kept, ids_restore.contiguous(), g, B * L, L, C, len_keep, sb, sr,
                                    BLOCK=common.block(C))
     return g
 
@@ -126,11 +129,9 @@ def unmask_tokens_fwd(kept, mask_token, ids_restore, pos_embed):
     L = ids_restore.shape[1]
     mt = mask_token.to(kept.dtype).contiguous()  # the reference casts mask_token to kept's dtype
     y = common.empty(B, L, D, device=kept.device, dtype=torch.result_type(kept, pos_embed))
-    if kept.stride(2) != 1:
-        kept = kept.contiguous()
-    # kept as it comes otherwise (the model's is a slice past the cls token): no copy
+    kept, sb, sr = common.rows_in_place(kept)  # the model's is a slice past the cls token: no copy
     _unmask_fwd_kernel[_rows(B * L)](kept, mt, ids_restore.contiguous(), pos_embed.contiguous(), y, B * L, L, D,
-                                     len_keep, kept.stride(0), kept.stride(1), BLOCK=common.block(D))
+                                     len_keep, sb, sr, BLOCK=common.block(D))
     return y
 
 
@@ -142,6 +143,7 @@ def unmask_tokens_bwd(g_out, ids_restore, len_keep, kept_dtype):
     G = triton.cdiv(B * L, rows)
     g_kept = common.empty(B, len_keep, D, device=g_out.device, dtype=kept_dtype)
     part = common.empty(G, D, device=g_out.device, dtype=torch.float32)
-    _unmask_bwd_kernel[(G,)](g_out.contiguous(), ids_restore.contiguous(), g_kept, part, B * L, L, D, len_keep, rows,
+    g_out, sb, sl = common.rows_in_place(g_out)  # in the model a slice of the grad past the cls token: no copy
+    _unmask_bwd_kernel[(G,)](g_out, ids_restore.contiguous(), g_kept, part, B * L, L, D, len_keep, rows, sb, sl,
                              BLOCK=common.block(D))
     return g_kept, part.sum(0)
