@@ -354,11 +354,20 @@ def test_interpreter_run():
 
 
 AOT = r"""
+import re
 import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from mff_ds.kernels import masking_triton as mt, fusion_triton as ft, loss_triton as lt
-def comp(tuned, sig, consts):
+def loop_barriers(ptx):
+    # bar.sync between the row loop's header label and its back branch
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, l in enumerate(lines) for m in [re.match(r"(\$L__BB\d+_\d+):", l.strip())] if m}
+    back = [(labels[m.group(1)], i) for i, l in enumerate(lines)
+            for m in [re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", l)] if m and labels.get(m.group(1), i) < i]
+    a, b = max(back, key=lambda ab: ab[1] - ab[0])
+    return "\n".join(lines[a:b]).count("bar.sync")
+def comp(tuned, sig, consts, max_loop_barriers=None):
     # every autotune config (rows per tile R, warps) must lower for sm_90 (layout, registers); for float32,
     # which only changes the pointer types, the first config is enough
     for cfg in tuned.configs if dt == "bf16" else tuned.configs[:1]:
@@ -367,6 +376,8 @@ def comp(tuned, sig, consts):
         k = triton.compile(ASTSource(fn=fn, signature=full, constexprs={**consts, **cfg.kwargs}),
                            target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
         assert k.asm["cubin"], (fn, cfg)
+        if max_loop_barriers is not None:
+            assert loop_barriers(k.asm["ptx"]) <= max_loop_barriers, (fn, cfg, loop_barriers(k.asm["ptx"]))
 rows = dict(L="i32", len_keep="i32", BL="i32")
 for dt in ("bf16", "fp32"):
     comp(mt._mask_fwd_kernel, dict(tok_ptr="*"+dt, pos_ptr="*fp32", shuffle_ptr="*i64", kept_ptr="*fp32", mask_ptr="*fp32",
@@ -383,7 +394,8 @@ for dt in ("bf16", "fp32"):
              rstd_ptr="*fp32", M="i32", C="i32", eps="fp32"), {"K": K, "BLOCK": 1024})
         comp(ft._fusion_bwd_kernel, dict(**xs, **{f"d{i}": "*"+dt for i in range(8)}, w_ptr="*fp32", lnw_ptr="*fp32",
              dy_ptr="*"+dt, mean_ptr="*fp32", rstd_ptr="*fp32", part_ptr="*fp32", M="i32", C="i32",
-             rows_per_prog="i32"), {"K": K, "BLOCK": 1024})
+             rows_per_prog="i32"), {"K": K, "BLOCK": 1024},
+             max_loop_barriers=4)  # per row tile only LayerNorm's two block reductions, not one per level too
     for norm in (True, False):
         s = dict(img_ptr="*fp32", pred_ptr="*"+dt, mask_ptr="*fp32", BL="i32", L="i32", GW="i32", H="i32", W="i32",
                  P="i32", eps="fp32", pred_sb="i32", pred_sl="i32")
