@@ -263,8 +263,7 @@ TINY_MFF = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3, d
                 decoder_depth=1, decoder_num_heads=2, out_indices=[0, 1, 3])
 
 
-@pytest.mark.parametrize("kernels_impl", ["triton", "auto"])
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("kernels_impl,backend", [("triton", "aot_eager"), ("auto", "aot_eager"), ("triton", "inductor")])
 def test_compiled_model_fullgraph(kernels_impl, backend):
     """torch.compile(fullgraph=True) traces a small MFF with the fused ops (no graph break: it raises otherwise)
     and gives the eager loss and gradients: |loss diff| <= 1e-6, every grad within 1e-5 relative (float32)."""

@@ -58,8 +58,9 @@ def autotune(pairs, key):
     pair is timed once per width. The interpreter cannot time kernels and runs the first pair, as does
     MFF_DS_AUTOTUNE=0 (the tests: their many small widths would each compile every pair); list one with R > 1
     first, so the tests cover partial row tiles. Every kernel here only writes its outputs (no accumulation into
-    them), so timing runs repeat harmlessly."""
+    them), so timing runs repeat harmlessly. The choice is cached on disk (Triton's cache), so later processes
+    (a resumed run, the next benchmark) do not time again."""
     import triton
     configs = [triton.Config({"R": r}, num_warps=w) for r, w in pairs]
     first_only = os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("MFF_DS_AUTOTUNE") == "0"
-    return triton.autotune(configs[:1] if first_only else configs, key=key)
+    return triton.autotune(configs[:1] if first_only else configs, key=key, cache_results=True)
