@@ -45,6 +45,11 @@ def rows_in_place(t):
     return t, t.stride(0), t.stride(1)
 
 
+def row_tiles(rows):
+    """Launch grid of a kernel with one program per tile of R rows (R chosen by the autotuner)."""
+    return lambda meta: ((rows + meta["R"] - 1) // meta["R"],)
+
+
 def row_programs(rows, device):
     """Programs for a kernel that walks blocks of rows and leaves one partial per program: 4 per SM on CUDA
     (enough to fill it, few partials to sum)."""

@@ -172,7 +172,7 @@ def fusion_layernorm_fwd(levels, w, weight, bias, eps):
     y = common.empty(shape, device=dev, dtype=xs[0].dtype)
     mean = common.empty(M, device=dev, dtype=torch.float32)
     rstd = common.empty(M, device=dev, dtype=torch.float32)
-    _fusion_fwd_kernel[lambda meta: (triton.cdiv(M, meta["R"]),)](
+    _fusion_fwd_kernel[common.row_tiles(M)](
         *xs, *[xs[0]] * (MAX_LEVELS - K), w.float().contiguous(), weight.contiguous(), bias.contiguous(), y, mean,
         rstd, M, C, eps, K=K, BLOCK=common.block(C))
     return y, mean, rstd

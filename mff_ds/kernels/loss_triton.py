@@ -72,7 +72,7 @@ def _launch(kernel, img, pred, maskf, p, eps, norm, out):
     B, CH, H, W = img.shape
     L, P = pred.shape[1], pred.shape[2]
     pred, sb, sl = common.rows_in_place(pred)  # the model's is a slice past the cls token: no copy
-    kernel[lambda meta: (triton.cdiv(B * L, meta["R"]),)](
+    kernel[common.row_tiles(B * L)](
         img.contiguous(), pred, maskf.contiguous(), *out, B * L, L, W // p, H, W, P, eps, sb, sl,
         PATCH=p, CH=CH, NORM=norm, BLOCK=common.block(P))
 

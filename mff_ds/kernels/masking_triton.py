@@ -96,10 +96,6 @@ def _unmask_bwd_kernel(gout_ptr, restore_ptr, gkept_ptr, gmt_part_ptr, BL, L, D,
     tl.store(gmt_part_ptr + pid * D + cols, acc, mask=cols < D)
 
 
-def _rows(n):
-    return lambda meta: (triton.cdiv(n, meta["R"]),)
-
-
 def random_masking_fwd(tokens, pos_embed, noise, len_keep):
     B, L, C = tokens.shape
     ids_shuffle = torch.argsort(noise, dim=1).contiguous()
@@ -108,7 +104,7 @@ def random_masking_fwd(tokens, pos_embed, noise, len_keep):
     ids_restore = common.empty(B, L, device=noise.device, dtype=torch.int64)
     # tokens as they come (the model's are a transposed view of the patch-embed output): copying them to
     # contiguous would move all B*L rows twice to gather a quarter of them
-    _mask_fwd_kernel[_rows(B * L)](tokens, pos_embed.contiguous(), ids_shuffle, kept, mask, ids_restore,
+    _mask_fwd_kernel[common.row_tiles(B * L)](tokens, pos_embed.contiguous(), ids_shuffle, kept, mask, ids_restore,
                                    B * L, L, C, len_keep, *tokens.stride(), BLOCK=common.block(C))
     return kept, mask, ids_restore, ids_shuffle
 
@@ -119,7 +115,7 @@ def random_masking_bwd(g_kept, ids_restore):
     L = ids_restore.shape[1]
     g = common.empty(B, L, C, device=g_kept.device, dtype=g_kept.dtype)
     g_kept, sb, sr = common.rows_in_place(g_kept)  # in the model a slice of the [cls, kept] grad: no copy
-    _mask_bwd_kernel[_rows(B * L)](g_kept, ids_restore.contiguous(), g, B * L, L, C, len_keep, sb, sr,
+    _mask_bwd_kernel[common.row_tiles(B * L)](g_kept, ids_restore.contiguous(), g, B * L, L, C, len_keep, sb, sr,
                                    BLOCK=common.block(C))
     return g
 
@@ -130,7 +126,7 @@ def unmask_tokens_fwd(kept, mask_token, ids_restore, pos_embed):
     mt = mask_token.to(kept.dtype).contiguous()  # the reference casts mask_token to kept's dtype
     y = common.empty(B, L, D, device=kept.device, dtype=torch.result_type(kept, pos_embed))
     kept, sb, sr = common.rows_in_place(kept)  # the model's is a slice past the cls token: no copy
-    _unmask_fwd_kernel[_rows(B * L)](kept, mt, ids_restore.contiguous(), pos_embed.contiguous(), y, B * L, L, D,
+    _unmask_fwd_kernel[common.row_tiles(B * L)](kept, mt, ids_restore.contiguous(), pos_embed.contiguous(), y, B * L, L, D,
                                      len_keep, sb, sr, BLOCK=common.block(D))
     return y
 
