@@ -2,6 +2,7 @@
 
     python benchmarks/kernels.py [--out-dir benchmarks/results] [--dtype bf16] [--no-compile]   # CUDA
     python benchmarks/kernels.py --device cpu --quick                                          # CI smoke test
+    python benchmarks/kernels.py --bytes                  # the analytic minimum bytes per op, ViT-B/L shapes
 
 Shapes (CUDA): batch 256, 196 patches of which 49 kept (50 tokens with cls), K = 6 levels, decoder 512 wide,
 for ViT-B (768) and ViT-L (1024); loss on 224 px images, patch 16. Reported per op and impl: median ms
@@ -29,24 +30,31 @@ def esize(dtype):
 
 
 # ---------------------------------------------------------------------------------------------- op cases
+# Each case states the minimum bytes its op must read and write (fwd, bwd) under the op's contract, so GB/s and
+# % of peak bandwidth are computed, not guessed: every input read once, every output written once, nothing saved
+# between passes but what the contract returns. e = bytes per element of the tested dtype; int64 ids 8 bytes,
+# the float32 noise / mask 4. Terms below a few KB (LN weights, mask token, K logits) are left out.
 def masking_case(K_, B, L, C, keep, dt, dev, kernels):
     def inputs():
-        return [torch.randn(B, L, C, device=dev, dtype=dt, requires_grad=True),
+        # tokens as the model passes them: a transposed view of the patch embedding's (B, C, L) output
+        return [torch.randn(B, C, L, device=dev, dtype=dt).transpose(1, 2).requires_grad_(),
                 torch.randn(1, L, C, device=dev, dtype=dt), torch.rand(B, L, device=dev)]
     e = esize(dt)
-    ids = B * L * (4 + 8 + 8 + 4)  # noise in; ids_restore, ids_keep, mask out
     return dict(
         inputs=inputs, out=lambda r: r[0],
         triton=lambda t, p, n: kernels.random_masking(t, p, n, keep, impl="triton"),
         torch=lambda t, p, n: kernels.random_masking_reference(t, p, n, keep),
-        fwd_bytes=2 * B * keep * C * e + L * C * e + ids,
-        bwd_bytes=B * keep * C * e + B * L * C * e)
+        # fwd: noise; the kept token rows; the position table once | kept; mask; ids_restore; ids_keep
+        fwd_bytes=B * L * 4 + B * keep * C * e + L * C * e + B * keep * C * e + B * L * 4 + B * L * 8 + B * keep * 8,
+        # bwd: d(kept); where each kept row goes (ids_keep) | d(tokens), dense (zeros at removed patches)
+        bwd_bytes=B * keep * C * e + B * keep * 8 + B * L * C * e)
 
 
 def unmask_case(K_, B, L, C, keep, dt, dev, kernels, D=512):
     def inputs():
         ids = torch.argsort(torch.argsort(torch.rand(B, L, device=dev), dim=1), dim=1)
-        return [torch.randn(B, keep, D, device=dev, dtype=dt, requires_grad=True),
+        # kept as the model passes it: the decoder tokens past the cls token
+        return [torch.randn(B, 1 + keep, D, device=dev, dtype=dt)[:, 1:].requires_grad_(),
                 torch.randn(1, 1, D, device=dev, dtype=dt, requires_grad=True), ids,
                 torch.randn(1, L, D, device=dev, dtype=dt)]
     e = esize(dt)
@@ -54,7 +62,9 @@ def unmask_case(K_, B, L, C, keep, dt, dev, kernels, D=512):
         inputs=inputs, out=lambda r: r,
         triton=lambda k, m, i, p: kernels.unmask_tokens(k, m, i, p, impl="triton"),
         torch=lambda k, m, i, p: kernels.unmask_tokens_reference(k, m, i, p),
-        fwd_bytes=B * keep * D * e + L * D * e + B * L * 8 + B * L * D * e,
+        # fwd: kept; ids_restore; the decoder position table once | out (B, L, D)
+        fwd_bytes=B * keep * D * e + B * L * 8 + L * D * e + B * L * D * e,
+        # bwd: d(out); ids_restore | d(kept) (d(mask_token) is D values)
         bwd_bytes=B * L * D * e + B * L * 8 + B * keep * D * e)
 
 
@@ -71,7 +81,10 @@ def fusion_case(K, B, L, C, keep, dt, dev, kernels):
         inputs=inputs, out=lambda r: r,
         triton=lambda lg, w, b, *lv: kernels.fused_fusion_layernorm(lv, lg, w, b, impl="triton"),
         torch=lambda lg, w, b, *lv: kernels.fused_fusion_layernorm_reference(lv, lg, w, b),
+        # fwd: K levels | y
         fwd_bytes=(K + 1) * M * C * e,
+        # bwd: d(y); the K levels again (d(w_k) = <d(fused), level_k> needs every level, so no saved fused row can
+        # replace them) | K d(levels)
         bwd_bytes=(2 * K + 1) * M * C * e)
 
 
@@ -89,12 +102,41 @@ def loss_case(K_, B, L, C, keep, dt, dev, kernels, img=224, p=16):
         inputs=inputs, out=lambda r: r,
         triton=lambda pr, im, m: kernels.norm_pix_loss(pr, im, m, p, impl="triton"),
         torch=lambda pr, im, m: kernels.norm_pix_loss_reference(pr, im, m, p),
-        fwd_bytes=2 * masked * P * e + B * Lp * 4,  # pred and pixels of masked patches only
-        bwd_bytes=2 * masked * P * e + B * Lp * P * e + B * Lp * 4)
+        # fwd: mask; pred and pixels of the masked patches only (unmasked ones do not change the loss) | a scalar
+        fwd_bytes=B * Lp * 4 + 2 * masked * P * e,
+        # bwd: mask; pred and pixels of the masked patches again (saving pred - target instead would cost the
+        # forward the same write) | d(pred), dense (zeros at unmasked patches)
+        bwd_bytes=B * Lp * 4 + 2 * masked * P * e + B * Lp * P * e)
 
 
 OPS = {"random_masking": masking_case, "unmask_tokens": unmask_case, "fusion_layernorm": fusion_case,
        "norm_pix_loss": loss_case}
+SHAPES = {"vit_b": dict(K=6, B=256, L=196, C=768, keep=49), "vit_l": dict(K=6, B=256, L=196, C=1024, keep=49)}
+QUICK = {"tiny": dict(K=3, B=2, L=16, C=72, keep=4)}
+
+
+def cases(ops, shapes, dt, dev, kernels):
+    """(op, shape name, case) for each op and shape; the loss has one shape (it does not depend on the width)."""
+    for op in ops:
+        for sname, kw in shapes.items():
+            if op == "norm_pix_loss":
+                if sname == "tiny":
+                    yield op, sname, loss_case(0, 2, 0, 0, 0, dt, dev, kernels, img=32, p=8)
+                elif sname == next(iter(shapes)):
+                    yield op, "224p16", loss_case(0, kw["B"], 0, 0, 0, dt, dev, kernels)
+                continue
+            yield op, sname, OPS[op](kw["K"], kw["B"], kw["L"], kw["C"], kw["keep"], dt, dev, kernels)
+
+
+def bytes_table(ops, dt, peak_gbps):
+    out = [f"Minimum bytes per op ({str(dt).replace('torch.', '')}; shapes {SHAPES}, D = 512, loss 224 px patch 16) "
+           f"and the time they take at {peak_gbps:.0f} GB/s:", "",
+           "| op | shape | fwd MB | bwd MB | fwd+bwd MB | fwd µs at peak | fwd+bwd µs at peak |", "|---|---|---:|---:|---:|---:|---:|"]
+    for op, sname, c in cases(ops, SHAPES, dt, "cpu", None):
+        f, b = c["fwd_bytes"], c["bwd_bytes"]
+        out.append(f"| {op} | {sname} | {f / 1e6:.1f} | {b / 1e6:.1f} | {(f + b) / 1e6:.1f} | "
+                   f"{f / peak_gbps / 1e3:.1f} | {(f + b) / peak_gbps / 1e3:.1f} |")
+    return "\n".join(out) + "\n"
 
 
 # -------------------------------------------------------------------------------------------------- timing
@@ -199,11 +241,17 @@ def main(argv=None):
     ap.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of " + ",".join(OPS))
     ap.add_argument("--reps", type=int, default=100, help="do_bench rep time in ms (CUDA)")
     ap.add_argument("--peak-gbps", type=float, default=None, help="GPU peak memory bandwidth (default: by name)")
+    ap.add_argument("--bytes", action="store_true", help="only print the analytic minimum bytes per op for the "
+                    "ViT-B/L shapes and the time they take at --peak-gbps (default H200); runs nothing")
     args = ap.parse_args(argv)
     ops = [o for o in args.ops.split(",") if o]
     bad = [o for o in ops if o not in OPS]
     if bad:
         ap.error(f"--ops: unknown {bad}, expected some of {list(OPS)}")
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
+    if args.bytes:
+        print(bytes_table(ops, dt, args.peak_gbps or PEAK_GBPS["H200"]))
+        return
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA GPU here (use --device cpu --quick for a smoke test)")
     if args.device == "cpu":
@@ -212,36 +260,23 @@ def main(argv=None):
     import triton
     from mff_ds import kernels
 
-    dt = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
     name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     peak = args.peak_gbps or next((v for k, v in PEAK_GBPS.items() if k in name), None)
     if args.device == "cpu":
         peak = None
-    if args.quick:
-        shapes = {"tiny": dict(K=3, B=2, L=16, C=72, keep=4)}
-    else:
-        shapes = {"vit_b": dict(K=6, B=256, L=196, C=768, keep=49), "vit_l": dict(K=6, B=256, L=196, C=1024, keep=49)}
+    shapes = QUICK if args.quick else SHAPES
     impls = ["triton", "torch"] + ([] if args.no_compile or args.device == "cpu" else ["compile"])
     meta = {"device": name, "dtype": args.dtype, "torch": torch.__version__, "triton": triton.__version__,
             "peak_gbps": peak, "shapes": shapes, "quick": args.quick}
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, "kernels" + ("_quick" if args.quick else ""))
     rows = []
-    for op in ops:
-        for sname, s in shapes.items():
-            if op == "norm_pix_loss" and sname == "vit_l":
-                continue  # the loss does not depend on the encoder width
-            kw = dict(s)
-            if args.quick and op == "norm_pix_loss":
-                case = loss_case(0, 2, 0, 0, 0, dt, args.device, kernels, img=32, p=8)
-            else:
-                case = OPS[op](kw.pop("K"), kw["B"], kw["L"], kw["C"], kw["keep"], dt, args.device, kernels)
-            rows += run_case(op, sname if op != "norm_pix_loss" else ("tiny" if args.quick else "224p16"),
-                             case, impls, args.device, args.reps, peak)
-            write_atomic(stem + ".json", json.dumps({"meta": meta, "results": rows}, indent=1))
-            write_atomic(stem + ".md", markdown(meta, rows))
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
+    for op, sname, case in cases(ops, shapes, dt, args.device, kernels):
+        rows += run_case(op, sname, case, impls, args.device, args.reps, peak)
+        write_atomic(stem + ".json", json.dumps({"meta": meta, "results": rows}, indent=1))
+        write_atomic(stem + ".md", markdown(meta, rows))
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     print(markdown(meta, rows))
     print(f"wrote {stem}.json and {stem}.md")
 

@@ -14,6 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("MFF_DS_FIXTURES", REPO.parent / "shared" / "fixtures" / "mmpretrain"))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# the fused kernels run their first autotune config (as in the interpreter): on a GPU, autotuning would compile
+# every config for each of the tests' many widths; tests/test_kernels.py compiles them all for sm_90 instead
+os.environ.setdefault("MFF_DS_AUTOTUNE", "0")
 
 
 def fixture_names():

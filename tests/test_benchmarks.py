@@ -189,3 +189,18 @@ def test_scaling_measure_cpu_two_ranks(tmp_path):
     assert res["step_ms_1rank"] > 0 and res["step_ms_2ranks"] > 0 and res["allreduce_ms"] > 0
     assert res["runs"]["2"]["world_size"] == 2 and len(res["runs"]["2"]["step_s_per_rank"]) == 2
     assert res["gloo_allreduce_busbw_gbps"] > 0 and res["model_predicted_overhead"] > 0
+
+
+def test_kernel_benchmark_cpu_smoke(tmp_path):
+    """benchmarks/kernels.py --device cpu --quick: every op, Triton (interpreter) and eager, rows and bytes."""
+    import kernels as kbench  # benchmarks/kernels.py (benchmarks/ is on sys.path above)
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernels.py"), "--device", "cpu", "--quick",
+                        "--out-dir", str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads((tmp_path / "kernels_quick.json").read_text())["results"]
+    assert {(r["op"], r["impl"]) for r in rows} == {(op, impl) for op in kbench.OPS for impl in ("triton", "torch")}
+    for r in rows:
+        assert r["fwd+bwd"]["bytes"] > r["fwd"]["bytes"] > 0
+        assert math.isclose(r["fwd"]["GB/s"], r["fwd"]["bytes"] / r["fwd"]["ms"] / 1e6)
+    table = kbench.bytes_table(list(kbench.OPS), torch.bfloat16, 4800.0)
+    assert all(f"| {op} |" in table for op in kbench.OPS) and "| vit_l |" in table

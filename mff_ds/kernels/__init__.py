@@ -1,4 +1,4 @@
-"""Fused ops for MAE/MFF pretraining. Each: Triton kernels + autograd.Function + torch reference."""
+"""Fused ops for MAE/MFF pretraining. Each: torch reference + `torch.library` custom op (Triton kernels on CUDA)."""
 from .fusion import fused_fusion_layernorm, fused_fusion_layernorm_reference
 from .loss import norm_pix_loss, norm_pix_loss_reference, patchify, unpatchify
 from .masking import (masking_indices, random_masking, random_masking_reference, unmask_tokens,

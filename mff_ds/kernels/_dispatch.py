@@ -1,7 +1,16 @@
-"""Pick the implementation of a fused op: "auto" = Triton on CUDA tensors, torch elsewhere."""
+"""What the fused ops share: which implementation runs, the dtypes the kernels take, the allocation hook.
+
+impl "auto" = the fused op on CUDA tensors, the plain torch reference elsewhere; "triton" = always the fused op
+(a `torch.library` custom op: Triton on CUDA and under TRITON_INTERPRET=1, torch formulas on other devices, so
+a model with `kernels: triton` runs and compiles anywhere); "torch" = the plain reference.
+"""
 import os
 
+import torch
+
 IMPLS = ("auto", "triton", "torch")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+empty = torch.empty  # allocation hook for every buffer a kernel fills; tests swap in a NaN-filling one
 
 
 def resolve_impl(impl: str, *tensors) -> str:
@@ -11,3 +20,52 @@ def resolve_impl(impl: str, *tensors) -> str:
         return impl
     on_cuda = all(t.is_cuda for t in tensors)
     return "triton" if on_cuda and os.environ.get("MFF_DS_DISABLE_TRITON") != "1" else "torch"
+
+
+def runs_triton(t: torch.Tensor) -> bool:
+    """Inside a custom op: launch the Triton kernels (CUDA, or the interpreter on CPU) or use torch formulas."""
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_dtype(name, t):
+    if t.dtype not in DTYPES:
+        raise TypeError(f"{name}: expected dtype in {DTYPES}, got {t.dtype}")
+
+
+def block(n):
+    """The block covering a row of n elements: the next power of 2 (Triton's tl.arange needs one)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def rows_in_place(t):
+    """A (B, N, C) tensor for a kernel that addresses row n of batch b at b*s0 + n*s1: itself when its last
+    dim has unit stride (the model's slices and transposed views do not need a copy), else a contiguous copy;
+    and those two strides."""
+    t = t if t.stride(2) == 1 else t.contiguous()
+    return t, t.stride(0), t.stride(1)
+
+
+def row_tiles(rows):
+    """Launch grid of a kernel with one program per tile of R rows (R chosen by the autotuner)."""
+    return lambda meta: ((rows + meta["R"] - 1) // meta["R"],)
+
+
+def row_programs(rows, device):
+    """Programs for a kernel that walks blocks of rows and leaves one partial per program: 4 per SM on CUDA
+    (enough to fill it, few partials to sum)."""
+    if device.type == "cuda":
+        return max(1, min(rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(rows, 4))
+
+
+def autotune(pairs, key):
+    """triton.autotune over (rows per tile R, num_warps) pairs, keyed on the row width (`key`): on the GPU each
+    pair is timed once per width. The interpreter cannot time kernels and runs the first pair, as does
+    MFF_DS_AUTOTUNE=0 (the tests: their many small widths would each compile every pair); list one with R > 1
+    first, so the tests cover partial row tiles. Every kernel here only writes its outputs (no accumulation into
+    them), so timing runs repeat harmlessly. The choice is cached on disk (Triton's cache), so later processes
+    (a resumed run, the next benchmark) do not time again."""
+    import triton
+    configs = [triton.Config({"R": r}, num_warps=w) for r, w in pairs]
+    first_only = os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("MFF_DS_AUTOTUNE") == "0"
+    return triton.autotune(configs[:1] if first_only else configs, key=key, cache_results=True)

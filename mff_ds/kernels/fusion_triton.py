@@ -1,24 +1,21 @@
-"""Triton fused multi-level fusion + LayerNorm: y = LN(sum_k softmax(logits)_k * levels[k]), forward and backward.
+"""Triton fused multi-level fusion + LayerNorm: y = LN(sum_k w_k * levels[k]), forward and backward launchers of
+the custom ops in fusion.py (w = softmax(logits) is computed outside, so its backward is torch's).
 
 The K <= 8 levels are passed as separate pointers (unused slots point at level 0 and are masked off, so they
-are never read); each level is read once per pass and no stacked (K, B, N, C) tensor exists. Forward: one
-program per row, float32 accumulation, saves mean and rstd per row. Backward: each program walks a block of
-rows, recomputes the fused row, writes d(level_k) = w_k * d(fused) and accumulates d(LN weight), d(LN bias)
-and the K dots <d(fused), level_k> (-> d(logits) through the softmax Jacobian) as float32 partials.
+are never read); each level is read once per pass and no stacked (K, B, N, C) tensor exists. Both kernels work
+on tiles of R rows (R and the warps autotuned per width C and K). Forward: float32 accumulation, saves mean and
+rstd per row (8 bytes a row), so the backward needs no statistics pass. Backward: one launch of a fixed number of
+programs (4 per SM), each walking its block of rows: recompute the fused row (the levels must be read anyway, for
+d(w_k) = <d(fused), level_k>), write d(level_k) = w_k d(fused), and keep d(LN weight), d(LN bias) and the K dots
+as per-column float32 accumulators, reduced across the row only once at the end (no reduction per row beyond
+LayerNorm's two, no atomics). The per-program partials sit in one buffer and take one torch sum.
 """
 import torch
 import triton
 import triton.language as tl
 
-MAX_LEVELS = 8
-MAX_K = tl.constexpr(MAX_LEVELS)
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_empty = torch.empty  # allocation hook for every buffer a kernel fills; tests swap in a NaN-filling one
-
-
-def _settings(n):
-    block = triton.next_power_of_2(n)
-    return block, 4 if block <= 1024 else 8 if block <= 4096 else 16
+from . import _dispatch as common
+from .fusion import MAX_LEVELS
 
 
 @triton.jit
@@ -27,29 +24,9 @@ def _ld(ptr, off, m, ACTIVE: tl.constexpr):
 
 
 @triton.jit
-def _fusion_fwd_kernel(x0, x1, x2, x3, x4, x5, x6, x7, w_ptr, lnw_ptr, lnb_ptr, y_ptr, mean_ptr, rstd_ptr,
-                       C, eps, K: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    m = cols < C
-    off = row * C + cols
-    acc = _ld(x0, off, m, True) * tl.load(w_ptr)
-    acc += _ld(x1, off, m, K > 1) * tl.load(w_ptr + 1)
-    acc += _ld(x2, off, m, K > 2) * tl.load(w_ptr + 2)
-    acc += _ld(x3, off, m, K > 3) * tl.load(w_ptr + 3)
-    acc += _ld(x4, off, m, K > 4) * tl.load(w_ptr + 4)
-    acc += _ld(x5, off, m, K > 5) * tl.load(w_ptr + 5)
-    acc += _ld(x6, off, m, K > 6) * tl.load(w_ptr + 6)
-    acc += _ld(x7, off, m, K > 7) * tl.load(w_ptr + 7)
-    mean = tl.sum(acc, axis=0) / C
-    xc = tl.where(m, acc - mean, 0.0)
-    var = tl.sum(xc * xc, axis=0) / C
-    rstd = 1.0 / tl.sqrt(var + eps)
-    lnw = tl.load(lnw_ptr + cols, mask=m, other=0.0).to(tl.float32)
-    lnb = tl.load(lnb_ptr + cols, mask=m, other=0.0).to(tl.float32)
-    tl.store(y_ptr + off, (xc * rstd * lnw + lnb).to(y_ptr.dtype.element_ty), mask=m)
-    tl.store(mean_ptr + row, mean)
-    tl.store(rstd_ptr + row, rstd)
+def _wk(w_ptr, k: tl.constexpr, K: tl.constexpr):
+    """w[k] for an active level; slots k >= K read w[0] (in bounds) and multiply zeros."""
+    return tl.load(w_ptr + k * (k < K))
 
 
 @triton.jit
@@ -57,56 +34,90 @@ def _st(ptr, off, val, m, ACTIVE: tl.constexpr):
     tl.store(ptr + off, val.to(ptr.dtype.element_ty), mask=m & ACTIVE)
 
 
+@common.autotune([(2, 4), (1, 4), (1, 8), (4, 8)], key=["C", "K"])
+@triton.jit
+def _fusion_fwd_kernel(x0, x1, x2, x3, x4, x5, x6, x7, w_ptr, lnw_ptr, lnb_ptr, y_ptr, mean_ptr, rstd_ptr,
+                       M, C, eps, K: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+    cols = tl.arange(0, BLOCK)
+    rm = rows < M
+    cm = cols < C
+    m = rm[:, None] & cm[None, :]
+    off = rows[:, None] * C + cols[None, :]
+    acc = _ld(x0, off, m, True) * _wk(w_ptr, 0, K)
+    acc += _ld(x1, off, m, K > 1) * _wk(w_ptr, 1, K)
+    acc += _ld(x2, off, m, K > 2) * _wk(w_ptr, 2, K)
+    acc += _ld(x3, off, m, K > 3) * _wk(w_ptr, 3, K)
+    acc += _ld(x4, off, m, K > 4) * _wk(w_ptr, 4, K)
+    acc += _ld(x5, off, m, K > 5) * _wk(w_ptr, 5, K)
+    acc += _ld(x6, off, m, K > 6) * _wk(w_ptr, 6, K)
+    acc += _ld(x7, off, m, K > 7) * _wk(w_ptr, 7, K)
+    mean = tl.sum(acc, axis=1) / C
+    xc = tl.where(m, acc - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / C
+    rstd = 1.0 / tl.sqrt(var + eps)
+    lnw = tl.load(lnw_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+    lnb = tl.load(lnb_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * lnw[None, :] + lnb[None, :]
+    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m)
+    tl.store(mean_ptr + rows, mean, mask=rm)
+    tl.store(rstd_ptr + rows, rstd, mask=rm)
+
+
+@common.autotune([(2, 8), (1, 4), (1, 8), (2, 16)], key=["C", "K"])
 @triton.jit
 def _fusion_bwd_kernel(x0, x1, x2, x3, x4, x5, x6, x7, d0, d1, d2, d3, d4, d5, d6, d7,
-                       w_ptr, lnw_ptr, dy_ptr, mean_ptr, rstd_ptr, dlnw_ptr, dlnb_ptr, dw_ptr,
-                       M, C, rows_per_prog, K: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
+                       w_ptr, lnw_ptr, dy_ptr, mean_ptr, rstd_ptr, part_ptr,
+                       M, C, rows_per_prog, K: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr):
+    """part[program] = [d(LN weight) (C) | d(LN bias) (C) | d(w) (K)] over the program's rows."""
+    pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    m = cols < C
-    lnw = tl.load(lnw_ptr + cols, mask=m, other=0.0).to(tl.float32)
-    w0 = tl.load(w_ptr)
-    w1 = tl.load(w_ptr + 1)
-    w2 = tl.load(w_ptr + 2)
-    w3 = tl.load(w_ptr + 3)
-    w4 = tl.load(w_ptr + 4)
-    w5 = tl.load(w_ptr + 5)
-    w6 = tl.load(w_ptr + 6)
-    w7 = tl.load(w_ptr + 7)
+    cm = cols < C
+    lnw = tl.load(lnw_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+    w0 = _wk(w_ptr, 0, K)
+    w1 = _wk(w_ptr, 1, K)
+    w2 = _wk(w_ptr, 2, K)
+    w3 = _wk(w_ptr, 3, K)
+    w4 = _wk(w_ptr, 4, K)
+    w5 = _wk(w_ptr, 5, K)
+    w6 = _wk(w_ptr, 6, K)
+    w7 = _wk(w_ptr, 7, K)
     dlnw = tl.zeros([BLOCK], dtype=tl.float32)
     dlnb = tl.zeros([BLOCK], dtype=tl.float32)
-    s0 = tl.zeros([1], dtype=tl.float32)  # running dots <d(fused), level_k>
-    s1 = tl.zeros([1], dtype=tl.float32)
-    s2 = tl.zeros([1], dtype=tl.float32)
-    s3 = tl.zeros([1], dtype=tl.float32)
-    s4 = tl.zeros([1], dtype=tl.float32)
-    s5 = tl.zeros([1], dtype=tl.float32)
-    s6 = tl.zeros([1], dtype=tl.float32)
-    s7 = tl.zeros([1], dtype=tl.float32)
-    start = pid.to(tl.int64) * rows_per_prog
-    for i in range(rows_per_prog):
-        row = start + i
-        mm = m & (row < M)
-        off = row * C + cols
-        a0 = _ld(x0, off, mm, True)
-        a1 = _ld(x1, off, mm, K > 1)
-        a2 = _ld(x2, off, mm, K > 2)
-        a3 = _ld(x3, off, mm, K > 3)
-        a4 = _ld(x4, off, mm, K > 4)
-        a5 = _ld(x5, off, mm, K > 5)
-        a6 = _ld(x6, off, mm, K > 6)
-        a7 = _ld(x7, off, mm, K > 7)
+    s0 = tl.zeros([BLOCK], dtype=tl.float32)  # per-column partial dots <d(fused), level_k>
+    s1 = tl.zeros([BLOCK], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK], dtype=tl.float32)
+    s3 = tl.zeros([BLOCK], dtype=tl.float32)
+    s4 = tl.zeros([BLOCK], dtype=tl.float32)
+    s5 = tl.zeros([BLOCK], dtype=tl.float32)
+    s6 = tl.zeros([BLOCK], dtype=tl.float32)
+    s7 = tl.zeros([BLOCK], dtype=tl.float32)
+    start = pid * rows_per_prog
+    stop = tl.minimum(start + rows_per_prog, M)
+    for t in range(0, rows_per_prog, R):
+        rows = start + t + tl.arange(0, R)
+        rm = rows < stop
+        m = rm[:, None] & cm[None, :]
+        off = rows[:, None] * C + cols[None, :]
+        a0 = _ld(x0, off, m, True)
+        a1 = _ld(x1, off, m, K > 1)
+        a2 = _ld(x2, off, m, K > 2)
+        a3 = _ld(x3, off, m, K > 3)
+        a4 = _ld(x4, off, m, K > 4)
+        a5 = _ld(x5, off, m, K > 5)
+        a6 = _ld(x6, off, m, K > 6)
+        a7 = _ld(x7, off, m, K > 7)
         acc = a0 * w0 + a1 * w1 + a2 * w2 + a3 * w3 + a4 * w4 + a5 * w5 + a6 * w6 + a7 * w7
-        mean = tl.load(mean_ptr + row, mask=row < M, other=0.0)
-        rstd = tl.load(rstd_ptr + row, mask=row < M, other=0.0)
-        xhat = tl.where(mm, (acc - mean) * rstd, 0.0)
-        dy = tl.load(dy_ptr + off, mask=mm, other=0.0).to(tl.float32)
-        wdy = dy * lnw
-        c1 = tl.sum(xhat * wdy, axis=0) / C
-        c2 = tl.sum(wdy, axis=0) / C
-        g = tl.where(mm, (wdy - (xhat * c1 + c2)) * rstd, 0.0)
-        dlnw += dy * xhat
-        dlnb += dy
+        mean = tl.load(mean_ptr + rows, mask=rm, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=rm, other=0.0)
+        xhat = tl.where(m, (acc - mean[:, None]) * rstd[:, None], 0.0)
+        dy = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
+        wdy = dy * lnw[None, :]
+        c1 = tl.sum(xhat * wdy, axis=1) / C
+        c2 = tl.sum(wdy, axis=1) / C
+        g = tl.where(m, (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None], 0.0)
+        dlnw += tl.sum(dy * xhat, axis=0)
+        dlnb += tl.sum(dy, axis=0)
         s0 += tl.sum(g * a0, axis=0)
         if K > 1:
             s1 += tl.sum(g * a1, axis=0)
@@ -122,99 +133,64 @@ def _fusion_bwd_kernel(x0, x1, x2, x3, x4, x5, x6, x7, d0, d1, d2, d3, d4, d5, d
             s6 += tl.sum(g * a6, axis=0)
         if K > 7:
             s7 += tl.sum(g * a7, axis=0)
-        _st(d0, off, g * w0, mm, True)
-        _st(d1, off, g * w1, mm, K > 1)
-        _st(d2, off, g * w2, mm, K > 2)
-        _st(d3, off, g * w3, mm, K > 3)
-        _st(d4, off, g * w4, mm, K > 4)
-        _st(d5, off, g * w5, mm, K > 5)
-        _st(d6, off, g * w6, mm, K > 6)
-        _st(d7, off, g * w7, mm, K > 7)
-    pc = pid.to(tl.int64) * C + cols
-    tl.store(dlnw_ptr + pc, dlnw, mask=m)
-    tl.store(dlnb_ptr + pc, dlnb, mask=m)
-    dk = dw_ptr + pid.to(tl.int64) * MAX_K
-    tl.store(dk + 0, tl.sum(s0, axis=0))
-    tl.store(dk + 1, tl.sum(s1, axis=0))
-    tl.store(dk + 2, tl.sum(s2, axis=0))
-    tl.store(dk + 3, tl.sum(s3, axis=0))
-    tl.store(dk + 4, tl.sum(s4, axis=0))
-    tl.store(dk + 5, tl.sum(s5, axis=0))
-    tl.store(dk + 6, tl.sum(s6, axis=0))
-    tl.store(dk + 7, tl.sum(s7, axis=0))
+        _st(d0, off, g * w0, m, True)
+        _st(d1, off, g * w1, m, K > 1)
+        _st(d2, off, g * w2, m, K > 2)
+        _st(d3, off, g * w3, m, K > 3)
+        _st(d4, off, g * w4, m, K > 4)
+        _st(d5, off, g * w5, m, K > 5)
+        _st(d6, off, g * w6, m, K > 6)
+        _st(d7, off, g * w7, m, K > 7)
+    part = part_ptr + pid * (2 * C + K)
+    tl.store(part + cols, dlnw, mask=cm)
+    tl.store(part + C + cols, dlnb, mask=cm)
+    dk = part + 2 * C
+    tl.store(dk, tl.sum(s0, axis=0))
+    if K > 1:
+        tl.store(dk + 1, tl.sum(s1, axis=0))
+    if K > 2:
+        tl.store(dk + 2, tl.sum(s2, axis=0))
+    if K > 3:
+        tl.store(dk + 3, tl.sum(s3, axis=0))
+    if K > 4:
+        tl.store(dk + 4, tl.sum(s4, axis=0))
+    if K > 5:
+        tl.store(dk + 5, tl.sum(s5, axis=0))
+    if K > 6:
+        tl.store(dk + 6, tl.sum(s6, axis=0))
+    if K > 7:
+        tl.store(dk + 7, tl.sum(s7, axis=0))
 
 
-def _num_row_programs(M, device):
-    if device.type == "cuda":
-        return max(1, min(M, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
-    return max(1, min(M, 4))
-
-
-class FusedFusionLayerNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, weight, bias, eps, *levels):
-        K = len(levels)
-        shape, dtype = levels[0].shape, levels[0].dtype
-        C = shape[-1]
-        xs = [x.contiguous() for x in levels]
-        M = xs[0].numel() // C
-        w = torch.zeros(MAX_LEVELS, device=xs[0].device, dtype=torch.float32)
-        w[:K] = torch.softmax(logits.detach().reshape(-1).float(), dim=0)
-        ptrs = xs + [xs[0]] * (MAX_LEVELS - K)
-        y = _empty(shape, device=xs[0].device, dtype=dtype)
-        mean = _empty(M, device=xs[0].device, dtype=torch.float32)
-        rstd = _empty(M, device=xs[0].device, dtype=torch.float32)
-        block, warps = _settings(C)
-        _fusion_fwd_kernel[(M,)](*ptrs, w, weight.contiguous(), bias.contiguous(), y, mean, rstd, C, eps,
-                                 K=K, BLOCK=block, num_warps=warps)
-        ctx.save_for_backward(w, weight, mean, rstd, *xs)
-        ctx.meta = (K, M, C, logits.shape, logits.dtype, bias.dtype)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        w, weight, mean, rstd, *xs = ctx.saved_tensors
-        K, M, C, logits_shape, logits_dtype, bias_dtype = ctx.meta
-        dy = dy.contiguous()
-        dev = dy.device
-        dxs = [_empty(x.shape, device=x.device, dtype=x.dtype) for x in xs]
-        G = _num_row_programs(M, dev)
-        rows = triton.cdiv(M, G)
-        G = triton.cdiv(M, rows)
-        dlnw = _empty(G, C, device=dev, dtype=torch.float32)
-        dlnb = _empty(G, C, device=dev, dtype=torch.float32)
-        dw = _empty(G, MAX_LEVELS, device=dev, dtype=torch.float32)
-        block, warps = _settings(C)
-        warps = min(16, 2 * warps)  # K live rows per program: more warps keep registers per thread below ~180 (sm_90)
-        pad = MAX_LEVELS - K
-        _fusion_bwd_kernel[(G,)](*(xs + [xs[0]] * pad), *(dxs + [dxs[0]] * pad), w, weight.contiguous(), dy,
-                                 mean, rstd, dlnw, dlnb, dw, M, C, rows, K=K, BLOCK=block, num_warps=warps)
-        wk = w[:K]
-        dwk = dw[:, :K].sum(0)
-        d_logits = (wk * (dwk - (wk * dwk).sum())).to(logits_dtype).reshape(logits_shape)
-        d_weight = dlnw.sum(0).to(weight.dtype)
-        d_bias = dlnb.sum(0).to(bias_dtype)
-        return (d_logits, d_weight, d_bias, None, *dxs)
-
-
-def fused_fusion_layernorm_triton(levels, logits, weight, bias, eps=1e-6):
-    """Same contract as fusion.fused_fusion_layernorm_reference; K = len(levels) in 1..8."""
-    levels = list(levels)
+def fusion_layernorm_fwd(levels, w, weight, bias, eps):
+    """levels: K (B, N, C); w: (K,) float32 softmax weights -> y, mean and rstd per row (float32)."""
     K = len(levels)
-    if not 1 <= K <= MAX_LEVELS:
-        raise ValueError(f"fused_fusion_layernorm: expected 1 to {MAX_LEVELS} levels, got {K}")
-    shape, dtype = levels[0].shape, levels[0].dtype
-    for i, x in enumerate(levels):
-        if x.shape != shape or x.dtype != dtype or x.device != levels[0].device:
-            raise ValueError(f"fused_fusion_layernorm: level {i} is {tuple(x.shape)} {x.dtype} {x.device}, "
-                             f"expected {tuple(shape)} {dtype} {levels[0].device} like level 0")
-    if dtype not in _DTYPES:
-        raise TypeError(f"fused_fusion_layernorm: expected level dtype in {_DTYPES}, got {dtype}")
+    xs = [x.contiguous() for x in levels]
+    shape, dev = xs[0].shape, xs[0].device
     C = shape[-1]
-    if logits.numel() != K:
-        raise ValueError(f"fused_fusion_layernorm: logits must have {K} entries (one per level), got {logits.numel()}")
-    if weight is None or bias is None or tuple(weight.shape) != (C,) or tuple(bias.shape) != (C,):
-        raise ValueError(f"fused_fusion_layernorm: weight and bias must be ({C},) tensors, got "
-                         f"{None if weight is None else tuple(weight.shape)} and {None if bias is None else tuple(bias.shape)}")
-    return FusedFusionLayerNorm.apply(logits, weight, bias, float(eps), *levels)
+    M = xs[0].numel() // C
+    y = common.empty(shape, device=dev, dtype=xs[0].dtype)
+    mean = common.empty(M, device=dev, dtype=torch.float32)
+    rstd = common.empty(M, device=dev, dtype=torch.float32)
+    _fusion_fwd_kernel[common.row_tiles(M)](
+        *xs, *[xs[0]] * (MAX_LEVELS - K), w.float().contiguous(), weight.contiguous(), bias.contiguous(), y, mean,
+        rstd, M, C, eps, K=K, BLOCK=common.block(C))
+    return y, mean, rstd
 
+
+def fusion_layernorm_bwd(dy, levels, w, weight, mean, rstd):
+    """-> d(levels), [d(LN weight) (C) | d(LN bias) (C) | d(w) (K)] in float32."""
+    K = len(levels)
+    xs = [x.contiguous() for x in levels]
+    dy = dy.contiguous()
+    dev = dy.device
+    M, C = mean.numel(), dy.shape[-1]
+    dxs = [common.empty(x.shape, device=dev, dtype=x.dtype) for x in xs]
+    G = common.row_programs(M, dev)
+    rows = triton.cdiv(M, G)
+    G = triton.cdiv(M, rows)
+    part = common.empty(G, 2 * C + K, device=dev, dtype=torch.float32)
+    pad = MAX_LEVELS - K
+    _fusion_bwd_kernel[(G,)](*xs, *[xs[0]] * pad, *dxs, *[dxs[0]] * pad, w.float().contiguous(), weight.contiguous(),
+                             dy, mean, rstd, part, M, C, rows, K=K, BLOCK=common.block(C))
+    return dxs, part.sum(0)
