@@ -40,7 +40,7 @@ def nvjpeg_ok(data, src):
 
 
 def encode(samples, names):
-    """[(bytes, params, src) or None] -> Encoded (worker side)."""
+    """[(bytes, params, nvjpeg_ok) or None (bad)] -> Encoded (worker side)."""
     files = [s[0] if s else b"" for s in samples]
     offsets = [0]
     for f in files:
@@ -48,7 +48,7 @@ def encode(samples, names):
     data = torch.frombuffer(bytearray(b"".join(files)), dtype=torch.uint8) if offsets[-1] else \
         torch.empty(0, dtype=torch.uint8)
     return Encoded(data, offsets, [s[1] if s else None for s in samples],
-                   [bool(s) and nvjpeg_ok(s[0], s[2]) for s in samples], list(names))
+                   [bool(s) and s[2] for s in samples], list(names))
 
 
 def _decode_jpegs(files, device):
