@@ -218,7 +218,10 @@ class Loader:
         nw = cfg.num_workers
         self._dl = DataLoader(dataset, batch_size=None, num_workers=nw,  # encoded files: nothing to pin
                               pin_memory=cfg.pin_memory and torch.cuda.is_available() and device is None,
-                              persistent_workers=nw > 0, prefetch_factor=cfg.prefetch_factor if nw else None)
+                              persistent_workers=nw > 0, prefetch_factor=cfg.prefetch_factor if nw else None,
+                              # its own generator: starting workers must not draw from the global RNG, or a
+                              # resumed run's masks would shift (our workers seed from (seed, epoch, rank, b))
+                              generator=torch.Generator().manual_seed(0))
         self.set_epoch(epoch, skip_batches)
 
     def set_epoch(self, epoch, skip_batches=0):
