@@ -5,12 +5,15 @@
 #   2. CUDA kernel tests (tests/test_kernels.py, tests/test_kernels_model.py: compiled kernels on the GPU);
 #   3. kernel benchmarks (benchmarks/kernels.py);
 #   4. the training throughput benchmark (benchmarks/throughput.py), if present;
-#   5. if time is left, the same throughput with the plain torch ops (kernels=torch) for the kernel speedup;
+#   5. data on the GPU (step "data", about 180 s at most): ~2,000 generated ImageNet-like JPEGs (no download);
+#      benchmarks/data_throughput.py --device cuda (decode: gpu with 4 workers vs the CPU path on every core),
+#      then benchmarks/throughput.py --data (MFF training with those JPEGs vs synthetic inputs);
+#   6. if time is left, the same throughput with the plain torch ops (kernels=torch) for the kernel speedup;
 # then prints one summary table. Each step has its own timeout, so one hang does not eat the budget.
-#   6. (only when asked: SUITE_STEPS=...,diagnose) the engine diagnosis: our model in a plain torch loop,
+#   7. (only when asked: SUITE_STEPS=...,diagnose) the engine diagnosis: our model in a plain torch loop,
 #      DeepSpeed ZeRO-0 vs ZeRO-2, and a profile of each, to locate the engine's overhead.
 # SUITE_BUDGET (seconds, default 470) bounds the whole run; the steps share it. SUITE_STEPS (default
-# "tests,kernels,throughput") picks the steps.
+# "tests,kernels,throughput,data") picks the steps.
 # Results go to $OUT if set, else benchmarks/results/. Run from anywhere: bash benchmarks/run_gpu_suite.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +29,7 @@ LOG="$RES/gpu_suite.log"
 T0=$(date +%s)
 BUDGET=${SUITE_BUDGET:-470}
 declare -a SUMMARY
-STEPS=",${SUITE_STEPS:-tests,kernels,throughput},"
+STEPS=",${SUITE_STEPS:-tests,kernels,throughput,data},"
 want() { [[ "$STEPS" == *",$1,"* ]]; }
 left() { local l=$(( BUDGET - ($(date +%s) - T0) - ${1:-0} )); [ "$l" -lt 20 ] && l=20; echo "$l"; }
 cap() { local l; l=$(left "${2:-0}"); [ "$1" -lt "$l" ] && echo "$1" || echo "$l"; }  # min(want, left - reserve)
@@ -80,12 +83,22 @@ else  # no GPU: smoke test only
 fi
 
 # 4. training throughput, if that benchmark exists (written separately)
-if want throughput; then
-  step "throughput" "$(cap 150 40)" "$PY" benchmarks/throughput.py --out-dir "$RES"
-  if [ "$(left)" -gt 60 ]; then
-    step "throughput torch ops" "$(cap 120 5)" "$PY" benchmarks/throughput.py --out-dir "$RES/torch_ops" \
-      --kernels torch --no-baseline
-  fi
+want throughput && step "throughput" "$(cap 150 40)" "$PY" benchmarks/throughput.py --out-dir "$RES"
+
+# 5. data on the GPU: a fixed share of the budget (70 s + 110 s at most)
+if want data; then
+  JPEGS=/tmp/mff_ds_jpegs
+  rm -rf "$JPEGS"
+  step "data throughput" "$(cap 70 5)" "$PY" benchmarks/data_throughput.py --device cuda --images 2000 \
+    --data-dir "$JPEGS" --gpu-workers 4 --json "$RES/data_throughput_cuda.json"
+  [ -d "$JPEGS" ] && step "throughput real data" "$(cap 110 5)" "$PY" benchmarks/throughput.py --data "$JPEGS" \
+    --workers 4 --decode gpu --no-baseline --steps 10 --warmup 3 --out-dir "$RES/real_data"
+fi
+
+# 6. the kernel speedup, if time is left
+if want throughput && [ "$(left)" -gt 60 ]; then
+  step "throughput torch ops" "$(cap 120 5)" "$PY" benchmarks/throughput.py --out-dir "$RES/torch_ops" \
+    --kernels torch --no-baseline
 fi
 if want diagnose; then
   D=(--no-baseline --steps 10 --warmup 3 --kernels torch)
@@ -97,7 +110,8 @@ fi
 echo
 echo "## GPU suite summary ($(( $(date +%s) - T0 ))s total; log $LOG)" | tee -a "$LOG"
 { echo "| step                   | status       | time   |"; echo "|---|---|---|"; printf '%s\n' "${SUMMARY[@]}"; } | tee -a "$LOG"
-for f in "$RES/kernels.md" "$RES/kernels_quick.md" "$RES"/throughput_*.md "$RES"/*/throughput_*.md; do [ -f "$f" ] && { echo; cat "$f"; }; done | tee -a "$LOG"
+for f in "$RES/kernels.md" "$RES/kernels_quick.md" "$RES"/throughput_*.md "$RES"/*/throughput_*.md \
+         "$RES/data_throughput_cuda.json"; do [ -f "$f" ] && { echo; cat "$f"; }; done | tee -a "$LOG"
 if [ -n "${OUT:-}" ]; then
   tar czf "$OUT/gpu_results.tgz" -C "$RES" . && cp "$LOG" "$OUT/" && echo "results: \$OUT/gpu_results.tgz"
 fi
