@@ -421,7 +421,7 @@ def test_device_decode_matches_cpu_path(sized_folder, aug):
     b, enc, *_ = ds._make(1, 0, [(str(p), p.read_bytes(), 0) for p in sorted(sized_folder.rglob("*.jpg"))[:8]])
     rng = np.random.default_rng([ds.seed, 0, 0, 1])
     assert enc.params == [ds.aug.sample(*Image.open(p).size, rng) for p in sorted(sized_folder.rglob("*.jpg"))[:8]]
-    assert all(enc.nvjpeg)
+    assert not enc.done  # every JPEG goes to the device
     fast = stream(load(DataConfig(decode="cpu", **dict(kw, fast_decode=True)), micro_batch=8))
     assert np.mean([(a.float() - b.float()).abs().mean().item() for (a, _), (b, _) in zip(fast, dev)]) < 4
 
@@ -431,6 +431,22 @@ def test_device_decode_routes_odd_files_to_the_cpu_decoder(photo):
     for name in ("gray.jpg", "cmyk.jpg", "exif.jpg", "palette.png", "bad_truncated.jpg"):
         ok = device_decode.nvjpeg_ok(files[name], _Source(files[name], True))
         assert ok == (name == "gray.jpg"), name  # CMYK, EXIF rotation, PNG, no end marker: the CPU decoder
+
+
+def test_device_decode_falls_back_per_file(photo, sized_folder):
+    """A JPEG the batched device call rejects: the others still decode; the CPU path's decoder gets it and, as
+    on the CPU path, counts it bad and replaces it by a good sample of the batch."""
+    good = [p.read_bytes() for p in sorted(sized_folder.rglob("*.jpg"))[:5]]
+    whole = jpeg(photo)
+    broken = whole[:2000] + bytes(range(256)) * 8 + whole[4048:]  # header and end marker intact
+    raw = [(f"f{k}", d, k) for k, d in enumerate(good[:2] + [broken] + good[2:])]
+    cfg = DataConfig(source="imagefolder", path=str(sized_folder), num_workers=0, decode="gpu")
+    ds = load(cfg, device="cpu").dataset
+    b, enc, labels, bad, n = ds._make(0, 0, raw)
+    assert enc.params[2] is not None and not bad and not enc.done  # the worker sent it to the device
+    imgs, labels, bad = device_decode.decode_batch(enc, labels, bad, ds.aug, ds.size, torch.device("cpu"))
+    assert [k for k, _ in bad] == [2] and bad[0][1].startswith("f2: ")
+    assert labels.tolist() == [0, 1, 3, 3, 4, 5] and torch.equal(imgs[2], imgs[3])
 
 
 @pytest.mark.cuda

@@ -2,12 +2,14 @@
 
 Workers (`encode`): read the bytes, parse the header for the image size and draw the crop and flip parameters
 exactly as the CPU path does (`transforms.prepare`, same generator, same order: the same seed gives the same
-boxes and flips on either path), and ship the batch's files as one uint8 tensor (shared memory, not pickled).
+boxes and flips on either path), and ship the batch's JPEGs as one uint8 tensor (shared memory, not pickled).
+Files nvJPEG should not get (PNG, CMYK or EXIF-rotated JPEGs, truncated files) are decoded and augmented by
+the CPU path in the worker, as without `decode: gpu`, and shipped as finished uint8 images.
 Main process (`decode_batch`): nvJPEG decodes the batch's JPEGs in one `torchvision.io.decode_jpeg(list,
-device=...)` call (the hardware decoder on A100/H100/H200 for baseline JPEGs); PNGs, CMYK or EXIF-rotated
-JPEGs, truncated files and anything the batched call rejects are decoded by the CPU path's decoder, and the
-undecodable ones are replaced and counted as bad samples as on the CPU path. Augmentation is the CPU path's
-`apply` on float pixels on the device (torch's CUDA resize kernels do not take uint8), rounded once at the end.
+device=...)` call (the hardware decoder on A100/H100/H200 for baseline JPEGs); a file it rejects is decoded by
+the CPU path's decoder there; undecodable files are replaced and counted as bad samples as on the CPU path.
+Augmentation is the CPU path's `apply` on float pixels on the device (torch's CUDA resize kernels do not take
+uint8), rounded once at the end.
 `Prefetcher` does all this for batch n+1 in a thread, on a side CUDA stream, while batch n trains.
 """
 import contextlib
@@ -25,10 +27,11 @@ DECODES = ("auto", "cpu", "gpu")
 @dataclasses.dataclass
 class Encoded:
     """One batch as the workers ship it for device decoding."""
-    data: torch.Tensor   # uint8 (total,): the files of the batch back to back (empty for bad samples)
+    data: torch.Tensor   # uint8 (total,): the JPEGs for nvJPEG back to back (nothing for the other samples)
     offsets: list        # n + 1 byte offsets into data
-    params: list         # augmentation parameters per sample; None for samples already bad
-    nvjpeg: list         # bool per sample: a JPEG for the batched nvJPEG call
+    params: list         # augmentation parameters of the JPEGs for nvJPEG, None for the other samples
+    done: dict           # sample index -> row of `images`: decoded and augmented in the worker
+    images: torch.Tensor  # uint8 (len(done), 3, S, S)
     names: list          # sample names, for bad-sample messages
 
 
@@ -39,16 +42,17 @@ def nvjpeg_ok(data, src):
     return jpeg is not None and data.rstrip(b"\0")[-2:] == b"\xff\xd9"
 
 
-def encode(samples, names):
-    """[(bytes, params, nvjpeg_ok) or None (bad)] -> Encoded (worker side)."""
-    files = [s[0] if s else b"" for s in samples]
+def encode(jpegs, done, names, size):
+    """jpegs [(bytes, params) or None], done {k: uint8 (3, S, S)} -> Encoded (worker side)."""
+    files = [j[0] if j else b"" for j in jpegs]
     offsets = [0]
     for f in files:
         offsets.append(offsets[-1] + len(f))
     data = torch.frombuffer(bytearray(b"".join(files)), dtype=torch.uint8) if offsets[-1] else \
         torch.empty(0, dtype=torch.uint8)
-    return Encoded(data, offsets, [s[1] if s else None for s in samples],
-                   [bool(s) and s[2] for s in samples], list(names))
+    images = torch.stack(list(done.values())) if done else torch.empty((0, 3, size, size), dtype=torch.uint8)
+    return Encoded(data, offsets, [j[1] if j else None for j in jpegs], {k: i for i, k in enumerate(done)},
+                   images, list(names))
 
 
 def _decode_jpegs(files, device):
@@ -73,14 +77,15 @@ def decode_batch(enc, labels, bad, aug, size, device, fast=True):
     from .loader import fill_bad
     n = len(enc.params)
     files = [enc.data[a:b] for a, b in zip(enc.offsets[:-1], enc.offsets[1:])]
-    gpu = [k for k in range(n) if enc.nvjpeg[k]]
+    gpu = [k for k in range(n) if enc.params[k] is not None]
     decoded = dict(zip(gpu, _decode_jpegs([files[k] for k in gpu], device))) if gpu else {}
     out = torch.empty((n, 3, size, size), dtype=torch.float32, device=device)
-    bad, good = list(bad), []
-    for k, p in enumerate(enc.params):
-        if p is None:
-            continue
-        x = decoded.get(k)
+    if enc.done:
+        done = list(enc.done)
+        out[done] = enc.images.to(device).float()
+    bad, good = list(bad), sorted(enc.done)
+    for k in gpu:
+        p, x = enc.params[k], decoded.get(k)
         try:
             if x is None:  # not for nvJPEG, or it failed: the CPU path's decoder (PIL conversions, BadImage)
                 src = _Source(files[k].numpy().tobytes(), fast)
@@ -90,6 +95,7 @@ def decode_batch(enc, labels, bad, aug, size, device, fast=True):
         except Exception as e:  # never let one file stop the run
             bad.append((k, f"{enc.names[k]}: {str(e)[:200]}"))
     imgs = to_uint8(out)
+    good.sort()
     fill_bad(imgs, labels, good, bad)
     return imgs, labels, sorted(bad)
 

@@ -145,21 +145,25 @@ class _Batches(IterableDataset):
         n, fast = len(raw), self.cfg.fast_decode
         imgs = None if self.encode_only else torch.empty((n, 3, self.size, self.size), dtype=torch.uint8)
         labels = torch.tensor([label for _, _, label in raw], dtype=torch.int64)
-        good, bad, encoded = [], [], [None] * n
+        good, bad, jpegs, done = [], [], [None] * n, {}
         for k, (name, data, _) in enumerate(raw):
             try:
                 if not isinstance(data, bytes):  # str: read error or broken shard; None: no image entry
                     raise ValueError(data or "sample has no image entry")
                 src, p = prepare(data, self.aug, rng, fast)  # the same draws on both paths
+                if self.encode_only and nvjpeg_ok(data, src):
+                    jpegs[k] = (data, p)  # decoded on the device
+                    continue
+                img = self.aug.apply(chw(decode_for(src, self.aug, p, fast)), p)
                 if self.encode_only:
-                    encoded[k] = (data, p, nvjpeg_ok(data, src))
+                    done[k] = img
                 else:
-                    imgs[k] = self.aug.apply(chw(decode_for(src, self.aug, p, fast)), p)
-                good.append(k)
+                    imgs[k] = img
+                    good.append(k)
             except Exception as e:  # never let one file kill a worker
                 bad.append((k, f"{name}: {str(e)[:200]}"))
         if self.encode_only:
-            return b, encode(encoded, [name for name, _, _ in raw]), labels, bad, n
+            return b, encode(jpegs, done, [name for name, _, _ in raw], self.size), labels, bad, n
         fill_bad(imgs, labels, good, bad)
         return b, imgs, labels, bad, n
 
