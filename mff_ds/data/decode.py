@@ -10,6 +10,8 @@ device=...)` call (the hardware decoder on A100/H100/H200 for baseline JPEGs); a
 the CPU path's decoder there; undecodable files are replaced and counted as bad samples as on the CPU path.
 Augmentation is the CPU path's `apply` on float pixels on the device (torch's CUDA resize kernels do not take
 uint8), rounded once at the end.
+Difference from the CPU path: a JPEG cut short but still ending with an end marker decodes (grey where data is
+missing) where libjpeg-turbo on the CPU path rejects it.
 `Prefetcher` does all this for batch n+1 in a thread, on a side CUDA stream, while batch n trains.
 """
 import contextlib
