@@ -10,7 +10,7 @@ device=...)` call (the hardware decoder on A100/H100/H200 for baseline JPEGs); a
 the CPU path's decoder there; undecodable files are replaced and counted as bad samples as on the CPU path.
 Augmentation is the CPU path's `apply` on float pixels on the device (torch's CUDA resize kernels do not take
 uint8), rounded once at the end.
-Difference from the CPU path: a JPEG cut short but still ending with an end marker decodes (grey where data is
+Difference from the CPU path: a JPEG cut short but still ending with an end marker may decode (grey where data is
 missing) where libjpeg-turbo on the CPU path rejects it.
 `Prefetcher` does all this for batch n+1 in a thread, on a side CUDA stream, while batch n trains.
 """
@@ -89,7 +89,7 @@ def decode_batch(enc, labels, bad, aug, size, device, fast=True):
     for k in gpu:
         p, x = enc.params[k], decoded.get(k)
         try:
-            if x is None:  # not for nvJPEG, or it failed: the CPU path's decoder (PIL conversions, BadImage)
+            if x is None:  # the device decoder failed: the CPU path's decoder (names the problem: BadImage)
                 src = _Source(files[k].numpy().tobytes(), fast)
                 x = chw(decode_for(src, aug, p, fast)).to(device)
             out[k] = aug.apply(x.float(), p)
@@ -114,6 +114,8 @@ class Prefetcher:
 
     def _run(self, source, fn):
         try:
+            if self.stream is not None:
+                torch.cuda.set_device(self.device)  # a new thread starts on device 0, whatever the rank's
             with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
                 for item in source:
                     out = fn(item)

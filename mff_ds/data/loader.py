@@ -189,7 +189,10 @@ def decode_device(cfg, kind, device=None):
     if kind == "synthetic" or cfg.decode == "cpu" or (cfg.decode == "auto" and not torch.cuda.is_available()):
         return None
     if device is not None:
-        return torch.device(device)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
     if not torch.cuda.is_available():
         warnings.warn("data.decode=gpu without CUDA: batches are decoded in the main process on the CPU")
         return torch.device("cpu")
