@@ -388,18 +388,6 @@ def test_pipe_shards(shards, folder, tmp_path):
         load(DataConfig(source="webdataset", path=missing, num_samples=10))
 
 
-@pytest.fixture(scope="session")
-def sized_folder(tmp_path_factory, photo):
-    """24 JPEGs of 40-300 px, so that every augmentation really resizes."""
-    root = tmp_path_factory.mktemp("sized")
-    rng = np.random.default_rng(1)
-    for i in range(24):
-        w, h = (int(v) for v in rng.integers(40, 301, size=2))
-        (root / f"c{i % 2}").mkdir(exist_ok=True)
-        (root / f"c{i % 2}" / f"{i:02d}.jpg").write_bytes(jpeg(photo.resize((w, h))))
-    return root
-
-
 # Device path vs CPU path, stated tolerance (grey levels): the same crop boxes and flips; pixels differ only by
 # the resize arithmetic (float on the device path; torch's uint8 kernels round and clamp between the two
 # passes, which shows after bicubic overshoot), and with fast_decode by the CPU path's reduced-size decoding.
@@ -407,8 +395,8 @@ TOLERANCE = {"mff": 2, "mae": 6, "center": 6}
 
 
 @pytest.mark.parametrize("aug", ["mff", "mae", "center"])
-def test_device_decode_matches_cpu_path(sized_folder, aug):
-    kw = dict(source="imagefolder", path=str(sized_folder), num_workers=0, augment=aug, fast_decode=False)
+def test_device_decode_matches_cpu_path(folder, aug):
+    kw = dict(source="imagefolder", path=str(folder), num_workers=0, augment=aug, fast_decode=False)
     cpu = stream(load(DataConfig(decode="cpu", **kw), micro_batch=8))
     loader = load(DataConfig(decode="gpu", **kw), micro_batch=8, device="cpu")  # the device code, on the CPU
     dev = stream(loader)
@@ -418,9 +406,9 @@ def test_device_decode_matches_cpu_path(sized_folder, aug):
         assert torch.equal(ya, yb) and b.dtype == torch.uint8 and d.max() <= TOLERANCE[aug] and d.float().mean() < 0.3
     # the same parameters, drawn in the workers, as the CPU path draws them
     ds = loader.dataset
-    b, enc, *_ = ds._make(1, 0, [(str(p), p.read_bytes(), 0) for p in sorted(sized_folder.rglob("*.jpg"))[:8]])
+    b, enc, *_ = ds._make(1, 0, [(str(p), p.read_bytes(), 0) for p in sorted(folder.rglob("*.jpg"))[:8]])
     rng = np.random.default_rng([ds.seed, 0, 0, 1])
-    assert enc.params == [ds.aug.sample(*Image.open(p).size, rng) for p in sorted(sized_folder.rglob("*.jpg"))[:8]]
+    assert enc.params == [ds.aug.sample(*Image.open(p).size, rng) for p in sorted(folder.rglob("*.jpg"))[:8]]
     assert not enc.done  # every JPEG goes to the device
     fast = stream(load(DataConfig(decode="cpu", **dict(kw, fast_decode=True)), micro_batch=8))
     assert np.mean([(a.float() - b.float()).abs().mean().item() for (a, _), (b, _) in zip(fast, dev)]) < 4
@@ -433,14 +421,14 @@ def test_device_decode_routes_odd_files_to_the_cpu_decoder(photo):
         assert ok == (name == "gray.jpg"), name  # CMYK, EXIF rotation, PNG, no end marker: the CPU decoder
 
 
-def test_device_decode_falls_back_per_file(photo, sized_folder):
+def test_device_decode_falls_back_per_file(photo, folder):
     """A JPEG the batched device call rejects: the others still decode; the CPU path's decoder gets it and, as
     on the CPU path, counts it bad and replaces it by a good sample of the batch."""
-    good = [p.read_bytes() for p in sorted(sized_folder.rglob("*.jpg"))[:5]]
+    good = [p.read_bytes() for p in sorted(folder.rglob("*.jpg"))[:5]]
     whole = jpeg(photo)
     broken = whole[:2000] + bytes(range(256)) * 8 + whole[4048:]  # header and end marker intact
     raw = [(f"f{k}", d, k) for k, d in enumerate(good[:2] + [broken] + good[2:])]
-    cfg = DataConfig(source="imagefolder", path=str(sized_folder), num_workers=0, decode="gpu")
+    cfg = DataConfig(source="imagefolder", path=str(folder), num_workers=0, decode="gpu")
     ds = load(cfg, device="cpu").dataset
     b, enc, labels, bad, n = ds._make(0, 0, raw)
     assert enc.params[2] is not None and not bad and not enc.done  # the worker sent it to the device
@@ -451,8 +439,8 @@ def test_device_decode_falls_back_per_file(photo, sized_folder):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("aug", ["mff", "mae"])
-def test_cuda_decode_matches_cpu_path(sized_folder, aug):
-    kw = dict(source="imagefolder", path=str(sized_folder), num_workers=2, augment=aug, fast_decode=False)
+def test_cuda_decode_matches_cpu_path(folder, aug):
+    kw = dict(source="imagefolder", path=str(folder), num_workers=2, augment=aug, fast_decode=False)
     cpu = stream(load(DataConfig(decode="cpu", **kw), micro_batch=8))
     loader = load(DataConfig(decode="gpu", **kw), micro_batch=8, device="cuda")
     dev = stream(loader)
