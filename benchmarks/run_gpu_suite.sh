@@ -5,7 +5,7 @@
 #   2. CUDA kernel tests (tests/test_kernels.py, tests/test_kernels_model.py: compiled kernels on the GPU);
 #   3. kernel benchmarks (benchmarks/kernels.py);
 #   4. the training throughput benchmark (benchmarks/throughput.py), if present;
-#   5. data on the GPU (step "data", 220 s at most): the CUDA decode tests; ~2,000 generated ImageNet-like JPEGs;
+#   5. data on the GPU (step "data", 180 s at most): the CUDA decode tests; ~2,000 generated ImageNet-like JPEGs;
 #      benchmarks/data_throughput.py --device cuda (decode: gpu with 4 workers vs the CPU path on every core),
 #      then benchmarks/throughput.py --data (MFF training with those JPEGs vs synthetic inputs);
 #   6. if time is left, the same throughput with the plain torch ops (kernels=torch) for the kernel speedup;
@@ -85,15 +85,15 @@ fi
 # 4. training throughput, if that benchmark exists (written separately)
 want throughput && step "throughput" "$(cap 150 40)" "$PY" benchmarks/throughput.py --out-dir "$RES"
 
-# 5. data on the GPU: a fixed share of the budget (40 s + 70 s + 110 s at most)
+# 5. data on the GPU: a fixed share of the budget (30 s + 60 s + 90 s at most; alone: SUITE_STEPS=data)
 if want data; then
   JPEGS=/tmp/mff_ds_jpegs
   rm -rf "$JPEGS"
-  step "data cuda tests" "$(cap 40 5)" "$PY" -m pytest -q -p no:cacheprovider tests/test_data.py -k cuda \
+  step "data cuda tests" "$(cap 30 5)" "$PY" -m pytest -q -p no:cacheprovider tests/test_data.py -k cuda \
     -o addopts="" --timeout=30 --junitxml="$RES/data_tests.xml"
-  step "data throughput" "$(cap 70 5)" "$PY" benchmarks/data_throughput.py --device cuda --images 2000 \
+  step "data throughput" "$(cap 60 5)" "$PY" benchmarks/data_throughput.py --device cuda --images 2000 \
     --data-dir "$JPEGS" --gpu-workers 4 --json "$RES/data_throughput_cuda.json"
-  [ -d "$JPEGS" ] && step "throughput real data" "$(cap 110 5)" "$PY" benchmarks/throughput.py --data "$JPEGS" \
+  [ -d "$JPEGS" ] && step "throughput real data" "$(cap 90 5)" "$PY" benchmarks/throughput.py --data "$JPEGS" \
     --workers 4 --decode gpu --no-baseline --steps 10 --warmup 3 --out-dir "$RES/real_data"
 fi
 
