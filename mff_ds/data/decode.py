@@ -76,7 +76,6 @@ def _decode_jpegs(files, device):
 def decode_batch(enc, labels, bad, aug, size, device, fast=True):
     """Encoded batch -> (uint8 (n, 3, size, size) on `device`, labels, bad [(k, message)]); bad samples are
     replaced as on the CPU path (`fill_bad`)."""
-    from .loader import fill_bad
     n = len(enc.params)
     files = [enc.data[a:b] for a, b in zip(enc.offsets[:-1], enc.offsets[1:])]
     gpu = [k for k in range(n) if enc.params[k] is not None]
@@ -100,6 +99,17 @@ def decode_batch(enc, labels, bad, aug, size, device, fast=True):
     good.sort()
     fill_bad(imgs, labels, good, bad)
     return imgs, labels, sorted(bad)
+
+
+def fill_bad(imgs, labels, good, bad):
+    """Replace bad samples by good ones of the same batch (keeps stream positions fixed), or zeros / -1.
+    Shared by both paths, so that they replace alike."""
+    for k, _ in bad:
+        if good:
+            src = good[k % len(good)]
+            imgs[k], labels[k] = imgs[src], labels[src]
+        else:
+            imgs[k], labels[k] = 0, -1
 
 
 class Prefetcher:

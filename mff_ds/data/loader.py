@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import sources
-from .decode import DECODES, Prefetcher, decode_batch, encode, nvjpeg_ok
+from .decode import DECODES, Prefetcher, decode_batch, encode, fill_bad, nvjpeg_ok
 from .transforms import AUGMENTS, chw, decode_for, make_augment, prepare
 
 SOURCES = ("demo", "imagefolder", "webdataset", "synthetic")
@@ -97,7 +97,8 @@ def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=torch.float32)
 
 
 class _Batches(IterableDataset):
-    """Yields (batch_index, images uint8, labels int64, bad [str], n_samples) for the batches of this worker."""
+    """Yields (batch_index, images uint8 or decode.Encoded, labels int64, bad [(k, message)], n_samples) for the
+    batches of this worker."""
 
     def __init__(self, cfg, kind, items, img_size, batch, rank, world, seed, nb, last, drop_last, state,
                  encode_only=False):
@@ -166,16 +167,6 @@ class _Batches(IterableDataset):
             return b, encode(jpegs, done, [name for name, _, _ in raw], self.size), labels, bad, n
         fill_bad(imgs, labels, good, bad)
         return b, imgs, labels, bad, n
-
-
-def fill_bad(imgs, labels, good, bad):
-    """Replace bad samples by good ones of the same batch (keeps stream positions fixed), or zeros / -1."""
-    for k, _ in bad:
-        if good:
-            src = good[k % len(good)]
-            imgs[k], labels[k] = imgs[src], labels[src]
-        else:
-            imgs[k], labels[k] = 0, -1
 
 
 def _decode_item(ds, device, item):
