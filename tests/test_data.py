@@ -416,9 +416,10 @@ def test_device_decode_matches_cpu_path(folder, aug):
 
 def test_device_decode_routes_odd_files_to_the_cpu_decoder(photo):
     files, _ = odd_files(photo)
-    for name in ("gray.jpg", "cmyk.jpg", "exif.jpg", "palette.png", "bad_truncated.jpg"):
+    files["rgb.jpg"], files["progressive.jpg"] = jpeg(photo), jpeg(photo, progressive=True)
+    for name in ("rgb.jpg", "gray.jpg", "cmyk.jpg", "exif.jpg", "palette.png", "bad_truncated.jpg", "progressive.jpg"):
         ok = device_decode.nvjpeg_ok(files[name], _Source(files[name], True))
-        assert ok == (name == "gray.jpg"), name  # CMYK, EXIF rotation, PNG, no end marker: the CPU decoder
+        assert ok == (name in ("rgb.jpg", "gray.jpg")), name  # the others: the CPU decoder, in the workers
 
 
 def test_device_decode_falls_back_per_file(photo, folder):

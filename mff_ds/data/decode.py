@@ -38,10 +38,28 @@ class Encoded:
 
 
 def nvjpeg_ok(data, src):
-    """A YCbCr/gray JPEG without EXIF rotation that ends with its EOI marker. Other files go to the CPU
-    decoder: nvJPEG ignores EXIF, does not convert CMYK, and decodes a truncated file without an error."""
+    """A sequential YCbCr/gray JPEG without EXIF rotation that ends with its EOI marker. Other files go to the
+    CPU decoder: nvJPEG ignores EXIF, does not convert CMYK, decodes a truncated file without an error, and
+    decodes progressive files one by one with host-side Huffman decoding in the main process."""
     jpeg = src.jpeg if src.jpeg is not None else _fast_jpeg_size(data)
-    return jpeg is not None and data.rstrip(b"\0")[-2:] == b"\xff\xd9"
+    return jpeg is not None and data.rstrip(b"\0")[-2:] == b"\xff\xd9" and _sequential(data)
+
+
+def _sequential(data):
+    """The JPEG's frame is baseline or extended sequential Huffman (SOF0 / SOF1), what nvJPEG's batched hardware
+    path takes. A walk over the marker segments: simplejpeg's header does not say, and PIL's costs 10x more."""
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker in (0xC0, 0xC1):
+            return True
+        elif 0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) or marker == 0xDA:
+            return False  # progressive, lossless or arithmetic-coded frame (or no frame before the scan)
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return False
 
 
 def encode(jpegs, done, names, size):
