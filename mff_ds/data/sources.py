@@ -19,6 +19,7 @@ import json
 import os
 import random
 import subprocess
+import tarfile
 import tempfile
 
 import numpy as np
@@ -137,9 +138,13 @@ def check_readable(url):
     """Raise one clear error when the first bytes of shard `url` are not a tar header (missing file, failing
     command). Local shards are checked by expand_shards."""
     head, err = fetch(url, limit=512)
-    if err or len(head) < 512 or head[257:262] != b"ustar":
-        why = err or (f"{len(head)} bytes" if len(head) < 512 else "not a tar file")
-        raise ValueError(f"data.path: cannot read shard {url!r} ({why})")
+    if not err:
+        try:
+            tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")  # checks the header's checksum
+        except tarfile.HeaderError as e:
+            err = f"not a tar file: {e}; first bytes {head[:40]!r}"
+    if err:
+        raise ValueError(f"data.path: cannot read shard {url!r} ({err})")
 
 
 def shard_counts(urls):
