@@ -110,7 +110,7 @@ def _run_pipe(url, limit=None, timeout=300):
         p = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, stderr=stderr)
         try:
             data = p.stdout.read(limit) if limit else p.stdout.read()
-            p.stdout.close()  # a command still writing gets SIGPIPE and ends
+            p.stdout.close()  # a command still writing gets SIGPIPE (or EPIPE) and ends
             status = p.wait(timeout)
         except BaseException:
             p.kill()
@@ -118,7 +118,7 @@ def _run_pipe(url, limit=None, timeout=300):
             raise
         stderr.seek(0)
         err = stderr.read().decode(errors="replace").strip()
-    if status not in (0, -13, 141) or (status and not data):  # -13 / 141: SIGPIPE after we stopped reading
+    if status and not (limit and len(data) >= limit):  # after a full `limit`, we cut it short: any status
         return data, f"exit status {status}" + (f": {err.splitlines()[-1][:300]}" if err else "")
     return data, None
 
