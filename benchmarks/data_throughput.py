@@ -1,6 +1,8 @@
-"""Data pipeline throughput: ours (build_loader) vs a plain torchvision ImageFolder + transforms pipeline.
+"""Data pipeline throughput: ours (build_loader) vs a plain torchvision ImageFolder + transforms pipeline, and
+the device-decoding path (`data.decode: gpu`) vs the CPU path on every core.
 
     python benchmarks/data_throughput.py --json benchmarks/results/data_throughput.json [--images 512] [--workers 0]
+    python benchmarks/data_throughput.py --device cuda --images 2000 [--gpu-workers 4] [--cpu-workers N]
 
 Generates --images ImageNet-like JPEGs (about 500x375, quality 90, cut from the photographs bundled with
 scikit-image) and runs both pipelines over the same files in the same process, alternating, for the MAE
@@ -9,6 +11,12 @@ Baseline = what the official MAE code does: torchvision ImageFolder (PIL decode)
 Normalize -> float batches. Ours -> uint8 batches (normalisation runs later on the GPU).
 Reported: images/s per worker process (= total / max(workers, 1); workers=0 runs in this process), the median
 of --repeats passes each, one thread per process (as DataLoader workers run).
+
+--device cuda (or cpu, to smoke-test the code): the MFF (and --augs) pipeline as the trainer consumes it, batches
+moved to the device and normalised there, in total images/s (median of --repeats passes after a warm-up pass,
+persistent workers): `decode: gpu` with --gpu-workers workers (batch --device-batch: nvJPEG decodes a whole batch
+at once) against `decode: cpu` with --cpu-workers (default: every core of the machine; batch --batch, so every
+worker has several batches per pass). "cores" = CPU time of this process and its workers / wall time.
 """
 import argparse
 import json
@@ -20,13 +28,14 @@ import tempfile
 import time
 
 import numpy as np
+import psutil
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms as T
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from mff_ds.data import DataConfig, build_loader  # noqa: E402
+from mff_ds.data import DataConfig, build_loader, normalize  # noqa: E402
 from mff_ds.data.demo import photos  # noqa: E402
 
 
@@ -86,6 +95,62 @@ def measure(root, aug, a):
             "ours_runs": [round(x, 1) for x in ours_r], "torchvision_runs": [round(x, 1) for x in tv_r]}
 
 
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmpf = f"{path}.tmp{os.getpid()}"
+    with open(tmpf, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmpf, path)
+
+
+def cpu_seconds():
+    """CPU time of this process and its live children (the persistent DataLoader workers)."""
+    me = psutil.Process()
+    procs = [me] + me.children(recursive=True)
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:  # a child that just ended
+            pass
+    return total
+
+
+def device_pass(loader, device):
+    """One epoch as the trainer consumes it -> (images/s, CPU cores busy)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    c, t, n = cpu_seconds(), time.perf_counter(), 0
+    for images, _ in loader:
+        normalize(images.to(device, non_blocking=True), dtype=torch.bfloat16)
+        n += images.shape[0]
+    sync()
+    wall = time.perf_counter() - t
+    return n / wall, (cpu_seconds() - c) / wall
+
+
+def measure_device(root, aug, a, device):
+    """decode: gpu with a.gpu_workers vs decode: cpu with a.cpu_workers, on the same files."""
+    out = {}
+    for name, decode, workers, batch in (("gpu_path", "gpu", a.gpu_workers, a.device_batch),
+                                         ("cpu_path", "cpu", a.cpu_workers, a.batch)):
+        cfg = DataConfig(source="imagefolder", path=root, augment=aug, num_workers=workers, decode=decode,
+                         pin_memory=device.type == "cuda")
+        loader = build_loader(cfg, img_size=a.img_size, micro_batch=batch, rank=0, world_size=1, seed=0, epoch=0,
+                              device=device if decode == "gpu" else None)
+        device_pass(loader, device)  # warm-up: workers, page cache, nvJPEG and kernel initialisation
+        runs = []
+        for r in range(a.repeats):
+            loader.set_epoch(r + 1)
+            runs.append(device_pass(loader, device))
+        k = sorted(range(len(runs)), key=lambda i: runs[i][0])[len(runs) // 2]  # the median pass
+        out[name] = {"img_s": round(runs[k][0], 1), "cores": round(runs[k][1], 2), "workers": workers,
+                     "batch": batch, "runs": [round(x, 1) for x, _ in runs]}
+        del loader
+    out["gpu_over_cpu"] = round(out["gpu_path"]["img_s"] / out["cpu_path"]["img_s"], 2)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", help="write results here (atomically)")
@@ -95,8 +160,15 @@ def main():
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--data-dir", help="reuse/generate the JPEGs here instead of a temporary directory")
+    ap.add_argument("--device", help="cuda (or cpu): compare decode: gpu on this device with the CPU path")
+    ap.add_argument("--gpu-workers", type=int, default=4, help="--device: workers of the device path")
+    ap.add_argument("--cpu-workers", type=int, default=os.cpu_count(), help="--device: workers of the CPU path")
+    ap.add_argument("--device-batch", type=int, default=256, help="--device: batch of the device path")
+    ap.add_argument("--augs", default="mff", help="--device: comma-separated augmentations (mff, mae)")
     a = ap.parse_args()
     torch.set_num_threads(1)
+    if a.device:
+        return main_device(a)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = a.data_dir or os.path.join(tmp, "jpegs")
@@ -111,12 +183,34 @@ def main():
                   f" ratio {res[aug]['ratio']}", flush=True)
     res.update({k: res["mae"][k] for k in ("ours_img_s", "torchvision_img_s", "ratio")})
     if a.json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        tmpf = f"{a.json}.tmp{os.getpid()}"
-        with open(tmpf, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmpf, a.json)
+        write_json(a.json, res)
     print(json.dumps({k: res[k] for k in ("ours_img_s", "torchvision_img_s", "ratio")}))
+
+
+def main_device(a):
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here; use --device cpu to smoke-test")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = a.data_dir or os.path.join(tmp, "jpegs")
+        if not os.path.isdir(root):
+            t = time.perf_counter()
+            make_images(root, a.images)
+            print(f"generated {a.images} JPEGs in {time.perf_counter() - t:.1f}s", flush=True)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+        res = {"images": a.images, "img_size": a.img_size, "repeats": a.repeats, "device": name,
+               "image_px": "about 500x375 JPEG q90", "unit": "images/s, total",
+               "host": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
+               "command": "python " + " ".join(sys.argv)}
+        for aug in a.augs.split(","):
+            res[aug] = r = measure_device(root, aug, a, device)
+            g, c = r["gpu_path"], r["cpu_path"]
+            print(f"{aug}: decode gpu {g['img_s']} img/s ({g['workers']} workers, {g['cores']} cores busy) | "
+                  f"decode cpu {c['img_s']} img/s ({c['workers']} workers, {c['cores']} cores busy) | "
+                  f"{r['gpu_over_cpu']}x", flush=True)
+    if a.json:
+        write_json(a.json, res)
+    return res
 
 
 if __name__ == "__main__":

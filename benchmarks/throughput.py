@@ -10,7 +10,8 @@ official facebookresearch/mae loop
 (benchmarks/mae_baseline.py). Each is warmed up (--warmup steps, not timed), then the timed steps alternate
 MFF, MAE, baseline, MFF, ... so drifts of clock or load hit all three alike. A step = forward + backward +
 optimizer step on one micro batch (no accumulation), timed between device synchronisations, on synthetic
-inputs already on the device (--data PATH: batches come from our data pipeline and their wait is timed too).
+inputs already on the device (--data PATH: batches come from our data pipeline and their wait is timed too;
+then the MFF trainer is timed again on synthetic inputs: `mff_synthetic`, `real_over_synthetic` in the JSON).
 
 Reported per trainer: img/s = micro_batch / step time (median, IQR, min, max over the timed steps), median
 step time, MFU and peak device memory; ratio_mff_over_mae = median over the alternation rounds of
@@ -100,6 +101,8 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, metavar="PATH",
                    help="time with real batches: an ImageFolder root, WebDataset shards, or 'demo'")
     p.add_argument("--workers", type=int, default=8, help="data loader workers with --data")
+    p.add_argument("--decode", choices=("auto", "gpu", "cpu"), default="auto",
+                   help="data.decode with --data (auto: on the GPU where there is one)")
     p.add_argument("--json", default=None, metavar="OUT")
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     p.add_argument("--seed", type=int, default=0)
@@ -288,11 +291,11 @@ def build_official(cfg, args, device, precision):
 class Inputs:
     """Synthetic normalised batches already on the device, or batches from build_loader (--data)."""
 
-    def __init__(self, args, device, img_size):
+    def __init__(self, args, device, img_size, synthetic=False):
         from mff_ds.data import normalize
         self.normalize, self.device = normalize, device
         self.loader = self.it = None
-        if args.data:
+        if args.data and not synthetic:
             from mff_ds.data import DataConfig, build_loader
             if args.data == "demo":
                 dc = DataConfig(source="demo", num_workers=args.workers)
@@ -300,7 +303,7 @@ class Inputs:
                 dc = DataConfig(source="imagefolder", path=args.data, num_workers=args.workers)
             else:
                 dc = DataConfig(source="webdataset", path=args.data, num_workers=args.workers)
-            dc.pin_memory = device.type == "cuda"
+            dc.pin_memory, dc.decode = device.type == "cuda", args.decode
             self.loader = build_loader(dc, img_size=img_size, micro_batch=args.micro_batch, rank=0, world_size=1,
                                        seed=args.seed, epoch=0)
             self.epoch = 0
@@ -428,6 +431,10 @@ def markdown(res: dict) -> str:
               + (f"; our MAE over the baseline: **{res['speedup_over_baseline']:.2f}x**, our MFF: "
                  f"**{res['speedup_mff_over_baseline']:.2f}x**" if base else ""),
               "", f"Command: `{res['command']}`", ""]
+    if res.get("mff_synthetic"):
+        lines[-3:-3] = ["", f"MFF with real data: **{res['mff']['img_per_s']:.1f}** img/s; on synthetic inputs on the "
+                        f"device: {res['mff_synthetic']['img_per_s']:.1f} img/s; real / synthetic "
+                        f"**{res['real_over_synthetic']:.3f}** (data.decode={c.get('decode')})."]
     return "\n".join(lines)
 
 
@@ -556,6 +563,11 @@ def main(argv=None) -> dict:
     t_run = time.perf_counter()
     run(trainers, inputs, args.steps, device)
     run_s = time.perf_counter() - t_run
+    synthetic = None
+    if inputs.loader is not None:  # the same MFF trainer on synthetic inputs: is the real run fed?
+        synthetic = copy.copy(trainers[0])
+        synthetic.times = []
+        run([synthetic], Inputs(args, device, mff_cfg.img_size, synthetic=True), args.steps, device)
 
     idle = profile(trainers, inputs, args.profile, device) if args.profile else {}
     peak = peak_tflops(device, args.peak_tflops)
@@ -564,6 +576,9 @@ def main(argv=None) -> dict:
         res[role] = summarize(t, args.micro_batch, peak, cuda)
         res[role]["host_syncs_per_step"] = count_syncs(t, inputs)
         res[role]["device_idle_ms_per_step"] = idle.get(t.name)
+    if synthetic is not None:
+        res["mff_synthetic"] = summarize(synthetic, args.micro_batch, peak, cuda)
+        res["real_over_synthetic"] = res["mff"]["img_per_s"] / res["mff_synthetic"]["img_per_s"]
     mff_t, mae_t = trainers[0].times, trainers[1].times
     res["ratio_mff_over_mae"] = statistics.median(a / b for a, b in zip(mff_t, mae_t))
     res["ratio_mff_over_mae_of_medians"] = res["mff"]["step_ms"] / res["mae"]["step_ms"]
@@ -582,6 +597,7 @@ def main(argv=None) -> dict:
                      "model": size, "img_size": mff_cfg.img_size, "patch_size": mff_cfg.patch_size,
                      "micro_batch": args.micro_batch, "precision": args.precision, "kernels": args.kernels,
                      "compile": args.compile, "steps": args.steps, "warmup": args.warmup, "data": args.data,
+                     "decode": args.decode if args.data else None, "workers": args.workers if args.data else None,
                      "peak_tflops": peak, "engine": args.engine,
                      "zero_stage": args.zero_stage if args.engine == "deepspeed" else None, "mff_model": mff_cfg.to_dict(),
                      "mae_model": mae_cfg.to_dict(), "optimizer": res["mff"]["optimizer"],

@@ -204,3 +204,30 @@ def test_kernel_benchmark_cpu_smoke(tmp_path):
         assert math.isclose(r["fwd"]["GB/s"], r["fwd"]["bytes"] / r["fwd"]["ms"] / 1e6)
     table = kbench.bytes_table(list(kbench.OPS), torch.bfloat16, 4800.0)
     assert all(f"| {op} |" in table for op in kbench.OPS) and "| vit_l |" in table
+
+
+def test_data_benchmarks_device_path_on_cpu(tmp_path):
+    """data_throughput.py --device and throughput.py --data run the device-decoding path (here on the CPU)."""
+    jpegs, out = tmp_path / "jpegs", tmp_path / "dt.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "data_throughput.py"), "--device", "cpu", "--images", "64",
+           "--data-dir", str(jpegs), "--img-size", "32", "--batch", "8", "--device-batch", "16", "--repeats", "1",
+           "--gpu-workers", "1", "--cpu-workers", "1", "--augs", "mff,mae", "--json", str(out)]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for aug in ("mff", "mae"):
+        g, c = res[aug]["gpu_path"], res[aug]["cpu_path"]
+        assert (g["workers"], g["batch"], c["workers"], c["batch"]) == (1, 16, 1, 8)
+        assert g["img_s"] > 0 and c["img_s"] > 0 and g["cores"] > 0 and c["cores"] > 0
+        assert math.isclose(res[aug]["gpu_over_cpu"], g["img_s"] / c["img_s"], rel_tol=0.01)
+    assert len(list(jpegs.rglob("*.jpg"))) == 64
+    out = tmp_path / "tp.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--device", "cpu", "--data", str(jpegs),
+           "--decode", "gpu", "--workers", "1", "--no-baseline", "--steps", "3", "--warmup", "1", "--micro-batch", "8",
+           "--json", str(out)]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["config"]["decode"] == "gpu" and res["mff_synthetic"]["timed_steps"] == 3
+    assert math.isclose(res["real_over_synthetic"], res["mff"]["img_per_s"] / res["mff_synthetic"]["img_per_s"])
+    assert "real / synthetic" in (tmp_path / "tp.md").read_text()

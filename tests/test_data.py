@@ -12,9 +12,9 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 from mff_ds.data import BadDataError, BadImage, DataConfig, build_loader, decode_rgb, normalize
-from mff_ds.data import demo, sources
+from mff_ds.data import decode as device_decode, demo, sources
 from mff_ds.data.make_shards import convert
-from mff_ds.data.transforms import MAECrop, MFFCrop, _Source, make_augment, process
+from mff_ds.data.transforms import MAECrop, MFFCrop, _Source, chw, make_augment, process
 
 S = 32  # output size used throughout (small: fast tests)
 
@@ -91,7 +91,9 @@ def same(a, b):
 
 
 def load(cfg, **kw):
-    args = dict(img_size=S, micro_batch=4, rank=0, world_size=1, seed=3, epoch=0)
+    # decode: gpu runs on the CUDA device when there is one, else on the CPU (the same code)
+    args = dict(img_size=S, micro_batch=4, rank=0, world_size=1, seed=3, epoch=0,
+                device=None if torch.cuda.is_available() else "cpu")
     args.update(kw)
     return build_loader(cfg, **args)
 
@@ -100,9 +102,9 @@ def load(cfg, **kw):
 def test_validate_names_keys():
     assert DataConfig().validate() == []
     cfg = DataConfig(source="lmdb", augment="rrc", num_workers=-1, pin_memory="yes", max_bad_fraction=2,
-                     num_samples=0)
+                     num_samples=0, decode="tpu")
     problems = cfg.validate()
-    for key in ("source", "augment", "num_workers", "pin_memory", "max_bad_fraction", "num_samples"):
+    for key in ("source", "augment", "num_workers", "pin_memory", "max_bad_fraction", "num_samples", "decode"):
         assert any(p.startswith(f"data.{key}:") for p in problems), (key, problems)
     assert "data.augment: expected one of ['mff', 'mae', 'center'], got 'rrc'" in problems
     assert any(p.startswith("data.path:") for p in DataConfig(source="imagefolder").validate())
@@ -185,7 +187,7 @@ def test_flip_is_mirror(photo):
     for name in ("mff", "mae"):
         aug = make_augment(name, S)
         p = list(aug.sample(80, 60, np.random.default_rng(1)))
-        arr = decode_rgb(data)
+        arr = chw(decode_rgb(data))
         a = aug.apply(arr, tuple(p[:-1] + [False]))
         b = aug.apply(arr, tuple(p[:-1] + [True]))
         assert torch.equal(a.flip(-1), b) and not torch.equal(a, b)
@@ -255,7 +257,8 @@ def test_decode_converts_or_rejects(photo, fast):
             assert a[5, 10, 0] > 200 and a[5, 10, 2] < 60 and a[35, 10, 2] > 200 and a[35, 10, 0] < 60
 
 
-def test_loader_skips_bad_files(tmp_path, photo):
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])  # gpu: the device path (on the CPU here), CPU fallbacks
+def test_loader_skips_bad_files(tmp_path, photo, decode):
     files, _ = odd_files(photo)
     root = tmp_path / "odd"
     (root / "a").mkdir(parents=True)
@@ -263,7 +266,8 @@ def test_loader_skips_bad_files(tmp_path, photo):
         (root / "a" / name).write_bytes(data)
     for k in range(15):
         (root / "a" / f"good{k}.jpg").write_bytes(jpeg(photo.resize((50 + k, 40), box=(9 * k, 0, 300, 200))))
-    cfg = DataConfig(source="imagefolder", path=str(root), num_workers=1, max_bad_fraction=0.2, augment="mae")
+    cfg = DataConfig(source="imagefolder", path=str(root), num_workers=1, max_bad_fraction=0.2, augment="mae",
+                     decode=decode)
     loader = load(cfg, drop_last=False, micro_batch=5)
     batches = stream(loader)
     assert sum(len(y) for _, y in batches) == 24 and len(batches) == len(loader) == 5
@@ -272,20 +276,21 @@ def test_loader_skips_bad_files(tmp_path, photo):
         ["bad_corrupt.jpg", "bad_notimage.jpg", "bad_truncated.jpg"]
     assert all((y == 0).all() for _, y in batches)  # replaced by good samples of the same batch
 
-    strict = DataConfig(source="imagefolder", path=str(root), num_workers=0, max_bad_fraction=0.01)
+    strict = DataConfig(source="imagefolder", path=str(root), num_workers=0, max_bad_fraction=0.01, decode=decode)
     with pytest.raises(BadDataError, match=r"3 of 24 samples.*bad_"):
         stream(load(strict, drop_last=False, micro_batch=5))
 
 
 # ------------------------------------------------------------------------------------ ImageFolder streams
-def test_imagefolder_determinism_resume_split(folder):
-    cfg0 = DataConfig(source="imagefolder", path=str(folder), num_workers=0, augment="mae")
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_imagefolder_determinism_resume_split(folder, decode):
+    cfg0 = DataConfig(source="imagefolder", path=str(folder), num_workers=0, augment="mae", decode=decode)
     full = stream(load(cfg0))
     assert len(full) == 7 and all(x.shape == (4, 3, S, S) and x.dtype == torch.uint8 for x, _ in full)
     assert same(full, stream(load(cfg0)))
     assert not same(full, stream(load(cfg0, epoch=1)))
     assert same(full[3:], stream(load(cfg0, skip_batches=3)))
-    cfg2 = DataConfig(source="imagefolder", path=str(folder), num_workers=2, augment="mae")
+    cfg2 = DataConfig(source="imagefolder", path=str(folder), num_workers=2, augment="mae", decode=decode)
     loader = load(cfg2)
     assert same(full, stream(loader))                 # worker count does not change the stream
     loader.set_epoch(1, skip_batches=2)                # persistent workers, next epoch, resumed
@@ -301,9 +306,10 @@ def test_imagefolder_determinism_resume_split(folder):
 
 
 # --------------------------------------------------------------------------------------------- shard streams
-def test_shards_determinism_resume(shards, folder):
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_shards_determinism_resume(shards, folder, decode):
     for nw in (0, 2):
-        cfg = DataConfig(source="webdataset", path=shards, num_workers=nw, shuffle_buffer=5)
+        cfg = DataConfig(source="webdataset", path=shards, num_workers=nw, shuffle_buffer=5, decode=decode)
         full = stream(load(cfg))
         assert len(full) == 7
         assert same(full, stream(load(cfg)))
@@ -334,8 +340,11 @@ def test_too_few_shards(shards):
     cfg = DataConfig(source="webdataset", path=shards, num_workers=0, resample_shards=True)
     loaders = [load(cfg, rank=r, world_size=8, micro_batch=2) for r in range(8)]
     assert all(len(stream(x)) == len(x) == 1 for x in loaders)
-    with pytest.raises(ValueError, match="not listed"):
-        load(DataConfig(source="webdataset", path=shards.replace("{000000..000004}", "x{0..1}")))
+    other = shards.replace("train-{000000..000004}", "other-0")
+    if not os.path.exists(other):
+        os.link(shards.replace("{000000..000004}", "000000"), other)
+    with pytest.raises(ValueError, match="shard other-0.tar is not listed in .*_info.json"):
+        load(DataConfig(source="webdataset", path=other))
 
 
 def test_shards_without_info(shards, tmp_path):
@@ -346,6 +355,100 @@ def test_shards_without_info(shards, tmp_path):
         load(DataConfig(source="webdataset", path=pattern))
     loader = load(DataConfig(source="webdataset", path=pattern, num_samples=14, num_workers=0))
     assert len(loader) == 3 and sum(len(y) for _, y in loader) == 12
+
+
+def test_pipe_shards(shards, folder, tmp_path):
+    """`pipe:` urls: the same streams as the local paths (split by rank and worker, resume), the sample count
+    from _info.json fetched through the same command, one clear line when shards or _info.json are missing."""
+    pipe = "pipe:cat " + shards
+    for nw in (0, 2):
+        kw = dict(source="webdataset", num_workers=nw, shuffle_buffer=5, augment="mae")
+        loader = load(DataConfig(path=pipe, **kw))
+        assert loader.num_samples == 31 and len(loader) == 7
+        full = stream(loader)
+        assert same(full, stream(load(DataConfig(path=shards, **kw))))
+        assert same(full[3:], stream(load(DataConfig(path=pipe, **kw), skip_batches=3)))
+        ranks = [stream(load(DataConfig(path=pipe, **kw), rank=r, world_size=2)) for r in range(2)]
+        assert all(same(a, stream(load(DataConfig(path=shards, **kw), rank=r, world_size=2)))
+                   for r, a in enumerate(ranks))
+    # the shard's file name is replaced in the command: `cd DIR && cat _info.json` (no local path to find)
+    d, pattern = os.path.split(shards)
+    assert load(DataConfig(source="webdataset", path=f"pipe:cd {d} && cat {pattern}", num_workers=0)).num_samples == 31
+    for i in range(2):
+        os.link(shards.replace("{000000..000004}", f"{i:06d}"), tmp_path / f"s{i}.tar")
+    bare = f"pipe:cat {tmp_path}/s{{0..1}}.tar"
+    with pytest.raises(ValueError, match=r"data.num_samples: required .*pipe:cat \S+/_info.json: exit status 1"):
+        load(DataConfig(source="webdataset", path=bare))
+    assert len(load(DataConfig(source="webdataset", path=bare, num_samples=14, num_workers=0))) == 3
+    missing = str(tmp_path / "nowhere" / "train-{000000..000003}.tar")
+    with pytest.raises(ValueError, match=r"data.path: cannot read shard 'pipe:cat \S+nowhere/train-000000.tar' "
+                                         r"\(exit status 1: cat: .*No such file"):
+        load(DataConfig(source="webdataset", path="pipe:cat " + missing))
+    with pytest.raises(ValueError, match=r"data.path: 4 of 4 shards do not exist, e.g. '\S+/train-000000.tar'"):
+        load(DataConfig(source="webdataset", path=missing, num_samples=10))
+
+
+# Device path vs CPU path, stated tolerance (grey levels): the same crop boxes and flips; pixels differ only by
+# the resize arithmetic (float on the device path; torch's uint8 kernels round and clamp between the two
+# passes, which shows after bicubic overshoot), and with fast_decode by the CPU path's reduced-size decoding.
+TOLERANCE = {"mff": 2, "mae": 6, "center": 6}
+
+
+@pytest.mark.parametrize("aug", ["mff", "mae", "center"])
+def test_device_decode_matches_cpu_path(folder, aug):
+    kw = dict(source="imagefolder", path=str(folder), num_workers=0, augment=aug, fast_decode=False)
+    cpu = stream(load(DataConfig(decode="cpu", **kw), micro_batch=8))
+    loader = load(DataConfig(decode="gpu", **kw), micro_batch=8, device="cpu")  # the device code, on the CPU
+    dev = stream(loader)
+    assert loader.device == torch.device("cpu") and len(cpu) == len(dev) == 3
+    for (a, ya), (b, yb) in zip(cpu, dev):
+        d = (a.int() - b.int()).abs()
+        assert torch.equal(ya, yb) and b.dtype == torch.uint8 and d.max() <= TOLERANCE[aug] and d.float().mean() < 0.3
+    # the same parameters, drawn in the workers, as the CPU path draws them
+    ds = loader.dataset
+    b, enc, *_ = ds._make(1, 0, [(str(p), p.read_bytes(), 0) for p in sorted(folder.rglob("*.jpg"))[:8]])
+    rng = np.random.default_rng([ds.seed, 0, 0, 1])
+    assert enc.params == [ds.aug.sample(*Image.open(p).size, rng) for p in sorted(folder.rglob("*.jpg"))[:8]]
+    assert not enc.done  # every JPEG goes to the device
+    fast = stream(load(DataConfig(decode="cpu", **dict(kw, fast_decode=True)), micro_batch=8))
+    assert np.mean([(a.float() - b.float()).abs().mean().item() for (a, _), (b, _) in zip(fast, dev)]) < 4
+
+
+def test_device_decode_routes_odd_files_to_the_cpu_decoder(photo):
+    files, _ = odd_files(photo)
+    files["rgb.jpg"], files["progressive.jpg"] = jpeg(photo), jpeg(photo, progressive=True)
+    for name in ("rgb.jpg", "gray.jpg", "cmyk.jpg", "exif.jpg", "palette.png", "bad_truncated.jpg", "progressive.jpg"):
+        ok = device_decode.nvjpeg_ok(files[name], _Source(files[name], True))
+        assert ok == (name in ("rgb.jpg", "gray.jpg")), name  # the others: the CPU decoder, in the workers
+
+
+def test_device_decode_falls_back_per_file(photo, folder):
+    """A JPEG the batched device call rejects: the others still decode; the CPU path's decoder gets it and, as
+    on the CPU path, counts it bad and replaces it by a good sample of the batch."""
+    good = [p.read_bytes() for p in sorted(folder.rglob("*.jpg"))[:5]]
+    whole = jpeg(photo)
+    broken = whole[:2000] + bytes(range(256)) * 8 + whole[4048:]  # header and end marker intact
+    raw = [(f"f{k}", d, k) for k, d in enumerate(good[:2] + [broken] + good[2:])]
+    cfg = DataConfig(source="imagefolder", path=str(folder), num_workers=0, decode="gpu")
+    ds = load(cfg, device="cpu").dataset
+    b, enc, labels, bad, n = ds._make(0, 0, raw)
+    assert enc.params[2] is not None and not bad and not enc.done  # the worker sent it to the device
+    imgs, labels, bad = device_decode.decode_batch(enc, labels, bad, ds.aug, ds.size, torch.device("cpu"))
+    assert [k for k, _ in bad] == [2] and bad[0][1].startswith("f2: ")
+    assert labels.tolist() == [0, 1, 3, 3, 4, 5] and torch.equal(imgs[2], imgs[3])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("aug", ["mff", "mae"])
+def test_cuda_decode_matches_cpu_path(folder, aug):
+    kw = dict(source="imagefolder", path=str(folder), num_workers=2, augment=aug, fast_decode=False)
+    cpu = stream(load(DataConfig(decode="cpu", **kw), micro_batch=8))
+    loader = load(DataConfig(decode="gpu", **kw), micro_batch=8, device="cuda")
+    dev = stream(loader)
+    assert len(dev) == 3 and all(x.is_cuda for x, _ in dev) and loader.bad_samples == 0
+    for (a, _), (b, _) in zip(cpu, dev):  # nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's
+        assert (a.float() - b.cpu().float()).abs().mean() < 3
+    assert same(dev, stream(load(DataConfig(decode="gpu", **kw), micro_batch=8, device="cuda")))
 
 
 def test_synthetic_source():

@@ -1,12 +1,15 @@
 """build_loader(): uint8 batches for one rank, equal length on every rank, exact resume, bad-sample accounting.
 
-Workers build whole batches (decode + augment + stack into uint8 (B, 3, S, S)); the main process restores
-batch order, counts bad samples and stops the run when their fraction exceeds `max_bad_fraction`.
+Workers build whole batches (decode + augment + stack into uint8 (B, 3, S, S)), or with `decode: gpu` read
+the files and draw the augmentation parameters while the main process decodes and augments on the device
+(`decode.py`); the main process restores batch order, counts bad samples and stops the run when their
+fraction exceeds `max_bad_fraction`.
 A bad sample is replaced by a copy of a good one of the same batch, so batch b always covers the same stream
 positions: that is what makes `skip_batches` exact (skipped shard samples are read but not decoded).
-Normalisation happens on the device: `normalize(images.to(device))`.
+Normalisation happens on the device: `normalize(images.to(device))` (a no-op copy for device-decoded batches).
 """
 import dataclasses
+import functools
 import math
 import multiprocessing as mp
 import os
@@ -17,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import sources
-from .transforms import AUGMENTS, make_augment, process
+from .decode import DECODES, Prefetcher, decode_batch, encode, fill_bad, nvjpeg_ok
+from .transforms import AUGMENTS, chw, decode_for, make_augment, prepare
 
 SOURCES = ("demo", "imagefolder", "webdataset", "synthetic")
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -38,7 +42,9 @@ class DataConfig:
     num_workers: int = 4
     prefetch_factor: int = 2
     pin_memory: bool = True
-    fast_decode: bool = True            # reduced-size JPEG decoding with libjpeg-turbo
+    fast_decode: bool = True            # reduced-size JPEG decoding with libjpeg-turbo (CPU decoding)
+    decode: str = "auto"                # gpu: decode + augment batches on the device (nvJPEG) | cpu: in the
+                                        # workers | auto: gpu where CUDA exists
     resample_shards: bool = False       # draw shards with replacement (allows fewer shards than readers)
     max_bad_fraction: float = 0.01
     shuffle_buffer: int = 1000          # samples, per worker (webdataset)
@@ -60,6 +66,8 @@ class DataConfig:
             bad("path", f"a directory or shard pattern for source {self.source!r}")
         elif self.path is not None and not isinstance(self.path, str):
             bad("path", "a string or null")
+        if self.decode not in DECODES:
+            bad("decode", f"one of {list(DECODES)}")
         if self.augment not in AUGMENTS:
             bad("augment", f"one of {list(AUGMENTS)}")
         if not is_int(self.num_workers) or self.num_workers < 0:
@@ -89,10 +97,13 @@ def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=torch.float32)
 
 
 class _Batches(IterableDataset):
-    """Yields (batch_index, images uint8, labels int64, bad [str], n_samples) for the batches of this worker."""
+    """Yields (batch_index, images uint8 or decode.Encoded, labels int64, bad [(k, message)], n_samples) for the
+    batches of this worker."""
 
-    def __init__(self, cfg, kind, items, img_size, batch, rank, world, seed, nb, last, drop_last, state):
+    def __init__(self, cfg, kind, items, img_size, batch, rank, world, seed, nb, last, drop_last, state,
+                 encode_only=False):
         self.cfg, self.kind, self.items, self.drop_last = cfg, kind, items, drop_last
+        self.encode_only = encode_only  # decode: gpu -> ship the files and parameters (decode.Encoded)
         self.size, self.batch, self.rank, self.world, self.seed = img_size, batch, rank, world, seed
         self.nb, self.last, self.state = nb, last, state  # state: shared [epoch, skip_batches]
         self.aug = make_augment(cfg.augment, img_size)
@@ -130,27 +141,53 @@ class _Batches(IterableDataset):
                     yield self._make(b, epoch, raw)
 
     def _make(self, b, epoch, raw):
+        """-> (b, uint8 images or decode.Encoded, labels, bad [(k, message)], n)."""
         rng = np.random.default_rng([self.seed, epoch, self.rank, b])
-        n = len(raw)
-        imgs = torch.empty((n, 3, self.size, self.size), dtype=torch.uint8)
-        labels = torch.empty((n,), dtype=torch.int64)
-        good, bad = [], []
-        for k, (name, data, label) in enumerate(raw):
+        n, fast = len(raw), self.cfg.fast_decode
+        imgs = None if self.encode_only else torch.empty((n, 3, self.size, self.size), dtype=torch.uint8)
+        labels = torch.tensor([label for _, _, label in raw], dtype=torch.int64)
+        good, bad, jpegs, done = [], [], [None] * n, {}
+        for k, (name, data, _) in enumerate(raw):
             try:
                 if not isinstance(data, bytes):  # str: read error or broken shard; None: no image entry
                     raise ValueError(data or "sample has no image entry")
-                imgs[k] = process(data, self.aug, rng, self.cfg.fast_decode)
-                labels[k] = label
-                good.append(k)
+                src, p = prepare(data, self.aug, rng, fast)  # the same draws on both paths
+                if self.encode_only and nvjpeg_ok(data, src):
+                    jpegs[k] = (data, p)  # decoded on the device
+                    continue
+                img = self.aug.apply(chw(decode_for(src, self.aug, p, fast)), p)
+                if self.encode_only:
+                    done[k] = img
+                else:
+                    imgs[k] = img
+                    good.append(k)
             except Exception as e:  # never let one file kill a worker
                 bad.append((k, f"{name}: {str(e)[:200]}"))
-        for k, _ in bad:  # replace by a good sample of the same batch (keeps stream positions fixed)
-            if good:
-                src = good[k % len(good)]
-                imgs[k], labels[k] = imgs[src], labels[src]
-            else:
-                imgs[k], labels[k] = 0, -1
-        return b, imgs, labels, [msg for _, msg in bad], n
+        if self.encode_only:
+            return b, encode(jpegs, done, [name for name, _, _ in raw], self.size), labels, bad, n
+        fill_bad(imgs, labels, good, bad)
+        return b, imgs, labels, bad, n
+
+
+def _decode_item(ds, device, item):
+    b, enc, labels, bad, n = item
+    imgs, labels, bad = decode_batch(enc, labels, bad, ds.aug, ds.size, device, ds.cfg.fast_decode)
+    return b, imgs, labels, bad, n
+
+
+def decode_device(cfg, kind, device=None):
+    """Where batches are decoded: None (in the workers) or a torch.device (decode: gpu, or auto with CUDA)."""
+    if kind == "synthetic" or cfg.decode == "cpu" or (cfg.decode == "auto" and not torch.cuda.is_available()):
+        return None
+    if device is not None:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
+    if not torch.cuda.is_available():
+        warnings.warn("data.decode=gpu without CUDA: batches are decoded in the main process on the CPU")
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())  # the trainer has set its rank's device
 
 
 def _read(path):
@@ -168,17 +205,21 @@ class Loader:
     loader.bad_samples   samples skipped (replaced) so far this epoch; `bad_examples` lists up to 10 as
                          "path-or-shard:key: reason"; `stats()` returns both plus `seen_samples`.
     loader.set_epoch(e, skip_batches=0)   reuse the same (persistent) workers for another epoch.
+    loader.device        where batches are decoded (decode: gpu; images arrive there), None: in the workers.
     Raises BadDataError when bad_samples / seen_samples exceeds max_bad_fraction (checked once 1000 samples,
     or the whole epoch when shorter, have been seen).
     """
 
-    def __init__(self, dataset, cfg, num_samples, epoch, skip_batches):
-        self.dataset, self.cfg, self.num_samples = dataset, cfg, num_samples
+    def __init__(self, dataset, cfg, num_samples, epoch, skip_batches, device=None):
+        self.dataset, self.cfg, self.num_samples, self.device = dataset, cfg, num_samples, device
         self.batches_per_epoch, self.micro_batch = dataset.nb, dataset.batch
         nw = cfg.num_workers
-        self._dl = DataLoader(dataset, batch_size=None, num_workers=nw,
-                              pin_memory=cfg.pin_memory and torch.cuda.is_available(),
-                              persistent_workers=nw > 0, prefetch_factor=cfg.prefetch_factor if nw else None)
+        self._dl = DataLoader(dataset, batch_size=None, num_workers=nw,  # encoded files: nothing to pin
+                              pin_memory=cfg.pin_memory and torch.cuda.is_available() and device is None,
+                              persistent_workers=nw > 0, prefetch_factor=cfg.prefetch_factor if nw else None,
+                              # its own generator: starting workers must not draw from the global RNG, or a
+                              # resumed run's masks would shift (our workers seed from (seed, epoch, rank, b))
+                              generator=torch.Generator().manual_seed(0))
         self.set_epoch(epoch, skip_batches)
 
     def set_epoch(self, epoch, skip_batches=0):
@@ -201,6 +242,16 @@ class Loader:
         check_after = min(1000, remaining)
         pending, nxt = {}, self.skip_batches
         it = iter(self._dl) if self.cfg.num_workers else iter(self.dataset)
+        if self.device is not None:  # decode + augment on the device, a batch ahead, in a thread
+            it = Prefetcher(it, functools.partial(_decode_item, self.dataset, self.device), self.device,
+                            self.cfg.prefetch_factor)
+        try:
+            yield from self._ordered(it, pending, nxt, check_after)
+        finally:
+            if self.device is not None:
+                it.close()
+
+    def _ordered(self, it, pending, nxt, check_after):
         for item in it:
             pending[item[0]] = item
             while nxt in pending:  # shard workers resume out of order after a skip
@@ -208,7 +259,7 @@ class Loader:
                 nxt += 1
                 self.seen_samples += n
                 self.bad_samples += len(bad)
-                self.bad_examples += bad[:MAX_EXAMPLES - len(self.bad_examples)]
+                self.bad_examples += [msg for _, msg in bad[:MAX_EXAMPLES - len(self.bad_examples)]]
                 if (self.seen_samples >= check_after
                         and self.bad_samples > self.cfg.max_bad_fraction * self.seen_samples):
                     raise BadDataError(
@@ -221,8 +272,9 @@ class Loader:
 
 
 def build_loader(cfg, *, img_size, micro_batch, rank, world_size, seed, epoch, skip_batches=0,
-                 drop_last=True):
-    """DataConfig -> Loader for (rank, world_size). Same (seed, epoch, world_size, num_workers) => same stream."""
+                 drop_last=True, device=None):
+    """DataConfig -> Loader for (rank, world_size). Same (seed, epoch, world_size, num_workers) => same stream.
+    `device`: where `decode: gpu` decodes (default: the current CUDA device, or the CPU without CUDA)."""
     if isinstance(cfg, dict):
         cfg = DataConfig(**cfg)
     problems = cfg.validate()
@@ -247,11 +299,15 @@ def build_loader(cfg, *, img_size, micro_batch, rank, world_size, seed, epoch, s
         total = len(samples)
     elif kind == "webdataset":
         items = sources.expand_shards(cfg.path)
-        counts = None if cfg.num_samples else sources.shard_counts(items)
-        total = cfg.num_samples or (sum(counts) if counts else None)
-        if total is None:
-            raise ValueError(f"data.num_samples: required for shards without {sources.INFO_NAME} "
-                             f"({cfg.path!r}); write shards with `python -m mff_ds.data.make_shards`")
+        if sources.is_remote(items[0]):  # a missing shard or failing command: say so, not "num_samples"
+            sources.check_readable(items[0])
+        total = cfg.num_samples
+        if not total:
+            counts, why = sources.shard_counts(items)
+            if counts is None:
+                raise ValueError(f"data.num_samples: required for shards without {sources.INFO_NAME} ({why}); "
+                                 f"write shards with `python -m mff_ds.data.make_shards`")
+            total = sum(counts)
         if not cfg.resample_shards:  # fail now rather than in a worker
             next(sources.worker_passes(items, rank, world_size, 0, max(cfg.num_workers, 1), seed, epoch, False))
     else:
@@ -266,5 +322,7 @@ def build_loader(cfg, *, img_size, micro_batch, rank, world_size, seed, epoch, s
     if cfg.num_workers > nb:
         warnings.warn(f"data.num_workers={cfg.num_workers} > {nb} batches per epoch; extra workers idle")
     state = mp.RawArray("q", 2)  # shared with persistent workers: [epoch, skip_batches]
-    ds = _Batches(cfg, kind, items, img_size, micro_batch, rank, world_size, seed, nb, last, drop_last, state)
-    return Loader(ds, cfg, total, epoch, skip_batches)
+    dev = decode_device(cfg, kind, device)
+    ds = _Batches(cfg, kind, items, img_size, micro_batch, rank, world_size, seed, nb, last, drop_last, state,
+                  encode_only=dev is not None)
+    return Loader(ds, cfg, total, epoch, skip_batches, dev)

@@ -9,11 +9,18 @@ shards through a seeded shuffle buffer, wrapping around its shards (reshuffled) 
 stopping when it has its quota, so every rank yields the same number of samples. The stream of a rank is fixed
 by (seed, epoch, rank, num_workers). Sample counts come from `_info.json` (written by make_shards) next to the
 shards, or from `num_samples`.
+
+Shard urls are what webdataset opens: local paths, `pipe:CMD` (CMD's stdout is the tar, e.g.
+`pipe:aws s3 cp s3://bucket/train-{000000..001023}.tar -`) or urls; brace ranges and '::' lists are expanded.
+For a `pipe:` pattern the `_info.json` is fetched through the same command with the shard's file name replaced.
 """
 import functools
 import json
 import os
 import random
+import subprocess
+import tarfile
+import tempfile
 
 import numpy as np
 import webdataset as wds
@@ -62,25 +69,108 @@ def read_file(path):
 
 # ----------------------------------------------------------------------------------------------- shards
 def expand_shards(path):
-    """Brace pattern, '::'-separated list or single path -> list of shard urls (webdataset's expansion)."""
+    """Brace pattern, '::'-separated list or single path -> list of shard urls (webdataset's expansion).
+    Local shards must exist; for `pipe:` and remote urls see `check_readable`."""
     urls = [u for u in wds.shardlists.expand_urls(str(path)) if u]
     if not urls:
         raise ValueError(f"data.path: no shards in {path!r}")
+    local = [u for u in urls if not is_remote(u)]
+    missing = [u for u in local if not os.path.isfile(u)]
+    if missing:
+        raise ValueError(f"data.path: {len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]!r} "
+                         f"(pattern {path!r})")
     return urls
 
 
-def shard_counts(urls):
-    """Sample count per shard from the `_info.json` next to the shards, or None if not available."""
-    info_path = os.path.join(os.path.dirname(urls[0]), INFO_NAME)
-    if "://" in urls[0] or urls[0].startswith("pipe:") or not os.path.exists(info_path):
+def is_remote(url):
+    return url.startswith("pipe:") or "://" in url
+
+
+def _shard_token(url):
+    """The part of a shard url that names the shard: the url itself, or for `pipe:CMD` the first word of CMD
+    containing '.tar' (e.g. `s3://bucket/train-000001.tar` in `pipe:aws s3 cp s3://bucket/train-000001.tar -`)."""
+    if not url.startswith("pipe:"):
+        return url
+    return next((w for w in url[5:].split() if ".tar" in w), None)
+
+
+def info_url(url):
+    """The url of the `_info.json` beside shard `url`, through the same command for `pipe:` urls; None when
+    the shard cannot be located in the command."""
+    token = _shard_token(url)
+    if token is None:
         return None
-    with open(info_path) as f:
-        info = json.load(f)
-    counts = {s["name"]: s["count"] for split in info["splits"].values() for s in split["shards"]}
+    return url.replace(token, token[:token.rfind("/") + 1] + INFO_NAME, 1)
+
+
+def _run_pipe(url, limit=None, timeout=300):
+    """Output of the command of a `pipe:` url (at most `limit` bytes) -> (bytes, error or None). Our own
+    subprocess rather than webdataset's Pipe: its stderr is captured for the one-line error, not printed."""
+    with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a chatty command cannot block on it
+        p = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, stderr=stderr)
+        try:
+            data = p.stdout.read(limit) if limit else p.stdout.read()
+            p.stdout.close()  # a command still writing gets SIGPIPE (or EPIPE) and ends
+            status = p.wait(timeout)
+        except BaseException:
+            p.kill()
+            p.wait()
+            raise
+        stderr.seek(0)
+        err = stderr.read().decode(errors="replace").strip()
+    if status and not (limit and len(data) >= limit):  # after a full `limit`, we cut it short: any status
+        return data, f"exit status {status}" + (f": {err.splitlines()[-1][:300]}" if err else "")
+    return data, None
+
+
+def fetch(url, limit=None):
+    """Bytes of a local path, `pipe:` command or url webdataset can open -> (bytes, error or None)."""
+    if url.startswith("pipe:"):
+        return _run_pipe(url, limit)
     try:
-        return [counts[os.path.basename(u)] for u in urls]
+        with wds.gopen(url, "rb") as f:
+            return (f.read(limit) if limit else f.read()), None
+    except Exception as e:
+        return b"", f"{type(e).__name__}: {str(e)[:300]}"
+
+
+def check_readable(url):
+    """Raise one clear error when the first bytes of shard `url` are not a tar header (missing file, failing
+    command). Local shards are checked by expand_shards."""
+    head, err = fetch(url, limit=512)
+    if not err:
+        try:
+            tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")  # checks the header's checksum
+        except tarfile.HeaderError as e:
+            err = f"not a tar file: {e}; first bytes {head[:40]!r}"
+    if err:
+        raise ValueError(f"data.path: cannot read shard {url!r} ({err})")
+
+
+def shard_counts(urls):
+    """Sample count per shard from the `_info.json` beside the shards (a local file, or fetched through the
+    same `pipe:` command or url as the shards) -> (counts or None, where it was looked for and why not)."""
+    where = info_url(urls[0])
+    if where is None:
+        return None, f"no shard file name ending in .tar in {urls[0]!r}"
+    if is_remote(urls[0]):
+        data, err = fetch(where)
+        if err or not data:
+            return None, f"{where}: {err or 'empty'}"
+    elif os.path.exists(where):
+        data = read_file(where)
+    else:
+        return None, f"{where}: does not exist"
+    try:
+        info = json.loads(data)
+        counts = {s["name"]: s["count"] for split in info["splits"].values() for s in split["shards"]}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"data.path: {where} is not an {INFO_NAME} written by make_shards "
+                         f"({type(e).__name__}: {str(e)[:200]})") from None
+    try:
+        return [counts[os.path.basename(_shard_token(u) or u)] for u in urls], None
     except KeyError as e:
-        raise ValueError(f"data.path: shard {e.args[0]} is not listed in {info_path}") from None
+        raise ValueError(f"data.path: shard {e.args[0]} is not listed in {where}") from None
 
 
 def iter_shard(url):

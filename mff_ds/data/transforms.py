@@ -6,7 +6,8 @@ converts grayscale, CMYK, palette, alpha and 16-bit images to 8-bit RGB and appl
 Anything that cannot be decoded raises `BadImage`; the loader counts and skips it.
 
 Augmentations (the random parameters are drawn as torchvision draws them; resizing uses torch's uint8
-antialiased kernels, which match PIL's to within 1-2 grey levels):
+antialiased kernels, which match PIL's to within 1-2 grey levels). `apply(x, p)` takes a (3, H, W) tensor on any
+device, uint8 (the CPU path) or float (the device path, `decode.py`, rounded once at the end by `to_uint8`):
   "mff"    the MFF reference configs' pipeline (mmpretrain mff_vit-base-p16_*_in1k, reference doc section 3.1,
            what the released checkpoints presumably used; whether the paper used it is unverified):
            Resize(S) short side (bilinear) -> RandomCrop(S, padding=4, reflect) -> hflip
@@ -134,10 +135,16 @@ def decode_rgb(data, fast=True):
 
 # ------------------------------------------------------------------------------------------ augmentations
 def _resize(x, h, w, mode):
-    """uint8 (3, H, W) -> uint8 (3, h, w), antialiased like PIL."""
+    """(3, H, W) -> (3, h, w), antialiased like PIL. uint8 stays uint8 (torch's uint8 kernels, CPU only);
+    float (the device path) stays float, unrounded (bicubic overshoots 0-255: `to_uint8` clamps at the end)."""
     if x.shape[1] == h and x.shape[2] == w:
         return x
     return F.interpolate(x[None], size=(h, w), mode=mode, antialias=True)[0]
+
+
+def to_uint8(x):
+    """Float pixels of the device path -> uint8, rounded and clamped as torch's uint8 kernels do."""
+    return x.round().clamp_(0, 255).to(torch.uint8)
 
 
 def _short_side(w, h, size):
@@ -164,10 +171,10 @@ class MFFCrop:
     def need(self, p):
         return p[0], p[1]
 
-    def apply(self, arr, p):
+    def apply(self, x, p):
         nw, nh, top, left, flip = p
         s = self.size
-        x = _resize(torch.from_numpy(arr).permute(2, 0, 1), nh, nw, "bilinear")
+        x = _resize(x, nh, nw, "bilinear")
         if top < 0 or left < 0 or top + s > nh or left + s > nw:
             x = F.pad(x[None], (self.pad,) * 4, mode="reflect")[0]
             top, left = top + self.pad, left + self.pad
@@ -204,14 +211,13 @@ class MAECrop:
         w, h, _, _, ch, cw, _ = p
         return math.ceil(self.size * w / cw), math.ceil(self.size * h / ch)
 
-    def apply(self, arr, p):
+    def apply(self, x, p):
         w, h, i, j, ch, cw, flip = p
-        dh, dw = arr.shape[:2]
+        dh, dw = x.shape[1:]
         sy, sx = dh / h, dw / w
         t, l = int(round(i * sy)), int(round(j * sx))
         b, r = max(t + 1, min(dh, int(round((i + ch) * sy)))), max(l + 1, min(dw, int(round((j + cw) * sx))))
-        x = torch.from_numpy(arr[t:b, l:r]).permute(2, 0, 1)
-        x = _resize(x, self.size, self.size, "bicubic")
+        x = _resize(x[:, t:b, l:r], self.size, self.size, "bicubic")
         return x.flip(-1) if flip else x
 
 
@@ -227,9 +233,9 @@ class CenterCrop:
     def need(self, p):
         return p
 
-    def apply(self, arr, p):
+    def apply(self, x, p):
         nw, nh = p
-        x = _resize(torch.from_numpy(arr).permute(2, 0, 1), nh, nw, "bicubic")
+        x = _resize(x, nh, nw, "bicubic")
         t, l = int(round((nh - self.size) / 2)), int(round((nw - self.size) / 2))
         return x[:, t:t + self.size, l:l + self.size]
 
@@ -242,10 +248,24 @@ def make_augment(name, size):
     return table[name](size)
 
 
+def prepare(data, aug, rng, fast=True):
+    """Image bytes -> (lazily decoded source, augmentation parameters drawn from `rng`); raises BadImage when
+    the header cannot be read (then nothing is drawn). Both decode paths start here."""
+    src = _Source(data, fast)
+    return src, aug.sample(*src.size, rng)
+
+
 def process(data, aug, rng, fast=True):
     """Image bytes -> augmented uint8 (3, S, S) tensor; raises BadImage for undecodable data."""
-    src = _Source(data, fast)
-    w, h = src.size
-    p = aug.sample(w, h, rng)
-    arr = src.decode(*(aug.need(p) if fast else src.size))
-    return aug.apply(np.ascontiguousarray(arr), p)
+    src, p = prepare(data, aug, rng, fast)
+    return aug.apply(chw(decode_for(src, aug, p, fast)), p)
+
+
+def decode_for(src, aug, p, fast=True):
+    """The pixels `aug.apply` needs for parameters p: RGB uint8 (H, W, 3), at reduced size when `fast`."""
+    return src.decode(*(aug.need(p) if fast else src.size))
+
+
+def chw(arr):
+    """Decoded (H, W, 3) uint8 array -> (3, H, W) tensor view."""
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)

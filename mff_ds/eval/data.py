@@ -137,9 +137,10 @@ def dataset_paths(data):
 
 
 def _count_shards(urls, given, what):
-    counts = sources.shard_counts(urls)
+    counts, why = sources.shard_counts(urls)
     if counts is None and given is None:
-        raise ValueError(f"data.{what}_samples: the shards have no _info.json; expected the sample count, got None")
+        raise ValueError(f"data.{what}_samples: the shards have no _info.json ({why}); expected the sample count, "
+                         f"got None")
     return given if given is not None else sum(counts)
 
 
