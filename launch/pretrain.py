@@ -37,12 +37,13 @@ def main(argv=None) -> int:
     if args.max_steps is not None and args.max_steps < 1:
         print(f"error: --max-steps: expected a positive integer, got {args.max_steps}", file=sys.stderr)
         return 2
+    from mff_ds.engine.checkpoint import CheckpointError
     from mff_ds.engine.trainer import IncompatibleCheckpointError, NonFiniteLossError, train
     out = args.output_dir or os.path.join("runs", recipe.name)
     import torch.distributed as dist
     try:
         summary = train(recipe, out, max_steps=args.max_steps, resume=args.resume)
-    except (RecipeError, IncompatibleCheckpointError, NonFiniteLossError, FileNotFoundError) as e:
+    except (RecipeError, IncompatibleCheckpointError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, NonFiniteLossError) else 3
     finally:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .distributed import barrier
+from .safe_load import CheckpointError, weights_only_loads  # noqa: F401 (CheckpointError: re-exported)
 
 MARKER = "mff_complete.json"
 TAG_RE = re.compile(r"^global_step(\d+)$")
@@ -125,14 +126,16 @@ def find(output_dir: str, resume: str) -> Optional[Tuple[str, str, dict]]:
 
 def _meta_from_states(tag_dir: str) -> dict:
     path = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
-    sd = torch.load(path, map_location="cpu", weights_only=False)
+    with weights_only_loads():
+        sd = torch.load(path, map_location="cpu")
     return sd.get("mff_meta") or sd.get("client_state", {}).get("mff_meta", {})
 
 
 def load(engine, root: str, tag: str) -> dict:
     """Collective: load module, optimizer and loss-scaler state; returns the client state."""
-    path, client = engine.load_checkpoint(root, tag=tag, load_module_strict=True, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+    with weights_only_loads():
+        path, client = engine.load_checkpoint(root, tag=tag, load_module_strict=True, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(root, tag)}")
     return client or {}
@@ -160,7 +163,8 @@ def fp32_state_dict(engine, root: str, tag: str) -> dict:
     if stage > 0 or engine.bfloat16_enabled():
         try:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-            sd = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+            with weights_only_loads():
+                sd = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
             return {k: v.float().contiguous() for k, v in sd.items()}
         except Exception:  # ZeRO-0 + 16-bit: fall back to the module weights below
             if stage > 0:

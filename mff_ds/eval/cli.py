@@ -37,12 +37,13 @@ def train_main(task: str, argv=None, doc: str = "") -> int:
     if a.max_steps is not None and a.max_steps < 1:
         print(f"error: --max-steps: expected a positive integer, got {a.max_steps}", file=sys.stderr)
         return 2
+    from mff_ds.engine.checkpoint import CheckpointError
     from mff_ds.engine.trainer import IncompatibleCheckpointError, NonFiniteLossError
     from .train import run
     out = a.output_dir or os.path.join("runs", recipe.name)
     try:
         s = run(recipe, out, max_steps=a.max_steps, resume=a.resume)
-    except (RecipeError, IncompatibleCheckpointError, FileNotFoundError, ValueError) as e:
+    except (RecipeError, IncompatibleCheckpointError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:

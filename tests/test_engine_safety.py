@@ -1,0 +1,86 @@
+"""Nothing executed, nothing mixed, nothing lost: safe loading, output-dir lock, --resume none, verified checkpoints,
+signals. One process, a 2-block ViT on 32 px synthetic images: each run takes a few seconds."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = """
+name: tiny
+seed: 3
+model: {arch: mff_vit_tiny_patch16, img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2,
+        decoder_embed_dim: 32, decoder_depth: 1, decoder_num_heads: 2, out_indices: [0, 1], kernels: torch}
+data: {source: synthetic, num_samples: 64, num_workers: 0}
+batch: {global_batch: 16, micro_batch: 8}
+schedule: {epochs: 2, warmup_epochs: 1}
+checkpoint: {every_steps: 2, keep_last: 3}
+logging: {every_steps: 2, image_every_steps: 0, progress_bar: false, tensorboard: false}
+"""  # one process: 8 micro-batches per epoch, 2 per step -> 4 steps/epoch, 8 steps
+
+
+def pretrain(tmp: Path, out: Path, *args, timeout=120, **popen):
+    cfg = tmp / "tiny.yaml"
+    cfg.write_text(TINY)
+    cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(cfg), "--output-dir", str(out), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    if popen:
+        return subprocess.Popen(cmd, env=env, cwd=tmp, text=True, **popen)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp)
+
+
+def ok(p):
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def error_lines(p) -> list:
+    """stderr minus DeepSpeed's/torch's own warnings: what the user reads."""
+    return [l for l in p.stderr.splitlines() if l.strip() and "[WARNING]" not in l and "Warning" not in l]
+
+
+class Payload:
+    """Unpickling this runs code: it creates the file `path`."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.path!r}, 'w').write('pwned')",))
+
+
+def plant(path: Path, marker: Path) -> None:
+    """An attacker's edit: the payload added to a DeepSpeed file."""
+    sd = torch.load(path, map_location="cpu", weights_only=False)
+    sd["extra"] = Payload(marker)
+    torch.save(sd, path)
+
+
+def test_resume_never_unpickles_code(tmp_path):
+    out = tmp_path / "out"
+    ok(pretrain(tmp_path, out, "--max-steps", "2"))
+    pwned = tmp_path / "pwned"
+    plant(out / "checkpoints" / "global_step2" / "mp_rank_00_model_states.pt", pwned)
+    p = pretrain(tmp_path, out)
+    assert not pwned.exists(), "the checkpoint's pickle payload was executed"
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    lines = error_lines(p)
+    assert len(lines) == 1 and lines[0].startswith("error: refused to load"), p.stderr[-3000:]
+    assert "mp_rank_00_model_states.pt" in lines[0] and "class/function exec," in lines[0]
+
+
+def test_universal_dir_metadata_never_unpickles_code(tmp_path):
+    from mff_ds.engine import checkpoint as ckpt
+    tag = tmp_path / "global_step2_universal"
+    (tag / "zero").mkdir(parents=True)
+    torch.save({"mff_meta": {"step": 2}, "x": Payload(tmp_path / "pwned")}, tag / "mp_rank_00_model_states.pt")
+    with pytest.raises(ckpt.CheckpointError, match="refused to load .*class/function exec,"):
+        ckpt.find(str(tmp_path), str(tag))
+    assert not (tmp_path / "pwned").exists()
+    torch.save({"mff_meta": {"step": 2}, "rng": torch.zeros(3)}, tag / "mp_rank_00_model_states.pt")
+    assert ckpt.find(str(tmp_path), str(tag))[2] == {"step": 2, "universal": True}  # plain data still loads
