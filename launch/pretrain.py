@@ -22,7 +22,8 @@ def parse_args(argv=None):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set batch.micro_batch=256 (repeatable)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this optimizer step (schedule unchanged)")
-    p.add_argument("--resume", default="auto", help="auto (latest complete checkpoint in the output dir), none, or a PATH")
+    p.add_argument("--resume", default="auto", help="auto (latest complete checkpoint in the output dir), none (refused over another run's outputs), "
+                   "fresh (move those aside to OUTPUT_DIR/previous-<time>/, then none), or a checkpoint PATH")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args(argv)
 
@@ -38,12 +39,13 @@ def main(argv=None) -> int:
         print(f"error: --max-steps: expected a positive integer, got {args.max_steps}", file=sys.stderr)
         return 2
     from mff_ds.engine.checkpoint import CheckpointError
+    from mff_ds.engine.rundir import RunDirError
     from mff_ds.engine.trainer import IncompatibleCheckpointError, NonFiniteLossError, train
     out = args.output_dir or os.path.join("runs", recipe.name)
     import torch.distributed as dist
     try:
         summary = train(recipe, out, max_steps=args.max_steps, resume=args.resume)
-    except (RecipeError, IncompatibleCheckpointError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
+    except (RecipeError, IncompatibleCheckpointError, CheckpointError, RunDirError, NonFiniteLossError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, NonFiniteLossError) else 3
     finally:

@@ -84,3 +84,38 @@ def test_universal_dir_metadata_never_unpickles_code(tmp_path):
     assert not (tmp_path / "pwned").exists()
     torch.save({"mff_meta": {"step": 2}, "rng": torch.zeros(3)}, tag / "mp_rank_00_model_states.pt")
     assert ckpt.find(str(tmp_path), str(tag))[2] == {"step": 2, "universal": True}  # plain data still loads
+
+
+def test_output_dir_is_locked_and_resume_none_never_mixes_runs(tmp_path):
+    import signal
+    import socket
+    import time
+    out = tmp_path / "out"
+    a = pretrain(tmp_path, out, "--set", "schedule.epochs=1000", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 90
+        while not (out / ".mff_lock").exists() and a.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert a.poll() is None and (out / ".mff_lock").exists(), "the first run never took the lock"
+        p = pretrain(tmp_path, out)  # a second run into the same dir, while the first one trains
+        assert p.returncode == 2 and a.poll() is None
+        lines = error_lines(p)
+        assert len(lines) == 1 and f"is in use by another run (host {socket.gethostname()}, PID {a.pid}" in lines[0]
+    finally:
+        a.send_signal(signal.SIGKILL)
+        a.wait()
+    # the killed run's lock is stale: taken over, with its host and PID named; its outputs are moved aside
+    p = ok(pretrain(tmp_path, out, "--resume", "fresh", "--max-steps", "2"))
+    assert f"took over the stale lock {out / '.mff_lock'} of host {socket.gethostname()}, PID {a.pid}: process " \
+           f"{a.pid} no longer exists" in p.stderr
+    aside = list(out.glob("previous-*"))
+    assert len(aside) == 1 and (aside[0] / "metrics.jsonl").exists() and "moved the previous run's outputs" in p.stdout
+    assert (out / "checkpoints" / "latest").read_text() == "global_step2" and not (out / ".mff_lock").exists()
+    assert [q.name for q in (out / "checkpoints").glob("global_step*")] == ["global_step2"]
+    # --resume none over those outputs: refused, nothing touched, the way out named
+    before = sorted(str(q.relative_to(out)) for q in out.rglob("*"))
+    p = pretrain(tmp_path, out, "--resume", "none")
+    assert p.returncode == 2
+    lines = error_lines(p)
+    assert len(lines) == 1 and "would mix the two runs" in lines[0] and "--resume fresh" in lines[0], p.stderr[-2000:]
+    assert sorted(str(q.relative_to(out)) for q in out.rglob("*")) == before

@@ -20,6 +20,7 @@ from . import logging as mlog
 from .distributed import DistEnv, device_for, init_distributed
 from .optim import build_deepspeed_engine, build_ds_config, lr_at, precision_of, schedule_steps, set_lr
 from .recipe import Recipe, RecipeError, check, save_recipe
+from .rundir import owns_output_dir
 from .signals import StopOnSignal
 
 NEVER = 2**62
@@ -116,6 +117,7 @@ def check_resume(meta: dict, recipe: Recipe, world_size: int, zero_stage: int, r
     return universal
 
 
+@owns_output_dir  # the output dir is locked for the run; --resume none never mixes two runs
 def train(recipe: Recipe, output_dir: str, max_steps: Optional[int] = None, resume: str = "auto", *,
           model: Optional[torch.nn.Module] = None, forward: Callable = default_forward,
           param_groups: Optional[list] = None) -> dict:

@@ -25,6 +25,7 @@ from mff_ds.engine import logging as mlog
 from mff_ds.engine.distributed import device_for, init_distributed
 from mff_ds.engine.optim import build_deepspeed_engine, build_ds_config, lr_at, precision_of, schedule_steps, set_lr
 from mff_ds.engine.recipe import RecipeError
+from mff_ds.engine.rundir import owns_output_dir
 from mff_ds.engine.trainer import DTYPES, NonFiniteLossError, check_resume, seed_everything
 
 from . import data as edata
@@ -121,6 +122,7 @@ def _ds_config(recipe: EvalRecipe, world: int, device):
     return cfg, autocast
 
 
+@owns_output_dir
 def run(recipe: EvalRecipe, output_dir: str, max_steps: Optional[int] = None, resume: str = "auto",
         quiet: bool = False) -> dict:
     """Train the classifier of `recipe` (continuing from a checkpoint under output_dir when resume='auto'),
