@@ -119,3 +119,46 @@ def test_output_dir_is_locked_and_resume_none_never_mixes_runs(tmp_path):
     lines = error_lines(p)
     assert len(lines) == 1 and "would mix the two runs" in lines[0] and "--resume fresh" in lines[0], p.stderr[-2000:]
     assert sorted(str(q.relative_to(out)) for q in out.rglob("*")) == before
+
+
+def test_damaged_checkpoints_fall_back_to_an_intact_one(tmp_path):
+    out = tmp_path / "out"
+    ok(pretrain(tmp_path, out, "--max-steps", "6"))  # checkpoints 2, 4, 6
+    ck = out / "checkpoints"
+    meta = json.loads((ck / "global_step6" / "mff_complete.json").read_text())
+    assert set(meta["files"]) == {q.name for q in (ck / "global_step6").iterdir()} - {"mff_complete.json"}
+    (ck / "global_step6" / "mff_complete.json").write_text('{"step": 6, "fil')           # corrupt marker
+    optim = next((ck / "global_step4").glob("*optim_states.pt"))
+    optim.write_bytes(optim.read_bytes()[: optim.stat().st_size // 2])                 # truncated
+    p = ok(pretrain(tmp_path, out, "--max-steps", "8"))
+    err = p.stderr
+    assert f"checkpoint {ck / 'global_step6'} is damaged" in err and "mff_complete.json is unreadable" in err
+    assert f"checkpoint {ck / 'global_step4'} is damaged" in err and f"{optim.name} has " in err
+    assert "at step 2 (epoch 0, batch 4)" in p.stdout + err
+    assert (ck / "latest").read_text() == "global_step8"
+    # every checkpoint damaged (one byte changed, same size): one clear error, nothing resumed
+    for tag in ck.glob("global_step*"):
+        model = tag / "mp_rank_00_model_states.pt"
+        data = bytearray(model.read_bytes())
+        data[len(data) // 2] ^= 1
+        model.write_bytes(bytes(data))
+    p = pretrain(tmp_path, out)
+    assert p.returncode == 2
+    lines = error_lines(p)
+    assert lines[-1].startswith(f"error: no complete checkpoint under {ck} is intact"), p.stderr[-3000:]
+    assert "another SHA-256" in lines[-1] and "--resume fresh" in lines[-1]
+
+
+def test_full_disk_on_save_names_the_path_and_the_intact_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    ok(pretrain(tmp_path, out, "--max-steps", "2"))
+    ck = out / "checkpoints"
+    (ck / "global_step4").mkdir()
+    (ck / "global_step4" / "mp_rank_00_model_states.pt").symlink_to("/dev/full")  # every write: ENOSPC
+    p = pretrain(tmp_path, out, "--max-steps", "4")
+    assert p.returncode == 2
+    lines = error_lines(p)
+    assert len(lines) == 1, p.stderr[-3000:]
+    assert lines[0].startswith(f"error: could not write checkpoint {ck / 'global_step4'}: ")
+    assert "the disk is full" in lines[0] and f"the previous complete checkpoint {ck / 'global_step2'} is intact" in lines[0]
+    assert (ck / "latest").read_text() == "global_step2"
