@@ -12,6 +12,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from mff_ds.engine import signals  # noqa: E402
+
+if __name__ == "__main__":
+    signals.catch()  # before torch is imported: SIGUSR1/SIGTERM/SIGINT during start-up save at the first check
+
 from mff_ds.engine.recipe import REPO_ROOT, RecipeError, load_recipe  # noqa: E402
 
 
@@ -52,11 +57,10 @@ def main(argv=None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     if summary.get("stopped_by"):
-        from mff_ds.engine.signals import EXIT_PREEMPTED
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"stopped by {summary['stopped_by']} at step {summary['step']}/{summary['total_steps']}; checkpoint "
                   f"saved under {out}/checkpoints; rerun with --resume auto to continue", flush=True)
-        return EXIT_PREEMPTED
+        return signals.exit_code(summary["stopped_by"])
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: step {summary['step']}/{summary['total_steps']}, loss {summary['first_loss']} -> "
               f"{summary['last_loss']}, outputs in {out}")

@@ -162,3 +162,54 @@ def test_full_disk_on_save_names_the_path_and_the_intact_checkpoint(tmp_path):
     assert lines[0].startswith(f"error: could not write checkpoint {ck / 'global_step4'}: ")
     assert "the disk is full" in lines[0] and f"the previous complete checkpoint {ck / 'global_step2'} is intact" in lines[0]
     assert (ck / "latest").read_text() == "global_step2"
+
+
+def _wait_for(path: Path, proc, what: str):
+    import time
+    deadline = time.time() + 120
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None and path.exists(), f"the run ended or stalled before {what}"
+
+
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 75), ("SIGINT", 130)])
+def test_sigterm_and_sigint_save_and_exit(tmp_path, sig, code):
+    import signal
+    out = tmp_path / "out"
+    p = pretrain(tmp_path, out, "--set", "schedule.epochs=1000", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for(out / "metrics.jsonl", p, "training started")
+    p.send_signal(getattr(signal, sig))
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == code, stdout[-2000:] + stderr[-2000:]
+    assert "Traceback" not in stderr and f"stopped by {sig} at step " in stdout
+    step = int(stdout.split(f"stopped by {sig} at step ")[1].split("/")[0])
+    assert (out / "checkpoints" / "latest").read_text() == f"global_step{step}"
+
+
+def test_a_signal_during_start_up_is_kept_not_fatal(tmp_path):
+    import signal
+    out = tmp_path / "out"
+    p = pretrain(tmp_path, out, "--set", "schedule.epochs=1000", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for(out / "recipe.yaml", p, "the recipe was saved")  # before the model and the engine are built
+    p.send_signal(signal.SIGUSR1)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 75 and "stopped by SIGUSR1 at step 10/" in stdout, stdout[-2000:] + stderr[-2000:]
+    assert (out / "checkpoints" / "latest").read_text() == "global_step10"
+
+
+def test_second_sigint_exits_at_once(tmp_path):
+    script = ("import os, signal, sys, time\n"
+              f"sys.path.insert(0, {str(REPO)!r})\n"
+              "from mff_ds.engine import signals\n"
+              "signals.catch()\n"
+              "os.kill(os.getpid(), signal.SIGINT)\n"
+              "time.sleep(0.1)\n"
+              "os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C forwarded by torchrun: ignored\n"
+              "print('first kept', flush=True)\n"
+              "time.sleep(signals.SECOND_SIGINT_AFTER_S)\n"
+              "os.kill(os.getpid(), signal.SIGINT)\n"
+              "time.sleep(30)\n"
+              "print('not reached')\n")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 130 and p.stdout == "first kept\n", p.stdout + p.stderr
+    assert p.stderr.startswith("second SIGINT: exiting now without saving")
