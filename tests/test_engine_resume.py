@@ -108,6 +108,20 @@ def test_resume_is_bitwise_exact(straight, tmp_path):
     assert enc.keys() == to_timm(model).keys() and all(torch.equal(v, enc[k]) for k, v in to_timm(model).items())
 
 
+def test_resume_is_exact_with_data_workers(tmp_path):
+    """Worker processes must not shift the restored RNG streams (the first iter() of a DataLoader with workers
+    draws its base seed from a generator)."""
+    w = ("--set", "data.num_workers=2")
+    ok(launch(tmp_path, tmp_path / "straight", *w, nproc=1))  # 1 rank: 4 accumulation steps, 4 steps / epoch
+    out = tmp_path / "out"
+    ok(launch(tmp_path, out, *w, "--max-steps", "6", nproc=1))  # mid-epoch 1
+    p = ok(launch(tmp_path, out, *w, nproc=1))
+    assert "at step 6 (epoch 1, batch 8)" in p.stdout + p.stderr
+    a, b = weights(tmp_path / "straight"), weights(out)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+    assert losses(tmp_path / "straight")[12] == losses(out)[12]
+
+
 def test_kill_mid_run_and_mid_save_then_resume_auto(straight, tmp_path):
     out = tmp_path / "out"
     ckpts = out / "checkpoints"

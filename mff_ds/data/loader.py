@@ -176,9 +176,13 @@ class Loader:
         self.dataset, self.cfg, self.num_samples = dataset, cfg, num_samples
         self.batches_per_epoch, self.micro_batch = dataset.nb, dataset.batch
         nw = cfg.num_workers
+        # The DataLoader's first iter() draws the workers' base seed from `generator`, by default torch's global
+        # one: after a resume restored the RNG states that draw would shift every later random mask. Workers use
+        # only explicit (seed, epoch, rank, batch) generators, so a private generator changes nothing else.
         self._dl = DataLoader(dataset, batch_size=None, num_workers=nw,
                               pin_memory=cfg.pin_memory and torch.cuda.is_available(),
-                              persistent_workers=nw > 0, prefetch_factor=cfg.prefetch_factor if nw else None)
+                              persistent_workers=nw > 0, prefetch_factor=cfg.prefetch_factor if nw else None,
+                              generator=torch.Generator().manual_seed(dataset.seed))
         self.set_epoch(epoch, skip_batches)
 
     def set_epoch(self, epoch, skip_batches=0):
