@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     if args.max_steps is not None and args.max_steps < 1:
         print(f"error: --max-steps: expected a positive integer, got {args.max_steps}", file=sys.stderr)
         return 2
+    from mff_ds.data import BadDataError
     from mff_ds.engine.checkpoint import CheckpointError
     from mff_ds.engine.rundir import RunDirError
     from mff_ds.engine.trainer import IncompatibleCheckpointError, NonFiniteLossError, train
@@ -50,7 +51,8 @@ def main(argv=None) -> int:
     import torch.distributed as dist
     try:
         summary = train(recipe, out, max_steps=args.max_steps, resume=args.resume)
-    except (RecipeError, IncompatibleCheckpointError, CheckpointError, RunDirError, NonFiniteLossError, FileNotFoundError) as e:
+    except (RecipeError, IncompatibleCheckpointError, CheckpointError, RunDirError, NonFiniteLossError, BadDataError,
+            FileNotFoundError, ValueError) as e:  # bad input or state: one line (ValueError: data / model settings)
         print(f"error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, NonFiniteLossError) else 3
     finally:

@@ -246,11 +246,19 @@ def read_file(path):
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
-    return torch.load(path, map_location="cpu", weights_only=True), {}
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+                return {k: f.get_tensor(k) for k in f.keys()}, meta
+        except (SafetensorError, ValueError) as e:
+            raise ValueError(f"cannot read {path}: expected a .safetensors file, got one that is empty, truncated or "
+                             f"not safetensors ({e})") from None
+    from mff_ds.engine.safe_load import UNREADABLE, unreadable
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), {}
+    except UNREADABLE as e:
+        raise ValueError(str(unreadable(path, e))) from None
 
 
 def save_model(model, path):
@@ -337,7 +345,9 @@ def to_mae(model_or_sd, full: bool = True) -> dict:
 
 def load_mae(path, **overrides):
     """Load an official MAE checkpoint (encoder-only or _full; training checkpoints too)."""
-    obj, _ = read_file(path)
+    obj, meta = read_file(path)
+    if (meta or obj).get("format") == FORMAT:  # one of our files: its config says the fused levels, no guessing
+        return load_model(path, **overrides)
     sd = obj.get("model", obj)
     sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}
     full = "decoder_embed.weight" in sd
@@ -354,6 +364,17 @@ def main(argv=None):
     ap.add_argument("dst")
     ap.add_argument("--encoder-only", action="store_true", help="to-mae: write the encoder-only layout")
     a = ap.parse_args(argv)
+    try:
+        model = _convert(a)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{a.command}: {a.src} -> {a.dst} ({model.cfg.depth} blocks, embed {model.cfg.embed_dim}, "
+          f"{len(model.levels)} fused level(s))")
+    return 0
+
+
+def _convert(a):
     st = Path(a.dst).suffix == ".safetensors"
     if a.command in ("from-mmpretrain", "from-mae"):
         model = load_mmpretrain(a.src) if a.command == "from-mmpretrain" else load_mae(a.src)
@@ -370,8 +391,7 @@ def main(argv=None):
             save_file(ck["state_dict"], a.dst, ck["meta"])
         else:
             save_file(mmpretrain_checkpoint(model), a.dst)
-    print(f"{a.command}: {a.src} -> {a.dst} ({model.cfg.depth} blocks, embed {model.cfg.embed_dim}, "
-          f"{len(model.levels)} fused level(s))")
+    return model
 
 
 if __name__ == "__main__":

@@ -213,3 +213,86 @@ def test_second_sigint_exits_at_once(tmp_path):
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert p.returncode == 130 and p.stdout == "first kept\n", p.stdout + p.stderr
     assert p.stderr.startswith("second SIGINT: exiting now without saving")
+
+
+# ------------------------------------------------------------------ one clear line instead of a traceback
+def test_bad_config_files_get_one_line(tmp_path):
+    from mff_ds.engine.recipe import RecipeError, load_recipe
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(256)))
+    cases = {str(tmp_path / "empty.yaml"): "is empty; expected a recipe",   # not silently ViT-B defaults
+             str(tmp_path): "expected a readable YAML file, got",          # a directory
+             str(tmp_path / "binary.yaml"): "expected a readable YAML file, got"}
+    for path, want in cases.items():
+        with pytest.raises(RecipeError, match=want):
+            load_recipe(path, world_size=1)
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    for ratio in (0.0, 0.99):  # masks none (the loss is 0/0) / keeps none of the 16 patches
+        with pytest.raises(RecipeError, match="model.mask_ratio: (masks|keeps) no patch of 16"):
+            load_recipe(str(tmp_path / "tiny.yaml"), [f"model.mask_ratio={ratio}"], world_size=1)
+
+
+def test_missing_shards_are_named(tmp_path):
+    from mff_ds.data import DataConfig, build_loader
+    cfg = DataConfig(source="webdataset", path=str(tmp_path / "shard-{000..003}.tar"), num_workers=0)
+    with pytest.raises(ValueError, match=r"expected existing shard files, got 4 of 4 missing .* e\.g\. .*shard-000"):
+        build_loader(cfg, img_size=32, micro_batch=4, rank=0, world_size=1, seed=0, epoch=0)
+
+
+def test_convert_and_evaluate_on_files_that_are_not_checkpoints(tmp_path):
+    from mff_ds import convert
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "random.pth").write_bytes(os.urandom(3000))
+    (tmp_path / "random.safetensors").write_bytes(os.urandom(3000))
+    for name in ("empty.pth", "random.pth", "random.safetensors"):
+        with pytest.raises(ValueError, match=f"cannot read .*{name}: expected a"):
+            convert.read_file(tmp_path / name)
+        p = subprocess.run([sys.executable, "-m", "mff_ds.convert", "to-timm", str(tmp_path / name),
+                            str(tmp_path / "x.safetensors")], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, PYTHONPATH=str(REPO)))
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
+    p = subprocess.run([sys.executable, str(REPO / "launch" / "evaluate.py"), str(tmp_path / "random.pth"), "--val",
+                        str(tmp_path)], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    assert p.returncode == 2 and error_lines(p) == [l for l in error_lines(p) if l.startswith("error: cannot read")]
+
+
+def test_convert_from_mae_reads_our_own_files(tmp_path):
+    from mff_ds import convert
+    from mff_ds.models import build_model
+    model = build_model("mff_vit_tiny_patch16", img_size=32, patch_size=8, depth=4, out_indices=[0, 2, 3])
+    for suffix in (".pth", ".safetensors"):
+        convert.save_model(model, tmp_path / f"ours{suffix}")
+        back = convert.load_mae(tmp_path / f"ours{suffix}")
+        assert back.cfg.out_indices == [0, 2, 3] and back.cfg.to_dict() == model.cfg.to_dict()
+
+
+def test_resume_with_changed_settings(tmp_path):
+    out = tmp_path / "out"
+    ok(pretrain(tmp_path, out, "--max-steps", "2"))
+    p = pretrain(tmp_path, out, "--set", "deepspeed.zero_stage=0")
+    assert p.returncode == 2
+    lines = error_lines(p)
+    assert len(lines) == 1 and "was saved with ZeRO stage 2, this run uses stage 0" in lines[0], p.stderr[-3000:]
+    # data-loader speed settings and the weight decay may change: accepted, and the changes are listed
+    p = ok(pretrain(tmp_path, out, "--max-steps", "4", "--set", "data.num_workers=1", "--set", "data.pin_memory=false",
+                    "--set", "data.prefetch_factor=4", "--set", "optim.weight_decay=0.1"))
+    assert "at step 2" in p.stdout and "warning: resuming" in p.stderr
+    for change in ("data.num_workers: checkpoint 0 -> recipe 1", "data.pin_memory: checkpoint True -> recipe False",
+                   "data.prefetch_factor: checkpoint 2 -> recipe 4", "optim.weight_decay: checkpoint 0.05 -> recipe 0.1"):
+        assert change in p.stderr
+    # the data stream itself may not: refused, and the way out named
+    p = pretrain(tmp_path, out, "--set", "data.num_samples=128")
+    assert p.returncode == 2 and "data.num_samples: checkpoint 64 -> recipe 128" in p.stderr
+    assert "--resume fresh" in p.stderr
+
+
+def test_unreadable_training_data_is_one_line(tmp_path):
+    bad = tmp_path / "images" / "cls"
+    bad.mkdir(parents=True)
+    for i in range(64):
+        (bad / f"{i}.jpg").write_bytes(b"not a jpeg")
+    p = pretrain(tmp_path, tmp_path / "out", "--set", "data.source=imagefolder", "--set", f"data.path={bad.parent}")
+    assert p.returncode == 2
+    lines = error_lines(p)
+    assert len(lines) == 1 and lines[0].startswith("error: 64 of 64 samples could not be read"), p.stderr[-3000:]

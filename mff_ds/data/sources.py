@@ -66,6 +66,10 @@ def expand_shards(path):
     urls = [u for u in wds.shardlists.expand_urls(str(path)) if u]
     if not urls:
         raise ValueError(f"data.path: no shards in {path!r}")
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u)]
+    if missing:
+        raise ValueError(f"data.path: expected existing shard files, got {len(missing)} of {len(urls)} missing for "
+                         f"{path!r}, e.g. {missing[0]}")
     return urls
 
 

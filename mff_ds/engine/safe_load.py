@@ -20,6 +20,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: unsafe, damaged, unverifiable or unwritable; the message says which."""
 
 
+# what torch.load raises for a refused global, random bytes (UnpicklingError), an empty file (EOFError) or a
+# truncated zip archive (RuntimeError from PytorchStreamReader)
+UNREADABLE = (pickle.UnpicklingError, EOFError, RuntimeError)
 _lock = threading.RLock()  # the patch is process-wide: one `with` block at a time (nesting is fine)
 
 
@@ -34,12 +37,17 @@ def allowlist() -> list:
             np.ndarray, np.dtype, type(np.dtype(np.uint32)), np._core.multiarray._reconstruct]
 
 
-def _refusal(path, err: Exception) -> CheckpointError:
+def unreadable(path, err: Exception) -> CheckpointError:
+    """One line for a torch.load(weights_only=True) failure: a refused class/function (code could run), or not a
+    checkpoint at all (random bytes, empty or truncated file)."""
     m = re.search(r"GLOBAL ([\w.]+)", str(err))
-    what = f"the class/function {m.group(1)}" if m else str(err).splitlines()[0]
-    return CheckpointError(f"refused to load {path}: it contains {what}, which is not in the allowlist of what "
-                           f"DeepSpeed and mff-ds store (mff_ds/engine/safe_load.py); loading it could execute code. "
-                           f"Use a checkpoint from a trusted source.")
+    if m:
+        return CheckpointError(f"refused to load {path}: it contains the class/function {m.group(1)}, which is not in "
+                               f"the allowlist of what DeepSpeed and mff-ds store (mff_ds/engine/safe_load.py); "
+                               f"loading it could execute code. Use a checkpoint from a trusted source.")
+    detail = next((l.strip() for l in str(err).splitlines() if re.search("Unsupported|invalid load key", l)), "")
+    return CheckpointError(f"cannot read {path}: expected a PyTorch checkpoint file, got one that is empty, truncated "
+                           f"or not a checkpoint ({type(err).__name__}{': ' + detail if detail else ''})")
 
 
 @contextlib.contextmanager
@@ -51,8 +59,8 @@ def weights_only_loads():
         def load(f, map_location=None, pickle_module=None, *, weights_only=None, **kwargs):
             try:
                 return original(f, map_location=map_location, weights_only=True, **kwargs)
-            except pickle.UnpicklingError as e:
-                raise _refusal(f, e) from None
+            except UNREADABLE as e:
+                raise unreadable(f, e) from None
 
         torch.load = load
         try:

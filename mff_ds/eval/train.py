@@ -179,7 +179,8 @@ def run(recipe: EvalRecipe, output_dir: str, max_steps: Optional[int] = None, re
 
     steps_per_epoch, total_steps, warmup_steps, stop_step = schedule_steps(recipe, len(train_loader), A, max_steps)
     peak_lr = recipe.lr()
-    meta_base = {"recipe_hash": recipe.compat_hash(), "compat": recipe.compat_dict(), "world_size": world,
+    meta_base = {"recipe_hash": recipe.compat_hash(), "compat": recipe.compat_dict(), "recipe": recipe.to_dict(),
+                 "world_size": world,
                  "zero_stage": zero_stage, "precision": precision, "name": recipe.name, "task": recipe.task}
     pos = Position()
     if found:
