@@ -234,6 +234,9 @@ def save_file(obj: dict, path, metadata: dict | None = None):
             st_save(flat, tmp, metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
         else:
             torch.save(obj if metadata is None else {**obj, **metadata}, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the file gets the mode a plain open() would give
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -296,3 +296,36 @@ def test_unreadable_training_data_is_one_line(tmp_path):
     assert p.returncode == 2
     lines = error_lines(p)
     assert len(lines) == 1 and lines[0].startswith("error: 64 of 64 samples could not be read"), p.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ exports, skipped samples
+def test_exports_honour_the_umask(tmp_path):
+    from mff_ds import convert
+    old = os.umask(0o022)
+    try:
+        convert.save_file({"w": torch.zeros(2)}, tmp_path / "a.safetensors")
+        convert.save_file({"w": torch.zeros(2)}, tmp_path / "a.pth")
+        os.umask(0o027)
+        convert.save_file({"w": torch.zeros(2)}, tmp_path / "b.safetensors")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"a.safetensors": 0o644, "a.pth": 0o644, "b.safetensors": 0o640}
+
+
+def test_skipped_samples_are_named_in_a_rate_limited_line(tmp_path, capsys):
+    from PIL import Image
+
+    from mff_ds.data import DataConfig, build_loader
+    root = tmp_path / "images" / "cls"
+    root.mkdir(parents=True)
+    for i in range(16):
+        Image.new("RGB", (40, 40), (i * 10, 0, 0)).save(root / f"{i:02d}.jpg")
+    for name in ("bad1.jpg", "bad2.jpg"):
+        (root / name).write_bytes(b"not a jpeg")
+    cfg = DataConfig(source="imagefolder", path=str(root.parent), num_workers=0, max_bad_fraction=0.5)
+    loader = build_loader(cfg, img_size=32, micro_batch=6, rank=0, world_size=1, seed=0, epoch=0)
+    n = sum(len(x) for x, _ in loader)
+    assert n == 18 and loader.bad_samples == 2
+    lines = [l for l in capsys.readouterr().err.splitlines() if "skipped a bad sample" in l]
+    assert len(lines) == 1 and "bad" in lines[0].split("batch: ")[1] and ".jpg" in lines[0]  # names the file, once

@@ -10,6 +10,8 @@ import dataclasses
 import math
 import multiprocessing as mp
 import os
+import sys
+import time
 import warnings
 
 import numpy as np
@@ -24,6 +26,7 @@ IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 SYNTHETIC_SAMPLES = 1_281_167  # ImageNet-1k train size, the synthetic epoch length unless num_samples is set
 MAX_EXAMPLES = 10
+BAD_LOG_EVERY_S = 30.0  # at most one "skipped" line per process this often (a bad shard can hold thousands)
 
 
 class BadDataError(RuntimeError):
@@ -174,6 +177,7 @@ class Loader:
 
     def __init__(self, dataset, cfg, num_samples, epoch, skip_batches):
         self.dataset, self.cfg, self.num_samples = dataset, cfg, num_samples
+        self._bad_logged_at, self._bad_unlogged = float("-inf"), 0  # rate limit of the "skipped" lines
         self.batches_per_epoch, self.micro_batch = dataset.nb, dataset.batch
         nw = cfg.num_workers
         # The DataLoader's first iter() draws the workers' base seed from `generator`, by default torch's global
@@ -213,6 +217,8 @@ class Loader:
                 self.seen_samples += n
                 self.bad_samples += len(bad)
                 self.bad_examples += bad[:MAX_EXAMPLES - len(self.bad_examples)]
+                if bad:
+                    self._log_bad(bad)
                 if (self.seen_samples >= check_after
                         and self.bad_samples > self.cfg.max_bad_fraction * self.seen_samples):
                     raise BadDataError(
@@ -222,6 +228,17 @@ class Loader:
                 yield imgs, labels
         if nxt != self.batches_per_epoch:
             raise RuntimeError(f"data loader ended at batch {nxt} of {self.batches_per_epoch}")
+
+    def _log_bad(self, bad):
+        """One stderr line naming a skipped file, rate-limited; the lines not shown are counted in the next one."""
+        self._bad_unlogged += len(bad)
+        now = time.monotonic()
+        if now < self._bad_logged_at + BAD_LOG_EVERY_S:
+            return
+        more = f" (+{self._bad_unlogged - 1} more since the last such line)" if self._bad_unlogged > 1 else ""
+        print(f"warning: rank {self.dataset.rank}: skipped a bad sample, replaced by a good one of its batch: {bad[0]}"
+              f"{more}; {self.bad_samples} of {self.seen_samples} this epoch", file=sys.stderr, flush=True)
+        self._bad_logged_at, self._bad_unlogged = now, 0
 
 
 def build_loader(cfg, *, img_size, micro_batch, rank, world_size, seed, epoch, skip_batches=0,
