@@ -280,6 +280,45 @@ def universal_info() -> dict:
         return {}
 
 
+def needs_universal(meta: dict, world_size: int, zero_stage: int) -> bool:
+    """A checkpoint whose ZeRO partitions were cut for another world size (DeepSpeed cannot re-split them)."""
+    saved = meta.get("world_size")
+    return (saved not in (None, world_size) and not meta.get("universal")
+            and max(zero_stage, meta.get("zero_stage", 0)) > 0)
+
+
+def to_universal(root: str, tag: str, meta: dict) -> Tuple[str, str, dict]:
+    """Collective. Rank 0 converts <root>/<tag> with DeepSpeed's ds_to_universal (in this process, so its loads are
+    weights-only too) into the sibling <tag>_universal: written under a temporary name and renamed, so it exists only
+    when complete, and later runs reuse it. Returns (root, universal tag, meta) for loading with load_universal."""
+    import argparse
+    import io
+    src, dst = os.path.join(root, tag), os.path.join(root, f"{tag}_universal")
+    err = None
+    if _rank_world()[0] == 0 and not os.path.isdir(dst):
+        from deepspeed.checkpoint import ds_to_universal
+        tmp = f"{dst}.tmp{os.getpid()}"
+        workers = max(1, min(4, (os.cpu_count() or 1) // 2))
+        args = argparse.Namespace(input_folder=src, output_folder=tmp, num_extract_workers=workers,
+                                  num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
+                                  inject_missing_state=False)
+        log = io.StringIO()
+        try:
+            with weights_only_loads(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                ds_to_universal.main(args)
+            os.rename(tmp, dst)
+            print(f"checkpoint {src} was saved by {meta.get('world_size')} rank(s); converted it for this world size "
+                  f"to {dst} (DeepSpeed universal checkpoint)", flush=True)
+        except Exception as e:  # any failure of the conversion: reported in one line, on every rank
+            shutil.rmtree(tmp, ignore_errors=True)
+            err = (f"could not convert {src} (saved by {meta.get('world_size')} ranks) to a universal checkpoint for "
+                   f"this world size: {type(e).__name__}: {e}; resume with {meta.get('world_size')} ranks instead")
+    err = all_gather_object(err)[0]
+    if err:
+        raise CheckpointError(err)
+    return root, os.path.basename(dst), dict(meta, universal=True)
+
+
 def universal_command(root: str, tag: str) -> str:
     src = os.path.join(root, tag)
     return (f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {src} --output_folder {src}_universal"

@@ -106,10 +106,9 @@ def check_resume(meta: dict, recipe: Recipe, world_size: int, zero_stage: int, r
     if changed and int(os.environ.get("RANK", "0")) == 0:
         print(f"warning: resuming {where} with changed settings (compatible with it):\n  " + "\n  ".join(changed),
               file=sys.stderr, flush=True)
-    saved_world = meta.get("world_size")
-    if saved_world not in (None, world_size) and not universal and max(zero_stage, meta.get("zero_stage", 0)) > 0:
+    if ckpt.needs_universal(meta, world_size, zero_stage):
         raise IncompatibleCheckpointError(
-            f"checkpoint {where} was saved with world size {saved_world} (ZeRO stage {meta.get('zero_stage')}), "
+            f"checkpoint {where} was saved with world size {meta['world_size']} (ZeRO stage {meta.get('zero_stage')}), "
             f"this run has world size {world_size}; ZeRO optimizer partitions cannot be re-split directly.\n"
             f"Convert it to a universal checkpoint first:\n  {ckpt.universal_command(root, tag)}")
     return universal
@@ -140,6 +139,8 @@ def train(recipe: Recipe, output_dir: str, max_steps: Optional[int] = None, resu
 
     # resume target first: world-size / recipe checks before any heavy work
     found = ckpt.find(output_dir, resume)
+    if found and ckpt.needs_universal(found[2], world, zero_stage):
+        found = ckpt.to_universal(*found)  # saved by another world size: converted once, then loaded as universal
     if found:
         root, tag, meta = found
         if check_resume(meta, recipe, world, zero_stage, root, tag):
