@@ -334,8 +334,13 @@ def test_too_few_shards(shards):
     cfg = DataConfig(source="webdataset", path=shards, num_workers=0, resample_shards=True)
     loaders = [load(cfg, rank=r, world_size=8, micro_batch=2) for r in range(8)]
     assert all(len(stream(x)) == len(x) == 1 for x in loaders)
-    with pytest.raises(ValueError, match="not listed"):
+    with pytest.raises(ValueError, match="expected existing shard files, got 2 of 2 missing"):
         load(DataConfig(source="webdataset", path=shards.replace("{000000..000004}", "x{0..1}")))
+    unlisted = shards.replace("{000000..000004}", "unlisted")
+    if not os.path.exists(unlisted):
+        os.link(shards.replace("{000000..000004}", "000000"), unlisted)
+    with pytest.raises(ValueError, match="not listed"):
+        load(DataConfig(source="webdataset", path=unlisted))
 
 
 def test_shards_without_info(shards, tmp_path):
