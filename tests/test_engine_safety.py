@@ -329,3 +329,21 @@ def test_skipped_samples_are_named_in_a_rate_limited_line(tmp_path, capsys):
     assert n == 18 and loader.bad_samples == 2
     lines = [l for l in capsys.readouterr().err.splitlines() if "skipped a bad sample" in l]
     assert len(lines) == 1 and "bad" in lines[0].split("batch: ")[1] and ".jpg" in lines[0]  # names the file, once
+
+
+def test_evaluation_skips_and_names_an_unreadable_image(tmp_path, capsys):
+    from PIL import Image
+
+    from mff_ds.eval import data as edata
+    from mff_ds.eval.metrics import evaluate
+    from mff_ds.eval.recipe import AugConfig, EvalData
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.new("RGB", (40, 40), (i * 50, 0, 0)).save(tmp_path / c / f"{i}.jpg")
+    (tmp_path / "b" / "9_broken.jpg").write_bytes(b"not a jpeg")
+    d = EvalData(source="imagefolder", val_path=str(tmp_path), num_workers=0)
+    loader, classes = edata.build_val_loader(d, edata.val_transform(32, AugConfig()), batch=7, rank=0, world=1)
+    res = evaluate(lambda x: torch.zeros(len(x), 2), loader, torch.device("cpu"))
+    assert classes == ["a", "b"] and res["val_samples"] == 6
+    assert f"skipped unreadable validation image {tmp_path / 'b' / '9_broken.jpg'}" in capsys.readouterr().err
