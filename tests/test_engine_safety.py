@@ -347,3 +347,22 @@ def test_evaluation_skips_and_names_an_unreadable_image(tmp_path, capsys):
     res = evaluate(lambda x: torch.zeros(len(x), 2), loader, torch.device("cpu"))
     assert classes == ["a", "b"] and res["val_samples"] == 6
     assert f"skipped unreadable validation image {tmp_path / 'b' / '9_broken.jpg'}" in capsys.readouterr().err
+
+
+def test_lock_of_another_host_is_stale_only_without_heartbeat(tmp_path, capsys):
+    from mff_ds.engine.rundir import LOCK_NAME, OutputLock, RunDirError
+    path = tmp_path / LOCK_NAME
+    path.write_text(json.dumps({"host": "node-17", "pid": 4242, "start": 0.0}))  # PIDs of other hosts: unknowable
+    with pytest.raises(RunDirError, match="in use by another run \\(host node-17, PID 4242"):
+        OutputLock(str(path)).acquire()
+    old = path.stat().st_mtime - 3600  # no heartbeat for an hour (> MFF_DS_LOCK_STALE_S = 600 s)
+    os.utime(path, (old, old))
+    lock = OutputLock(str(path)).acquire()
+    try:
+        assert "took over the stale lock" in capsys.readouterr().err
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+        with pytest.raises(RunDirError):  # held: a second acquire in this very process is refused too
+            OutputLock(str(path)).acquire()
+    finally:
+        lock.release()
+    assert not path.exists()
