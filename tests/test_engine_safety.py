@@ -55,10 +55,15 @@ class Payload:
 
 
 def plant(path: Path, marker: Path) -> None:
-    """An attacker's edit: the payload added to a DeepSpeed file."""
+    """An attacker's edit: the payload added to a DeepSpeed file, and the completion marker's checksum updated."""
+    import hashlib
     sd = torch.load(path, map_location="cpu", weights_only=False)
     sd["extra"] = Payload(marker)
     torch.save(sd, path)
+    done = path.parent / "mff_complete.json"
+    meta = json.loads(done.read_text())
+    meta.setdefault("files", {})[path.name] = [path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()]
+    done.write_text(json.dumps(meta))
 
 
 def test_resume_never_unpickles_code(tmp_path):
@@ -295,7 +300,8 @@ def test_unreadable_training_data_is_one_line(tmp_path):
     p = pretrain(tmp_path, tmp_path / "out", "--set", "data.source=imagefolder", "--set", f"data.path={bad.parent}")
     assert p.returncode == 2
     lines = error_lines(p)
-    assert len(lines) == 1 and lines[0].startswith("error: 64 of 64 samples could not be read"), p.stderr[-3000:]
+    assert lines[-1].startswith("error: 64 of 64 samples could not be read"), p.stderr[-3000:]
+    assert all(l.startswith("warning: rank 0: skipped a bad sample") for l in lines[:-1])  # rate-limited: a few
 
 
 # ------------------------------------------------------------------ exports, skipped samples
