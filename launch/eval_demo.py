@@ -45,7 +45,7 @@ def main(argv=None) -> int:
                               f"model.out_indices={levels}"] + extra)
         out = os.path.join(a.output_dir, f"pretrain_{name.lower()}")
         t = time.time()
-        s = train(recipe, out, resume="none")
+        s = train(recipe, out, resume="fresh")
         print(f"[{time.time() - t0:5.0f}s] pretrained {name}: {s['step']} steps, loss {s['first_loss']:.3f} -> "
               f"{s['last_loss']:.3f} ({time.time() - t:.0f}s)", flush=True)
         encoders[name] = (os.path.join(out, "model_fp32.safetensors"), s["last_loss"])
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
             overrides.append(f"init.checkpoint={ckpt}")
         recipe = load_eval_recipe("configs/linprobe_demo.yaml", overrides)
         t = time.time()
-        s = run(recipe, os.path.join(a.output_dir, recipe.name), resume="none", quiet=True)
+        s = run(recipe, os.path.join(a.output_dir, recipe.name), resume="fresh", quiet=True)
         print(f"[{time.time() - t0:5.0f}s] linear probe of the {name} encoder: top-1 {s['last_top1']:.2f} "
               f"(best {s['best_top1']:.2f} @ epoch {s['best_epoch']}) ({time.time() - t:.0f}s)", flush=True)
         rows.append({"encoder": name, "pretrain loss": "-" if loss is None else f"{loss:.3f}",

@@ -12,6 +12,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from mff_ds.engine import signals  # noqa: E402
+
+if __name__ == "__main__":
+    signals.catch()  # before torch is imported: SIGUSR1/SIGTERM/SIGINT during start-up save at the first check
+
 from mff_ds.engine.recipe import REPO_ROOT, RecipeError, load_recipe  # noqa: E402
 
 
@@ -22,7 +27,8 @@ def parse_args(argv=None):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set batch.micro_batch=256 (repeatable)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this optimizer step (schedule unchanged)")
-    p.add_argument("--resume", default="auto", help="auto (latest complete checkpoint in the output dir), none, or a PATH")
+    p.add_argument("--resume", default="auto", help="auto (latest complete checkpoint in the output dir), none (refused over another run's outputs), "
+                   "fresh (move those aside to OUTPUT_DIR/previous-<time>/, then none), or a checkpoint PATH")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args(argv)
 
@@ -37,23 +43,26 @@ def main(argv=None) -> int:
     if args.max_steps is not None and args.max_steps < 1:
         print(f"error: --max-steps: expected a positive integer, got {args.max_steps}", file=sys.stderr)
         return 2
+    from mff_ds.data import BadDataError
+    from mff_ds.engine.checkpoint import CheckpointError
+    from mff_ds.engine.rundir import RunDirError
     from mff_ds.engine.trainer import IncompatibleCheckpointError, NonFiniteLossError, train
     out = args.output_dir or os.path.join("runs", recipe.name)
     import torch.distributed as dist
     try:
         summary = train(recipe, out, max_steps=args.max_steps, resume=args.resume)
-    except (RecipeError, IncompatibleCheckpointError, NonFiniteLossError, FileNotFoundError) as e:
+    except (RecipeError, IncompatibleCheckpointError, CheckpointError, RunDirError, NonFiniteLossError, BadDataError,
+            FileNotFoundError, ValueError) as e:  # bad input or state: one line (ValueError: data / model settings)
         print(f"error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, NonFiniteLossError) else 3
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     if summary.get("stopped_by"):
-        from mff_ds.engine.signals import EXIT_PREEMPTED
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"stopped by {summary['stopped_by']} at step {summary['step']}/{summary['total_steps']}; checkpoint "
                   f"saved under {out}/checkpoints; rerun with --resume auto to continue", flush=True)
-        return EXIT_PREEMPTED
+        return signals.exit_code(summary["stopped_by"])
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: step {summary['step']}/{summary['total_steps']}, loss {summary['first_loss']} -> "
               f"{summary['last_loss']}, outputs in {out}")

@@ -276,6 +276,9 @@ def save_file(obj: dict, path, metadata: dict | None = None):
             st_save(flat, tmp, metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
         else:
             torch.save(obj if metadata is None else {**obj, **metadata}, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the file gets the mode a plain open() would give
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -288,11 +291,19 @@ def read_file(path):
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
-    return torch.load(path, map_location="cpu", weights_only=True), {}
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+                return {k: f.get_tensor(k) for k in f.keys()}, meta
+        except (SafetensorError, ValueError) as e:
+            raise ValueError(f"cannot read {path}: expected a .safetensors file, got one that is empty, truncated or "
+                             f"not safetensors ({e})") from None
+    from mff_ds.engine.safe_load import UNREADABLE, unreadable
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), {}
+    except UNREADABLE as e:
+        raise ValueError(str(unreadable(path, e))) from None
 
 
 def save_model(model, path):
@@ -382,7 +393,9 @@ def to_mae(model_or_sd, full: bool = True) -> dict:
 
 def load_mae(path, **overrides):
     """Load an official MAE checkpoint (encoder-only or _full; training checkpoints too)."""
-    obj, _ = read_file(path)
+    obj, meta = read_file(path)
+    if (meta or obj).get("format") == FORMAT:  # one of our files: its config says the fused levels, no guessing
+        return load_model(path, **overrides)
     sd = obj.get("model", obj)
     sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}
     full = "decoder_embed.weight" in sd

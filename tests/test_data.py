@@ -340,6 +340,8 @@ def test_too_few_shards(shards):
     cfg = DataConfig(source="webdataset", path=shards, num_workers=0, resample_shards=True)
     loaders = [load(cfg, rank=r, world_size=8, micro_batch=2) for r in range(8)]
     assert all(len(stream(x)) == len(x) == 1 for x in loaders)
+    with pytest.raises(ValueError, match="expected existing shard files, got 2 of 2 missing"):
+        load(DataConfig(source="webdataset", path=shards.replace("{000000..000004}", "x{0..1}")))
     other = shards.replace("train-{000000..000004}", "other-0")
     if not os.path.exists(other):
         os.link(shards.replace("{000000..000004}", "000000"), other)
@@ -384,7 +386,7 @@ def test_pipe_shards(shards, folder, tmp_path):
     with pytest.raises(ValueError, match=r"data.path: cannot read shard 'pipe:cat \S+nowhere/train-000000.tar' "
                                          r"\(exit status 1: cat: .*No such file"):
         load(DataConfig(source="webdataset", path="pipe:cat " + missing))
-    with pytest.raises(ValueError, match=r"data.path: 4 of 4 shards do not exist, e.g. '\S+/train-000000.tar'"):
+    with pytest.raises(ValueError, match=r"data.path: expected existing shard files, got 4 of 4 missing for .*, e.g. '\S+/train-000000.tar'"):
         load(DataConfig(source="webdataset", path=missing, num_samples=10))
 
 

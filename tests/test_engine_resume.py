@@ -49,17 +49,26 @@ if kind != "none" and int(os.environ.get("RANK", 0)) == r:
                 os.kill(os.getpid(), signal.SIGKILL)
             return out
         DeepSpeedEngine.step = step
+if os.environ.get("DUMP") and int(os.environ.get("RANK", 0)) == 0:  # the module's weights at the first forward
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    _forward = DeepSpeedEngine.forward
+    def forward(self, *a, **k):
+        if not os.path.exists(os.environ["DUMP"]):
+            import torch
+            torch.save({{n: v.detach().float().clone() for n, v in self.module.state_dict().items()}}, os.environ["DUMP"])
+        return _forward(self, *a, **k)
+    DeepSpeedEngine.forward = forward
 sys.argv = ["pretrain.py"] + sys.argv[1:]
 runpy.run_path({script!r}, run_name="__main__")
 """
 
 
-def launch(tmp: Path, out: Path, *args, nproc=2, crash=None, timeout=120):
+def launch(tmp: Path, out: Path, *args, nproc=2, crash=None, timeout=120, dump=None):
     cfg = tmp / "tiny.yaml"
     cfg.write_text(TINY)
     wrapper = tmp / "run.py"
     wrapper.write_text(WRAPPER.format(repo=str(REPO), script=str(REPO / "launch" / "pretrain.py")))
-    env = dict(os.environ, OMP_NUM_THREADS="1", CRASH=crash or "", PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS="1", CRASH=crash or "", PYTHONPATH=str(REPO), DUMP=str(dump or ""))
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
     cmd = [sys.executable, *launcher, str(wrapper), "--config", str(cfg), "--output-dir", str(out), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp)
@@ -108,6 +117,20 @@ def test_resume_is_bitwise_exact(straight, tmp_path):
     assert enc.keys() == to_timm(model).keys() and all(torch.equal(v, enc[k]) for k, v in to_timm(model).items())
 
 
+def test_resume_is_exact_with_data_workers(tmp_path):
+    """Worker processes must not shift the restored RNG streams (the first iter() of a DataLoader with workers
+    draws its base seed from a generator)."""
+    w = ("--set", "data.num_workers=2")
+    ok(launch(tmp_path, tmp_path / "straight", *w, nproc=1))  # 1 rank: 4 accumulation steps, 4 steps / epoch
+    out = tmp_path / "out"
+    ok(launch(tmp_path, out, *w, "--max-steps", "6", nproc=1))  # mid-epoch 1
+    p = ok(launch(tmp_path, out, *w, nproc=1))
+    assert "at step 6 (epoch 1, batch 8)" in p.stdout + p.stderr
+    a, b = weights(tmp_path / "straight"), weights(out)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+    assert losses(tmp_path / "straight")[12] == losses(out)[12]
+
+
 def test_kill_mid_run_and_mid_save_then_resume_auto(straight, tmp_path):
     out = tmp_path / "out"
     ckpts = out / "checkpoints"
@@ -138,19 +161,22 @@ def test_incompatible_checkpoint_refused(straight, tmp_path):
     assert "incompatible recipe" in err and "model.depth: checkpoint 4 -> recipe 3" in err, err[-2000:]
 
 
-def test_other_world_size_resumes_through_universal_checkpoint(tmp_path):
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_other_world_size_resumes_automatically(tmp_path, before, after):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     out = tmp_path / "out"
-    ok(launch(tmp_path, out, "--max-steps", "6"))  # 2 ranks: epoch 1, batch 4 of 4 images each = 32 samples
-    src = out / "checkpoints" / "global_step6"
-    p = launch(tmp_path, out, "--set", "batch.micro_batch=16", nproc=1)
-    assert p.returncode == 2 and "ds_to_universal" in p.stderr
-    conv = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
-                           "--output_folder", f"{src}_universal", "--num_extract_workers", "1",
-                           "--num_merge_workers", "1"], capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert conv.returncode == 0, conv.stdout[-2000:] + conv.stderr[-2000:]
-    p = ok(launch(tmp_path, out, "--resume", f"{src}_universal", "--set", "deepspeed.load_universal=true",
-                  "--set", "batch.micro_batch=16", nproc=1))  # 1 rank x 16 = 16 per step
-    assert "at step 6 (epoch 1, batch 2)" in p.stdout + p.stderr  # the same 32 samples, in batches of 16
+    ok(launch(tmp_path, out, "--max-steps", "6", nproc=before))  # global batch 16 in micro-batches of 4
+    ckpts = out / "checkpoints"
+    saved = get_fp32_state_dict_from_zero_checkpoint(str(ckpts), tag="global_step6")
+    meta = json.loads((ckpts / "global_step6" / "mff_complete.json").read_text())
+    samples = meta["batch"] * 4 * before  # of epoch 1, all ranks together
+    p = ok(launch(tmp_path, out, "--max-steps", "8", nproc=after, dump=tmp_path / "first.pt"))
+    log = p.stdout + p.stderr
+    assert f"converted it for this world size to {ckpts / 'global_step6_universal'}" in log
+    assert f"at step 6 (epoch 1, batch {samples // (4 * after)})" in log  # the same samples, other split
+    resumed = torch.load(tmp_path / "first.pt", weights_only=True)
+    assert resumed.keys() == saved.keys() and all(torch.equal(resumed[k], saved[k]) for k in saved)
     final = losses(out)
-    assert max(final) == 12 and final[12] == final[12]
+    assert sorted(s for s in final if s > 6) == [8] and final[8] == final[8]  # logging every 2 steps: 8 is next
+    meta = json.loads((ckpts / "global_step8" / "mff_complete.json").read_text())
+    assert (meta["world_size"], meta["step"]) == (after, 8)

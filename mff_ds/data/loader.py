@@ -13,6 +13,8 @@ import functools
 import math
 import multiprocessing as mp
 import os
+import sys
+import time
 import warnings
 
 import numpy as np
@@ -28,6 +30,7 @@ IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 SYNTHETIC_SAMPLES = 1_281_167  # ImageNet-1k train size, the synthetic epoch length unless num_samples is set
 MAX_EXAMPLES = 10
+BAD_LOG_EVERY_S = 30.0  # at most one "skipped" line per process this often (a bad shard can hold thousands)
 
 
 class BadDataError(RuntimeError):
@@ -212,14 +215,16 @@ class Loader:
 
     def __init__(self, dataset, cfg, num_samples, epoch, skip_batches, device=None):
         self.dataset, self.cfg, self.num_samples, self.device = dataset, cfg, num_samples, device
+        self._bad_logged_at, self._bad_unlogged = float("-inf"), 0  # rate limit of the "skipped" lines
         self.batches_per_epoch, self.micro_batch = dataset.nb, dataset.batch
         nw = cfg.num_workers
+        # The DataLoader's first iter() draws the workers' base seed from `generator`, by default torch's global
+        # one: after a resume restored the RNG states that draw would shift every later random mask. Workers use
+        # only explicit (seed, epoch, rank, batch) generators, so a private generator changes nothing else.
         self._dl = DataLoader(dataset, batch_size=None, num_workers=nw,  # encoded files: nothing to pin
                               pin_memory=cfg.pin_memory and torch.cuda.is_available() and device is None,
                               persistent_workers=nw > 0, prefetch_factor=cfg.prefetch_factor if nw else None,
-                              # its own generator: starting workers must not draw from the global RNG, or a
-                              # resumed run's masks would shift (our workers seed from (seed, epoch, rank, b))
-                              generator=torch.Generator().manual_seed(0))
+                              generator=torch.Generator().manual_seed(dataset.seed))
         self.set_epoch(epoch, skip_batches)
 
     def set_epoch(self, epoch, skip_batches=0):
@@ -260,6 +265,8 @@ class Loader:
                 self.seen_samples += n
                 self.bad_samples += len(bad)
                 self.bad_examples += [msg for _, msg in bad[:MAX_EXAMPLES - len(self.bad_examples)]]
+                if bad:
+                    self._log_bad([msg for _, msg in bad])
                 if (self.seen_samples >= check_after
                         and self.bad_samples > self.cfg.max_bad_fraction * self.seen_samples):
                     raise BadDataError(
@@ -269,6 +276,17 @@ class Loader:
                 yield imgs, labels
         if nxt != self.batches_per_epoch:
             raise RuntimeError(f"data loader ended at batch {nxt} of {self.batches_per_epoch}")
+
+    def _log_bad(self, bad):
+        """One stderr line naming a skipped file, rate-limited; the lines not shown are counted in the next one."""
+        self._bad_unlogged += len(bad)
+        now = time.monotonic()
+        if now < self._bad_logged_at + BAD_LOG_EVERY_S:
+            return
+        more = f" (+{self._bad_unlogged - 1} more since the last such line)" if self._bad_unlogged > 1 else ""
+        print(f"warning: rank {self.dataset.rank}: skipped a bad sample, replaced by a good one of its batch: {bad[0]}"
+              f"{more}; {self.bad_samples} of {self.seen_samples} this epoch", file=sys.stderr, flush=True)
+        self._bad_logged_at, self._bad_unlogged = now, 0
 
 
 def build_loader(cfg, *, img_size, micro_batch, rank, world_size, seed, epoch, skip_batches=0,

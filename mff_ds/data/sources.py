@@ -74,11 +74,10 @@ def expand_shards(path):
     urls = [u for u in wds.shardlists.expand_urls(str(path)) if u]
     if not urls:
         raise ValueError(f"data.path: no shards in {path!r}")
-    local = [u for u in urls if not is_remote(u)]
-    missing = [u for u in local if not os.path.isfile(u)]
+    missing = [u for u in urls if not is_remote(u) and not os.path.isfile(u)]
     if missing:
-        raise ValueError(f"data.path: {len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]!r} "
-                         f"(pattern {path!r})")
+        raise ValueError(f"data.path: expected existing shard files, got {len(missing)} of {len(urls)} missing for "
+                         f"{path!r}, e.g. {missing[0]!r}")
     return urls
 
 

@@ -5,19 +5,30 @@ DeepSpeed's own `latest` file is written by rank 0 with a plain open('w') before
 ZeRO shards, so a kill can leave it pointing at a half-written checkpoint. We save with save_latest=False;
 after every rank has returned, rank 0 writes `<tag>/mff_complete.json` and then replaces `latest`
 atomically. Only tags with the marker are ever resumed from.
+
+The marker lists every file of the checkpoint with its size and SHA-256 (hashed in parallel, each rank a share of
+the files). On resume the newest complete checkpoint whose files all match is used; a damaged one (truncated,
+emptied, changed, unreadable marker) is reported with its reason and the next older one is tried.
+A failed write (disk full, no permission) is caught on every rank, so no rank waits in a barrier for one that
+failed, and reported with the path and the previous complete checkpoint, which is left intact.
 """
+import contextlib
+import errno
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import sys
 import time
 from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .distributed import barrier
+from .distributed import all_gather_object, barrier
+from .safe_load import CheckpointError, weights_only_loads  # noqa: F401 (CheckpointError: re-exported)
 
 MARKER = "mff_complete.json"
 TAG_RE = re.compile(r"^global_step(\d+)$")
@@ -64,20 +75,131 @@ def read_meta(tag_dir: str) -> dict:
         return json.load(f)
 
 
+def _rank_world() -> Tuple[int, int]:
+    import torch.distributed as dist
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _shared(names: list, work) -> dict:
+    """Collective: {name: work(name)}, each rank doing every world-th name."""
+    rank, world = _rank_world()
+    out = {}
+    for part in all_gather_object({n: work(n) for n in names[rank::world]}):
+        out.update(part)
+    return out
+
+
+def file_digests(tag_dir: str) -> dict:
+    """Collective: {relative path: [size, sha256]} of every file under tag_dir except the marker."""
+    names = sorted(os.path.relpath(os.path.join(d, f), tag_dir) for d, _, fs in os.walk(tag_dir) for f in fs
+                   if f != MARKER)
+    names = all_gather_object(names)[0]  # rank 0's listing: another node's directory cache may lag
+    return _shared(names, lambda n: [os.path.getsize(os.path.join(tag_dir, n)), _sha256(os.path.join(tag_dir, n))])
+
+
+def verified_meta(tag_dir: str) -> Tuple[Optional[dict], Optional[str]]:
+    """Collective: (marker, None) when every file the marker lists has its size and checksum, else (None, reason).
+    A marker without a file list (written before checksums were recorded) is accepted as it is."""
+    try:
+        meta = read_meta(tag_dir)
+        files = meta.get("files", {})
+        if not all(isinstance(v, list) and len(v) == 2 for v in files.values()):
+            raise ValueError("its file list is malformed")
+    except (OSError, ValueError, AttributeError) as e:
+        return None, f"its {MARKER} is unreadable ({e})"
+
+    def check(name):
+        path = os.path.join(tag_dir, name)
+        size, digest = files[name]
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != size:
+            return f"{name} has {os.path.getsize(path)} bytes, expected {size}"
+        return None if _sha256(path) == digest else f"{name} has another SHA-256 than when it was written"
+
+    problems = [p for p in _shared(sorted(files), check).values() if p]
+    return (None, "; ".join(problems)) if problems else (meta, None)
+
+
+def _write_error(path: str, e: Exception) -> str:
+    code = getattr(e, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        usage = shutil.disk_usage(os.path.dirname(path))
+        why = f"the disk is full or over quota ({usage.free / 2**30:.2f} GiB free)"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "no permission to write there"
+    else:
+        why = "write failed"
+    return f"{path}: {why}: {e}"
+
+
+@contextlib.contextmanager
+def _write_errors_recorded(engine, errors: list):
+    """DeepSpeed writes every file through `checkpoint_engine.save(state_dict, path)` and then meets the other ranks
+    in a barrier: an exception on one rank would leave the others waiting there until the collective timeout. Here
+    an error is recorded instead (the caller gathers them), and files are written through a Python file object,
+    which keeps the errno (ENOSPC, EACCES) that torch's own writer turns into 'unexpected pos'."""
+    ce = engine.checkpoint_engine
+
+    def save(state_dict, path):
+        try:
+            with open(path, "wb") as f:
+                torch.save(state_dict, f, _use_new_zipfile_serialization=getattr(ce, "zipfile_serialization", True))
+        except (OSError, RuntimeError) as e:
+            errors.append(_write_error(path, e))
+
+    if type(ce).__name__ != "TorchCheckpointEngine":  # another engine writes its own way: errors raise as they are
+        yield
+        return
+    ce.save = save
+    try:
+        yield
+    finally:
+        del ce.save
+
+
+def _raise_if_failed(errors: list, root: str, tag_dir: str) -> None:
+    """Collective: every rank raises the same CheckpointError when any rank failed."""
+    errors = [e for part in all_gather_object(errors) for e in part]
+    if errors:
+        prev = [t for _, t in complete_tags(root) if os.path.join(root, t) != tag_dir]
+        keep = (f"the previous complete checkpoint {os.path.join(root, prev[-1])} is intact; free space or fix "
+                f"permissions, then rerun with --resume auto" if prev else "there is no earlier complete checkpoint")
+        raise CheckpointError(f"could not write checkpoint {tag_dir}: {errors[0]}"
+                              f"{f' (and {len(errors) - 1} more)' if len(errors) > 1 else ''}; {keep}.")
+
+
 def save(engine, root: str, step: int, client_state: dict, meta: dict, keep_last: int) -> str:
     """Collective: every rank calls it. Returns the checkpoint directory."""
     tag = f"global_step{step}"
     tag_dir = os.path.join(root, tag)
+    errors = []
     if engine.global_rank == 0:
-        os.makedirs(root, exist_ok=True)
-        if os.path.exists(os.path.join(tag_dir, MARKER)):
-            os.remove(os.path.join(tag_dir, MARKER))  # overwriting: incomplete until saved again
-    barrier()
-    engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
-    barrier()  # every rank's files are on disk
+        try:
+            os.makedirs(root, exist_ok=True)
+            if os.path.exists(os.path.join(tag_dir, MARKER)):
+                os.remove(os.path.join(tag_dir, MARKER))  # overwriting: incomplete until saved again
+        except OSError as e:
+            errors.append(_write_error(root, e))
+    _raise_if_failed(errors, root, tag_dir)
+    with _write_errors_recorded(engine, errors):
+        engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+    _raise_if_failed(errors, root, tag_dir)  # every rank's files are on disk, or every rank raises
+    files = file_digests(tag_dir)
     if engine.global_rank == 0:
-        _atomic_write(os.path.join(tag_dir, MARKER), json.dumps(dict(meta, step=step, time=time.time()), indent=1))
-        _atomic_write(os.path.join(root, "latest"), tag)
+        try:
+            _atomic_write(os.path.join(tag_dir, MARKER),
+                          json.dumps(dict(meta, step=step, time=time.time(), files=files), indent=1))
+            _atomic_write(os.path.join(root, "latest"), tag)
+        except OSError as e:
+            errors.append(_write_error(os.path.join(tag_dir, MARKER), e))
+    _raise_if_failed(errors, root, tag_dir)
+    if engine.global_rank == 0:
         for _, old in complete_tags(root)[:-keep_last]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
         # half-written tags older than the newest complete one are garbage too
@@ -91,8 +213,9 @@ def save(engine, root: str, step: int, client_state: dict, meta: dict, keep_last
 
 
 def find(output_dir: str, resume: str) -> Optional[Tuple[str, str, dict]]:
-    """Resolve --resume: 'none' -> None; 'auto' -> the latest complete checkpoint under output_dir (or None);
-    PATH -> a checkpoint tag dir, or a checkpoints root (its latest complete one). Returns (root, tag, meta)."""
+    """Resolve --resume: 'none' -> None; 'auto' -> the newest complete, intact checkpoint under output_dir
+    (or None); PATH -> a checkpoint tag dir, or a checkpoints root (its newest intact one). Collective (checksums
+    are verified in parallel). Returns (root, tag, meta); CheckpointError when none is intact."""
     if resume == "none":
         return None
     if resume == "auto":
@@ -102,9 +225,13 @@ def find(output_dir: str, resume: str) -> Optional[Tuple[str, str, dict]]:
     else:
         path = os.path.abspath(resume)
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"--resume: expected 'auto', 'none' or a checkpoint directory, got {resume!r}")
+            raise FileNotFoundError(f"--resume: expected 'auto', 'none', 'fresh' or a checkpoint directory, "
+                                    f"got {resume!r}")
         if os.path.isfile(os.path.join(path, MARKER)):
-            return os.path.dirname(path), os.path.basename(path), read_meta(path)
+            meta, reason = verified_meta(path)
+            if reason:
+                raise CheckpointError(f"--resume {resume}: checkpoint {path} is damaged: {reason}")
+            return os.path.dirname(path), os.path.basename(path), meta
         if os.path.isdir(os.path.join(path, "zero")):  # a ds_to_universal output
             meta = _meta_from_states(path)
             return os.path.dirname(path), os.path.basename(path), dict(meta, universal=True)
@@ -114,25 +241,31 @@ def find(output_dir: str, resume: str) -> Optional[Tuple[str, str, dict]]:
         if resume != "auto":
             raise FileNotFoundError(f"--resume: no complete checkpoint (with {MARKER}) under {root}")
         return None
-    latest_file = os.path.join(root, "latest")
-    tag = tags[-1][1]
-    if os.path.isfile(latest_file):
-        named = open(latest_file).read().strip()
-        if os.path.isfile(os.path.join(root, named, MARKER)):
-            tag = named
-    return root, tag, read_meta(os.path.join(root, tag))
+    failures = []
+    for _, tag in reversed(tags):  # newest first
+        meta, reason = verified_meta(os.path.join(root, tag))
+        if meta is not None:
+            return root, tag, meta
+        failures.append(f"{tag}: {reason}")
+        if _rank_world()[0] == 0:
+            print(f"warning: checkpoint {os.path.join(root, tag)} is damaged, not resuming from it: {reason}; "
+                  f"trying the next older complete one", file=sys.stderr, flush=True)
+    raise CheckpointError(f"no complete checkpoint under {root} is intact ({'; '.join(failures)}). Restore the "
+                          f"files, or start afresh with --resume fresh (moves them aside).")
 
 
 def _meta_from_states(tag_dir: str) -> dict:
     path = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
-    sd = torch.load(path, map_location="cpu", weights_only=False)
+    with weights_only_loads():
+        sd = torch.load(path, map_location="cpu")
     return sd.get("mff_meta") or sd.get("client_state", {}).get("mff_meta", {})
 
 
 def load(engine, root: str, tag: str) -> dict:
     """Collective: load module, optimizer and loss-scaler state; returns the client state."""
-    path, client = engine.load_checkpoint(root, tag=tag, load_module_strict=True, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+    with weights_only_loads():
+        path, client = engine.load_checkpoint(root, tag=tag, load_module_strict=True, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(root, tag)}")
     return client or {}
@@ -145,6 +278,45 @@ def universal_info() -> dict:
         return {c.UNIVERSAL_CHECKPOINT_INFO: {c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
     except (ImportError, AttributeError):
         return {}
+
+
+def needs_universal(meta: dict, world_size: int, zero_stage: int) -> bool:
+    """A checkpoint whose ZeRO partitions were cut for another world size (DeepSpeed cannot re-split them)."""
+    saved = meta.get("world_size")
+    return (saved not in (None, world_size) and not meta.get("universal")
+            and max(zero_stage, meta.get("zero_stage", 0)) > 0)
+
+
+def to_universal(root: str, tag: str, meta: dict) -> Tuple[str, str, dict]:
+    """Collective. Rank 0 converts <root>/<tag> with DeepSpeed's ds_to_universal (in this process, so its loads are
+    weights-only too) into the sibling <tag>_universal: written under a temporary name and renamed, so it exists only
+    when complete, and later runs reuse it. Returns (root, universal tag, meta) for loading with load_universal."""
+    import argparse
+    import io
+    src, dst = os.path.join(root, tag), os.path.join(root, f"{tag}_universal")
+    err = None
+    if _rank_world()[0] == 0 and not os.path.isdir(dst):
+        from deepspeed.checkpoint import ds_to_universal
+        tmp = f"{dst}.tmp{os.getpid()}"
+        workers = max(1, min(4, (os.cpu_count() or 1) // 2))
+        args = argparse.Namespace(input_folder=src, output_folder=tmp, num_extract_workers=workers,
+                                  num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
+                                  inject_missing_state=False)
+        log = io.StringIO()
+        try:
+            with weights_only_loads(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                ds_to_universal.main(args)
+            os.rename(tmp, dst)
+            print(f"checkpoint {src} was saved by {meta.get('world_size')} rank(s); converted it for this world size "
+                  f"to {dst} (DeepSpeed universal checkpoint)", flush=True)
+        except Exception as e:  # any failure of the conversion: reported in one line, on every rank
+            shutil.rmtree(tmp, ignore_errors=True)
+            err = (f"could not convert {src} (saved by {meta.get('world_size')} ranks) to a universal checkpoint for "
+                   f"this world size: {type(e).__name__}: {e}; resume with {meta.get('world_size')} ranks instead")
+    err = all_gather_object(err)[0]
+    if err:
+        raise CheckpointError(err)
+    return root, os.path.basename(dst), dict(meta, universal=True)
 
 
 def universal_command(root: str, tag: str) -> str:
@@ -160,7 +332,8 @@ def fp32_state_dict(engine, root: str, tag: str) -> dict:
     if stage > 0 or engine.bfloat16_enabled():
         try:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-            sd = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+            with weights_only_loads():
+                sd = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
             return {k: v.float().contiguous() for k, v in sd.items()}
         except Exception:  # ZeRO-0 + 16-bit: fall back to the module weights below
             if stage > 0:

@@ -122,11 +122,37 @@ class Recipe(RecipeMethods):
     def compat_dict(self) -> dict:
         """What a resumed run must share with its checkpoint (shapes, schedule, data stream, numerics)."""
         d = self.to_dict()
+        data = {k: v for k, v in d["data"].items() if k not in ("pin_memory", "prefetch_factor")}  # speed only
+        if data.get("source") != "webdataset":  # shards are split among the workers: there it picks the samples
+            data.pop("num_workers", None)
         return {"model": dict(self.model_config().to_dict(), arch=self.model.get("arch")),
-                "data": d["data"], "seed": d["seed"], "precision": d["precision"],
+                "data": data, "seed": d["seed"], "precision": d["precision"],
                 "batch.global_batch": d["batch"]["global_batch"], "schedule": d["schedule"],
                 "optim.base_lr": d["optim"]["base_lr"], "optim.min_lr": d["optim"]["min_lr"]}
 
+
+
+def diff_settings(old: dict, new: dict, prefix: str = "", only_new: bool = False) -> List[str]:
+    """'key: checkpoint OLD -> recipe NEW' for every nested key that differs (only_new: keys of `new` only)."""
+    out = []
+    for k in sorted(set(new) if only_new else set(old) | set(new)):
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += diff_settings(a, b, f"{prefix}{k}.", only_new)
+        elif a != b:
+            out.append(f"{prefix}{k}: checkpoint {a!r} -> recipe {b!r}")
+    return out
+
+
+def resume_differences(meta: dict, recipe) -> Tuple[List[str], List[str]]:
+    """(incompatible, compatible) differences between a checkpoint's completion marker and the recipe resuming it.
+    Keys the recipe no longer treats as binding (e.g. data.pin_memory in older markers) are not held against it."""
+    if "compat" in meta:
+        incompatible = diff_settings(meta["compat"], recipe.compat_dict(), only_new=True)
+    else:
+        incompatible = [] if meta.get("recipe_hash") in (None, recipe.compat_hash()) else ["(recipe hash differs)"]
+    compatible = [] if incompatible or "recipe" not in meta else diff_settings(meta["recipe"], recipe.to_dict())
+    return incompatible, compatible
 
 
 # ------------------------------------------------------------------ plain <-> dataclass
@@ -299,7 +325,10 @@ def _model_problems(model: dict) -> List[str]:
     if "arch" in spec and not isinstance(spec["arch"], str):
         return p + [f"model.arch: expected an architecture name (str), got {spec['arch']!r}"]
     try:
-        resolve_config(spec)
+        cfg = resolve_config(spec)
+        if cfg.len_keep >= cfg.num_patches:  # the loss is taken over masked patches only: 0/0
+            p.append(f"model.mask_ratio: masks no patch of {cfg.num_patches} (ratio {cfg.mask_ratio}); expected a "
+                     f"ratio that masks at least one, e.g. 0.75")
     except (ValueError, TypeError) as e:
         msg = str(e)
         if msg.startswith("invalid model config:"):
@@ -404,11 +433,17 @@ def read_tree(path: Optional[str], overrides: Optional[List[str]] = None) -> Tup
     if path is not None:
         try:
             with open(resolve_path(path)) as f:
-                tree = yaml.safe_load(f) or {}
+                tree = yaml.safe_load(f)
         except FileNotFoundError:
             raise RecipeError([f"--config: expected an existing YAML file, got {path!r}"], source) from None
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else "not text"
+            raise RecipeError([f"--config: expected a readable YAML file, got {path!r} ({why})"], source) from None
         except yaml.YAMLError as e:
             raise RecipeError([f"--config: not valid YAML: {e}"], source) from None
+        if tree is None:
+            raise RecipeError([f"--config: {path!r} is empty; expected a recipe (a mapping, e.g. configs/demo.yaml)"],
+                              source)
         if not isinstance(tree, dict):
             raise RecipeError([f"recipe: expected a mapping at the top level, got {type(tree).__name__}"], source)
     problems = apply_overrides(tree, overrides or [])

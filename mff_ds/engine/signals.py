@@ -1,18 +1,29 @@
-"""Save and stop on a signal: SLURM's warning before the time limit (`--signal=USR1@120`) or a preemption notice.
+"""Save and stop on a signal: SLURM's warning before the time limit (`--signal=USR1@120`), a preemption or `scancel`
+(SIGTERM), or Ctrl-C (SIGINT).
 
 The handler only records the signal. `StopOnSignal.requested(step)` is a collective (a MAX all-reduce of one
 integer every `every` optimizer steps), so every rank stops at the same step even when only some ranks got the
-signal; the trainer then saves a checkpoint and exits with EXIT_PREEMPTED, and `--resume auto` continues.
+signal; the trainer then saves a checkpoint and `launch/pretrain.py` exits with `exit_code()`: 75 (EX_TEMPFAIL,
+"try again": launch/slurm/pretrain.sbatch requeues the job on it) after SIGUSR1/SIGTERM, 130 after SIGINT (the user
+asked to stop; no requeue). `--resume auto` continues either way. A second SIGINT, a second or more after the first,
+exits at once (130) without saving; one within a second is the same Ctrl-C forwarded by torchrun, and ignored.
+
+`catch()` installs the handlers; launch/pretrain.py calls it before importing torch, so a signal during start-up is
+kept and honoured at the first check instead of killing the process. This module imports torch lazily for that.
 """
 import os
 import signal
+import sys
+import time
 from typing import Iterable, Optional
 
-import torch
-import torch.distributed as dist
+EXIT_PREEMPTED = 75   # SIGUSR1 / SIGTERM: saved, requeue and resume
+EXIT_INTERRUPTED = 130  # SIGINT: saved (or, on a second SIGINT, not), stop
+DEFAULT_SIGNALS = ("SIGUSR1", "SIGTERM", "SIGINT")
+SECOND_SIGINT_AFTER_S = 1.0
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; launch/slurm/pretrain.sbatch requeues the job on it
-DEFAULT_SIGNALS = ("SIGUSR1",)
+_first = []      # [(signum, monotonic time)] of the first stop signal this process received
+_previous = {}   # signum -> the handler before catch()
 
 
 def _parse(names: Iterable[str]) -> list:
@@ -28,31 +39,59 @@ def _parse(names: Iterable[str]) -> list:
     return out
 
 
+def _names(signals: Optional[Iterable[str]]) -> Iterable[str]:
+    return signals if signals is not None else os.environ.get("MFF_DS_STOP_SIGNALS", ",".join(DEFAULT_SIGNALS)).split(",")
+
+
+def _handle(signum, frame):
+    if not _first:
+        _first.append((signum, time.monotonic()))
+    elif signum == signal.SIGINT and time.monotonic() - _first[0][1] > SECOND_SIGINT_AFTER_S:
+        print("second SIGINT: exiting now without saving; the last complete checkpoint is kept", file=sys.stderr,
+              flush=True)
+        os._exit(EXIT_INTERRUPTED)
+
+
+def catch(signals: Optional[Iterable[str]] = None) -> None:
+    """Install the stop handlers (main thread; idempotent). A signal received from now on is kept until release()."""
+    for s in _parse(_names(signals)):
+        if s not in _previous:
+            _previous[s] = signal.signal(s, _handle)
+
+
+def release() -> None:
+    """Put the previous handlers back and forget any received signal."""
+    for s, h in _previous.items():
+        signal.signal(s, h)
+    _previous.clear()
+    _first.clear()
+
+
+def exit_code(stopped_by: str) -> int:
+    return EXIT_INTERRUPTED if stopped_by == "SIGINT" else EXIT_PREEMPTED
+
+
 class StopOnSignal:
     """Install with `StopOnSignal.install()` (main thread) before the loop; poll `requested(step)` each step."""
 
-    def __init__(self, signals: Optional[Iterable[str]] = None, every: Optional[int] = None):
-        names = signals if signals is not None else os.environ.get("MFF_DS_STOP_SIGNALS", ",".join(DEFAULT_SIGNALS)).split(",")
-        self.signals = _parse(names)
+    def __init__(self, every: Optional[int] = None):
         self.every = max(1, int(every if every is not None else os.environ.get("MFF_DS_STOP_CHECK_EVERY", 10)))
-        self.received: Optional[int] = None
         self.stopped_by: Optional[str] = None
-        self._previous = {}
 
     @classmethod
     def install(cls, signals=None, every=None) -> "StopOnSignal":
-        self = cls(signals, every)
-        for s in self.signals:
-            self._previous[s] = signal.signal(s, self._handle)
-        return self
+        catch(signals)
+        return cls(every)
 
-    def _handle(self, signum, frame):
-        if self.received is None:
-            self.received = signum
+    @property
+    def received(self) -> Optional[int]:
+        return _first[0][0] if _first else None
 
     def requested(self, step: int, device=None) -> bool:
         """Collective on multi-rank runs (call it on every rank at every step): True on every rank once any
         rank received a stop signal, checked every `every` steps."""
+        import torch
+        import torch.distributed as dist
         if step % self.every:
             return False
         got = self.received or 0
@@ -65,6 +104,4 @@ class StopOnSignal:
         return bool(got)
 
     def restore(self) -> None:
-        for s, h in self._previous.items():
-            signal.signal(s, h)
-        self._previous.clear()
+        release()

@@ -7,6 +7,7 @@ optimizer-step index, periodic checkpoints with exact data/RNG position, metrics
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -20,7 +21,8 @@ from . import logging as mlog
 from .distributed import DistEnv, device_for, init_distributed
 from .optim import (build_deepspeed_engine, build_ds_config, grad_norm, lr_at, norm_is_ours, precision_of,
                     schedule_steps, set_lr)
-from .recipe import Recipe, RecipeError, check, save_recipe
+from .recipe import Recipe, RecipeError, check, resume_differences, save_recipe
+from .rundir import owns_output_dir
 from .signals import StopOnSignal
 
 NEVER = 2**62
@@ -39,17 +41,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _diff(old: dict, new: dict, prefix: str = "") -> list:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: checkpoint {a!r} -> recipe {b!r}")
-    return out
 
 
 def _write_json(path: str, obj) -> None:
@@ -101,22 +92,30 @@ class Position:
 def check_resume(meta: dict, recipe: Recipe, world_size: int, zero_stage: int, root: str, tag: str) -> bool:
     """Refuse incompatible checkpoints with a clear message; returns True when it is a universal checkpoint."""
     where = os.path.join(root, tag)
-    if meta.get("recipe_hash") not in (None, recipe.compat_hash()):
-        diffs = _diff(meta.get("compat", {}), recipe.compat_dict())
+    incompatible, changed = resume_differences(meta, recipe)
+    if incompatible:
         raise IncompatibleCheckpointError(
-            f"checkpoint {where} was written by an incompatible recipe; differences:\n  " +
-            "\n  ".join(diffs or ["(recipe hash differs)"]) +
-            "\nRevert these settings, or start afresh with --resume none / another --output-dir.")
+            f"checkpoint {where} was written by an incompatible recipe; differences:\n  " + "\n  ".join(incompatible) +
+            "\nRevert these settings, or start afresh with --resume fresh (moves the old run aside) / another "
+            "--output-dir.")
     universal = bool(meta.get("universal"))
-    saved_world = meta.get("world_size")
-    if saved_world not in (None, world_size) and not universal and max(zero_stage, meta.get("zero_stage", 0)) > 0:
+    if meta.get("zero_stage") not in (None, zero_stage) and not universal:
         raise IncompatibleCheckpointError(
-            f"checkpoint {where} was saved with world size {saved_world} (ZeRO stage {meta.get('zero_stage')}), "
+            f"checkpoint {where} was saved with ZeRO stage {meta['zero_stage']}, this run uses stage {zero_stage}; "
+            f"DeepSpeed cannot load one stage's optimizer state into another. Set deepspeed.zero_stage="
+            f"{meta['zero_stage']} (or the same deepspeed.config) to resume.")
+    if changed and int(os.environ.get("RANK", "0")) == 0:
+        print(f"warning: resuming {where} with changed settings (compatible with it):\n  " + "\n  ".join(changed),
+              file=sys.stderr, flush=True)
+    if ckpt.needs_universal(meta, world_size, zero_stage):
+        raise IncompatibleCheckpointError(
+            f"checkpoint {where} was saved with world size {meta['world_size']} (ZeRO stage {meta.get('zero_stage')}), "
             f"this run has world size {world_size}; ZeRO optimizer partitions cannot be re-split directly.\n"
             f"Convert it to a universal checkpoint first:\n  {ckpt.universal_command(root, tag)}")
     return universal
 
 
+@owns_output_dir  # the output dir is locked for the run; --resume none never mixes two runs
 def train(recipe: Recipe, output_dir: str, max_steps: Optional[int] = None, resume: str = "auto", *,
           model: Optional[torch.nn.Module] = None, forward: Callable = default_forward,
           param_groups: Optional[list] = None) -> dict:
@@ -141,6 +140,8 @@ def train(recipe: Recipe, output_dir: str, max_steps: Optional[int] = None, resu
 
     # resume target first: world-size / recipe checks before any heavy work
     found = ckpt.find(output_dir, resume)
+    if found and ckpt.needs_universal(found[2], world, zero_stage):
+        found = ckpt.to_universal(*found)  # saved by another world size: converted once, then loaded as universal
     if found:
         root, tag, meta = found
         if check_resume(meta, recipe, world, zero_stage, root, tag):
@@ -179,7 +180,8 @@ def train(recipe: Recipe, output_dir: str, max_steps: Optional[int] = None, resu
     seed_everything(recipe.seed + rank)
 
     pos = Position()
-    meta_base = {"recipe_hash": recipe.compat_hash(), "compat": recipe.compat_dict(), "world_size": world,
+    meta_base = {"recipe_hash": recipe.compat_hash(), "compat": recipe.compat_dict(), "recipe": recipe.to_dict(),
+                 "world_size": world,
                  "zero_stage": zero_stage, "precision": precision, "name": recipe.name}
 
     def restore(root, tag, rollback=False):

@@ -18,7 +18,8 @@ def train_main(task: str, argv=None, doc: str = "") -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set data.train_path=/data/in1k/train (repeatable)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this optimizer step (schedule unchanged)")
-    p.add_argument("--resume", default="auto", help="auto (latest complete checkpoint in the output dir), none, or a PATH")
+    p.add_argument("--resume", default="auto", help="auto (latest complete checkpoint in the output dir), none (refused over another run's outputs), "
+                   "fresh (move those aside to OUTPUT_DIR/previous-<time>/, then none), or a checkpoint PATH")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     from .recipe import load_eval_recipe
@@ -37,12 +38,14 @@ def train_main(task: str, argv=None, doc: str = "") -> int:
     if a.max_steps is not None and a.max_steps < 1:
         print(f"error: --max-steps: expected a positive integer, got {a.max_steps}", file=sys.stderr)
         return 2
+    from mff_ds.engine.checkpoint import CheckpointError
+    from mff_ds.engine.rundir import RunDirError
     from mff_ds.engine.trainer import IncompatibleCheckpointError, NonFiniteLossError
     from .train import run
     out = a.output_dir or os.path.join("runs", recipe.name)
     try:
         s = run(recipe, out, max_steps=a.max_steps, resume=a.resume)
-    except (RecipeError, IncompatibleCheckpointError, FileNotFoundError, ValueError) as e:
+    except (RecipeError, IncompatibleCheckpointError, CheckpointError, RunDirError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:

@@ -12,6 +12,7 @@ drop_last), so `skip_batches` resumes mid-epoch at the exact sample. Validation:
 all ranks (ImageFolder: rank::world; shards: split by rank and worker).
 """
 import os
+import sys
 
 import numpy as np
 import torch
@@ -195,4 +196,31 @@ def build_val_loader(data, transform, *, batch, rank, world, path=None):
         return DataLoader(ds, batch_size=batch, **kw), None
     ds = _imagefolder(val_path, transform)
     idx = list(range(rank, len(ds), world))
-    return DataLoader(torch.utils.data.Subset(ds, idx), batch_size=batch, shuffle=False, **kw), ds.classes
+    return DataLoader(torch.utils.data.Subset(_SkipUnreadable(ds), idx), batch_size=batch, shuffle=False,
+                      collate_fn=_collate_readable, **kw), ds.classes
+
+
+class _SkipUnreadable(torch.utils.data.Dataset):
+    """Validation ImageFolder: an unreadable image is left out and named on stderr instead of ending the evaluation
+    (pretraining likewise replaces and counts its bad files); `val_samples` in the results counts what was scored."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        try:
+            return self.ds[i]
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            print(f"warning: skipped unreadable validation image {self.ds.samples[i][0]}: {e}", file=sys.stderr,
+                  flush=True)
+            return None
+
+
+def _collate_readable(batch):
+    """default_collate over the readable samples; None when none of the batch is (metrics.evaluate skips it)."""
+    from torch.utils.data import default_collate
+    batch = [b for b in batch if b is not None]
+    return default_collate(batch) if batch else None

@@ -19,7 +19,10 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, 
              dtype: torch.dtype = torch.float32) -> Dict[str, float]:
     """top1 / top5 (percent), mean cross-entropy and sample count over every rank's share of `loader`."""
     sums = torch.zeros(4, dtype=torch.float64, device=device)    # correct@1, correct@5, loss sum, n
-    for images, target in loader:
+    for batch in loader:
+        if batch is None:  # every image of the batch was unreadable (eval.data leaves them out)
+            continue
+        images, target = batch
         images = images.to(device, non_blocking=True).to(dtype)
         target = target.to(device, non_blocking=True)
         logits = forward(images).float()

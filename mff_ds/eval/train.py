@@ -25,6 +25,7 @@ from mff_ds.engine import logging as mlog
 from mff_ds.engine.distributed import device_for, init_distributed
 from mff_ds.engine.optim import build_deepspeed_engine, build_ds_config, lr_at, precision_of, schedule_steps, set_lr
 from mff_ds.engine.recipe import RecipeError
+from mff_ds.engine.rundir import owns_output_dir
 from mff_ds.engine.trainer import DTYPES, NonFiniteLossError, check_resume, seed_everything
 
 from . import data as edata
@@ -121,6 +122,7 @@ def _ds_config(recipe: EvalRecipe, world: int, device):
     return cfg, autocast
 
 
+@owns_output_dir
 def run(recipe: EvalRecipe, output_dir: str, max_steps: Optional[int] = None, resume: str = "auto",
         quiet: bool = False) -> dict:
     """Train the classifier of `recipe` (continuing from a checkpoint under output_dir when resume='auto'),
@@ -177,7 +179,8 @@ def run(recipe: EvalRecipe, output_dir: str, max_steps: Optional[int] = None, re
 
     steps_per_epoch, total_steps, warmup_steps, stop_step = schedule_steps(recipe, len(train_loader), A, max_steps)
     peak_lr = recipe.lr()
-    meta_base = {"recipe_hash": recipe.compat_hash(), "compat": recipe.compat_dict(), "world_size": world,
+    meta_base = {"recipe_hash": recipe.compat_hash(), "compat": recipe.compat_dict(), "recipe": recipe.to_dict(),
+                 "world_size": world,
                  "zero_stage": zero_stage, "precision": precision, "name": recipe.name, "task": recipe.task}
     pos = Position()
     if found:
