@@ -197,3 +197,36 @@ def test_compiled_engine_trains_like_eager_with_the_same_checkpoint_keys(tmp_pat
     states = [torch.load(v / "checkpoints" / "global_step4" / "mp_rank_00_model_states.pt", weights_only=False)
               for v in outs.values()]
     assert states[0]["module"].keys() == states[1]["module"].keys()
+
+
+def test_checkpoint_without_alignment_resumes_with_its_own_layout(tmp_path):
+    """A marker from before parameter_alignment (no such key, unaligned flat buffers) resumes with a warning."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY.replace("DEPTH", "2").replace("every_steps: 0, keep_last: 1", "every_steps: 2, keep_last: 2"))
+    out = tmp_path / "out"
+
+    def launch(*args):
+        cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(cfg), "--output-dir", str(out),
+               "--set", "precision=bf16", *args]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=child_env(1))
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        return p
+    launch("--max-steps", "4", "--set", "deepspeed.overrides.zero_optimization.parameter_alignment=false")
+    marker = out / "checkpoints" / "global_step4" / "mff_complete.json"
+    meta = json.loads(marker.read_text())
+    assert meta.pop("parameter_alignment") is False
+    marker.write_text(json.dumps(meta))  # as an older mff-ds wrote it
+    p = launch()
+    assert "parameter_alignment=false; resuming with that layout" in p.stderr
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 6
+
+
+def test_decode_device_may_change_on_resume():
+    """data.decode moves the same crops and flips to another device: a compatible change, listed, not refused."""
+    from mff_ds.engine.recipe import resume_differences
+    old = recipe(1, data={"source": "synthetic", "num_samples": 8, "decode": "cpu"})
+    new = recipe(1, data={"source": "synthetic", "num_samples": 8, "decode": "gpu"})
+    meta = {"compat": old.compat_dict(), "recipe": old.to_dict()}
+    incompatible, compatible = resume_differences(meta, new)
+    assert incompatible == [] and any(c.startswith("data.decode") for c in compatible)

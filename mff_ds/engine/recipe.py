@@ -122,7 +122,8 @@ class Recipe(RecipeMethods):
     def compat_dict(self) -> dict:
         """What a resumed run must share with its checkpoint (shapes, schedule, data stream, numerics)."""
         d = self.to_dict()
-        data = {k: v for k, v in d["data"].items() if k not in ("pin_memory", "prefetch_factor")}  # speed only
+        # speed only; `decode` (cpu | gpu) draws the same crops and flips, its resize rounds pixels differently
+        data = {k: v for k, v in d["data"].items() if k not in ("pin_memory", "prefetch_factor", "decode")}
         if data.get("source") != "webdataset":  # shards are split among the workers: there it picks the samples
             data.pop("num_workers", None)
         return {"model": dict(self.model_config().to_dict(), arch=self.model.get("arch")),

@@ -115,6 +115,19 @@ def check_resume(meta: dict, recipe: Recipe, world_size: int, zero_stage: int, r
     return universal
 
 
+def keep_flat_layout(meta: dict, ds_config: dict, zero_stage: int, where: str, is_main: bool) -> None:
+    """A ZeRO-1/2 checkpoint can only be loaded with the flat-buffer layout it was saved with: one written without
+    parameter_alignment (older markers do not record it) is resumed without it, with a warning."""
+    zero = ds_config.setdefault("zero_optimization", {})
+    saved = bool(meta.get("parameter_alignment", False))
+    if zero_stage in (1, 2) and saved != bool(zero.get("parameter_alignment")):
+        zero["parameter_alignment"] = saved
+        if is_main:
+            print(f"warning: {where} was saved with zero_optimization.parameter_alignment={str(saved).lower()}; "
+                  f"resuming with that layout (a fresh run gets every weight 16-byte aligned)", file=sys.stderr,
+                  flush=True)
+
+
 @owns_output_dir  # the output dir is locked for the run; --resume none never mixes two runs
 def train(recipe: Recipe, output_dir: str, max_steps: Optional[int] = None, resume: str = "auto", *,
           model: Optional[torch.nn.Module] = None, forward: Callable = default_forward,
@@ -146,6 +159,8 @@ def train(recipe: Recipe, output_dir: str, max_steps: Optional[int] = None, resu
         root, tag, meta = found
         if check_resume(meta, recipe, world, zero_stage, root, tag):
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        else:
+            keep_flat_layout(meta, ds_config, zero_stage, os.path.join(root, tag), is_main)
 
     if is_main:
         os.makedirs(output_dir, exist_ok=True)
@@ -181,8 +196,8 @@ def train(recipe: Recipe, output_dir: str, max_steps: Optional[int] = None, resu
 
     pos = Position()
     meta_base = {"recipe_hash": recipe.compat_hash(), "compat": recipe.compat_dict(), "recipe": recipe.to_dict(),
-                 "world_size": world,
-                 "zero_stage": zero_stage, "precision": precision, "name": recipe.name}
+                 "world_size": world, "zero_stage": zero_stage, "precision": precision, "name": recipe.name,
+                 "parameter_alignment": bool(ds_config.get("zero_optimization", {}).get("parameter_alignment"))}
 
     def restore(root, tag, rollback=False):
         client = ckpt.load(engine, root, tag)
