@@ -318,26 +318,18 @@ def resolve_path(path: str) -> str:
 
 
 def _model_problems(model: dict) -> List[str]:
-    from mff_ds.models import ModelConfig, resolve_config
+    from mff_ds.models import ModelConfig
+    from mff_ds.models.archs import config_problems
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     p = [f"model.{k}: unknown key; expected arch or one of {sorted(known)}" for k in model if k not in known | {"arch"}]
     spec = {k: v for k, v in model.items() if k in known | {"arch"}}
     if "arch" in spec and not isinstance(spec["arch"], str):
         return p + [f"model.arch: expected an architecture name (str), got {spec['arch']!r}"]
-    try:
-        cfg = resolve_config(spec)
-        if cfg.len_keep >= cfg.num_patches:  # the loss is taken over masked patches only: 0/0
-            p.append(f"model.mask_ratio: masks no patch of {cfg.num_patches} (ratio {cfg.mask_ratio}); expected a "
-                     f"ratio that masks at least one, e.g. 0.75")
-    except (ValueError, TypeError) as e:
-        msg = str(e)
-        if msg.startswith("invalid model config:"):
-            p.extend(line.strip() for line in msg.splitlines()[1:])
-        elif msg.startswith("unknown architecture"):
-            p.append(f"model.arch: {msg}")
-        else:
-            p.append(f"model: {msg}")
-    return p
+    cfg, problems = config_problems(spec)
+    if cfg is not None and cfg.len_keep >= cfg.num_patches:  # the loss is taken over masked patches only: 0/0
+        problems = [f"model.mask_ratio: masks no patch of {cfg.num_patches} (ratio {cfg.mask_ratio}); expected a "
+                    f"ratio that masks at least one, e.g. 0.75"]
+    return p + problems
 
 
 def schedule_and_deepspeed_problems(s, d) -> List[str]:
@@ -468,7 +460,7 @@ def load_recipe(path: Optional[str] = None, overrides: Optional[List[str]] = Non
 
 def save_recipe(recipe, path: str) -> None:
     """Atomically write a resolved recipe (anything with to_dict()) as YAML."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(recipe.to_dict(), f, sort_keys=False)
-    os.replace(tmp, path)
+    # imported here: mff_ds.common imports torch, and this module must not, so that launch/pretrain.py installs
+    # its signal handlers before the seconds-long torch import
+    from mff_ds.common import write_text
+    write_text(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
