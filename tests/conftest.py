@@ -1,9 +1,11 @@
-"""Shared test helpers: where the mmpretrain fixtures live, markers."""
+"""Shared test helpers: where the mmpretrain fixtures live, the tiny recipe, markers."""
+import copy
 import os
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 # timm and transformers read only local folders in the tests: a Hub lookup must fail, not download
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -40,6 +42,29 @@ def require_fixtures(*names):
     if missing:
         pytest.skip(f"mmpretrain fixture(s) {missing} not found in {[str(d) for d in FIXTURE_DIRS]} "
                     f"(`small` lives in the ../shared folder beside the repo)")
+
+
+# The tiny pretraining recipe the engine tests share: a 2-block ViT on 32 px synthetic images, seconds per step on
+# a CPU. One process: 8 micro-batches of 8 per epoch, 2 per optimizer step -> 4 steps per epoch.
+TINY_RECIPE = {
+    "name": "tiny",
+    "model": {"arch": "mff_vit_tiny_patch16", "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2,
+              "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2,
+              "out_indices": [0, 1], "kernels": "torch"},
+    "data": {"source": "synthetic", "num_samples": 64, "num_workers": 0},
+    "batch": {"global_batch": 16, "micro_batch": 8},
+    "schedule": {"epochs": 1, "warmup_epochs": 1},
+    "logging": {"every_steps": 2, "image_every_steps": 0, "progress_bar": False, "tensorboard": False},
+}
+
+
+def tiny_recipe(**sections) -> str:
+    """TINY_RECIPE as YAML; a dict keyword updates the keys of its section (model={"depth": 4}), any other value
+    sets a top-level key (seed=3)."""
+    tree = copy.deepcopy(TINY_RECIPE)
+    for key, value in sections.items():
+        tree[key] = {**tree.get(key, {}), **value} if isinstance(value, dict) else value
+    return yaml.safe_dump(tree, sort_keys=False)
 
 
 def pytest_configure(config):

@@ -14,7 +14,6 @@ from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import yaml
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

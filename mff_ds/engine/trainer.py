@@ -7,7 +7,7 @@ optimizer-step index, periodic checkpoints with exact data/RNG position, metrics
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -71,7 +71,6 @@ class Position:
     epoch: int = 0
     batch: int = 0
     rollbacks: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def check_resume(meta: dict, recipe: Recipe, world_size: int, zero_stage: int, root: str, tag: str) -> bool:
