@@ -15,6 +15,9 @@ from typing import Any, Dict, List, Literal, Optional, Tuple
 import yaml
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# configs/ and ds_configs/ sit at the repo root in a checkout; an installed package carries them as package data
+# in mff_ds/configs and mff_ds/ds_configs (pyproject.toml maps the folders)
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class RecipeError(ValueError):
@@ -310,10 +313,25 @@ def _data_config_cls():
 
 
 def resolve_path(path: str) -> str:
-    """A path relative to the repo root (configs, ds_configs) unless absolute or existing from the cwd."""
+    """`path` itself when absolute or existing from the cwd; else configs/... or ds_configs/... from the installed
+    package or the checkout."""
     if os.path.isabs(path) or os.path.exists(path):
         return path
-    return os.path.join(REPO_ROOT, path)
+    found = [os.path.join(root, path) for root in (PACKAGE_ROOT, REPO_ROOT) if os.path.exists(os.path.join(root, path))]
+    return found[0] if found else os.path.join(REPO_ROOT, path)
+
+
+def shipped_recipes() -> List[str]:
+    """The names of the recipes in configs/ (installed or in the checkout): `--config NAME` finds them."""
+    folder = resolve_path("configs")
+    return sorted(f[:-len(".yaml")] for f in os.listdir(folder) if f.endswith(".yaml")) if os.path.isdir(folder) else []
+
+
+def recipe_path(config: str) -> str:
+    """--config: a YAML path, or the name of a shipped recipe ('mff_vit-b_300e' -> configs/mff_vit-b_300e.yaml)."""
+    if not os.path.exists(config) and config in shipped_recipes():
+        return resolve_path(os.path.join("configs", config + ".yaml"))
+    return resolve_path(config)
 
 
 def _model_problems(model: dict) -> List[str]:
@@ -423,10 +441,11 @@ def read_tree(path: Optional[str], overrides: Optional[List[str]] = None) -> Tup
     source = path or "recipe"
     if path is not None:
         try:
-            with open(resolve_path(path)) as f:
+            with open(recipe_path(path)) as f:
                 tree = yaml.safe_load(f)
         except FileNotFoundError:
-            raise RecipeError([f"--config: expected an existing YAML file, got {path!r}"], source) from None
+            raise RecipeError([f"--config: expected an existing YAML file or the name of a shipped recipe "
+                               f"{shipped_recipes()}, got {path!r}"], source) from None
         except (OSError, UnicodeDecodeError) as e:
             why = e.strerror if isinstance(e, OSError) else "not text"
             raise RecipeError([f"--config: expected a readable YAML file, got {path!r} ({why})"], source) from None
