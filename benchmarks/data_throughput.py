@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms as T
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from mff_ds.common import write_json  # noqa: E402
 from mff_ds.data import DataConfig, build_loader, normalize  # noqa: E402
 from mff_ds.data.demo import photos  # noqa: E402
 
@@ -93,14 +94,6 @@ def measure(root, aug, a):
     ours, base = statistics.median(ours_r), statistics.median(tv_r)
     return {"ours_img_s": round(ours, 1), "torchvision_img_s": round(base, 1), "ratio": round(ours / base, 2),
             "ours_runs": [round(x, 1) for x in ours_r], "torchvision_runs": [round(x, 1) for x in tv_r]}
-
-
-def write_json(path, obj):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmpf = f"{path}.tmp{os.getpid()}"
-    with open(tmpf, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmpf, path)
 
 
 def cpu_seconds():
@@ -183,7 +176,7 @@ def main():
                   f" ratio {res[aug]['ratio']}", flush=True)
     res.update({k: res["mae"][k] for k in ("ours_img_s", "torchvision_img_s", "ratio")})
     if a.json:
-        write_json(a.json, res)
+        write_json(a.json, res, indent=1)
     print(json.dumps({k: res[k] for k in ("ours_img_s", "torchvision_img_s", "ratio")}))
 
 
@@ -209,7 +202,7 @@ def main_device(a):
                   f"decode cpu {c['img_s']} img/s ({c['workers']} workers, {c['cores']} cores busy) | "
                   f"{r['gpu_over_cpu']}x", flush=True)
     if a.json:
-        write_json(a.json, res)
+        write_json(a.json, res, indent=1)
     return res
 
 

@@ -12,7 +12,6 @@ after every op (JSON + markdown, atomically), so a timeout keeps what was measur
 On CPU (--device cpu) the Triton kernels run in the interpreter: the numbers only show the script works.
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -22,6 +21,8 @@ import time
 import torch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+from mff_ds.common import DTYPES, write_json, write_text  # noqa: E402
 PEAK_GBPS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100": 2039.0, "L40S": 864.0, "A10": 600.0}
 
 
@@ -224,13 +225,6 @@ def markdown(meta, rows):
     return "\n".join(out) + "\n"
 
 
-def write_atomic(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
@@ -248,7 +242,7 @@ def main(argv=None):
     bad = [o for o in ops if o not in OPS]
     if bad:
         ap.error(f"--ops: unknown {bad}, expected some of {list(OPS)}")
-    dt = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
+    dt = DTYPES[args.dtype]
     if args.bytes:
         print(bytes_table(ops, dt, args.peak_gbps or PEAK_GBPS["H200"]))
         return
@@ -256,7 +250,6 @@ def main(argv=None):
         ap.error("--device cuda: no CUDA GPU here (use --device cpu --quick for a smoke test)")
     if args.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
-    sys.path.insert(0, ROOT)
     import triton
     from mff_ds import kernels
 
@@ -273,8 +266,8 @@ def main(argv=None):
     rows = []
     for op, sname, case in cases(ops, shapes, dt, args.device, kernels):
         rows += run_case(op, sname, case, impls, args.device, args.reps, peak)
-        write_atomic(stem + ".json", json.dumps({"meta": meta, "results": rows}, indent=1))
-        write_atomic(stem + ".md", markdown(meta, rows))
+        write_json(stem + ".json", {"meta": meta, "results": rows}, indent=1)
+        write_text(stem + ".md", markdown(meta, rows))
         if args.device == "cuda":
             torch.cuda.empty_cache()
     print(markdown(meta, rows))

@@ -28,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
+from mff_ds.common import atomic_write, write_json  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -130,11 +131,6 @@ def curve(inp: dict, args, overlap: float):
     return [step_model(n, **kw) for n in gpu_counts(args.max_gpus)]
 
 
-def _atomic(path, write):
-    from throughput import _atomic_write  # benchmarks/ is on sys.path when a script there runs
-    _atomic_write(path, write)
-
-
 def plot(curves: dict, title: str, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -152,7 +148,7 @@ def plot(curves: dict, title: str, path: str) -> None:
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    _atomic(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -187,11 +183,7 @@ def model_main(args) -> dict:
            "curve": main, "curves": curves}
     json_path = args.json or os.path.join(args.out_dir, "scaling_model.json")
     png = os.path.splitext(json_path)[0] + ".png"
-
-    def dump(p):
-        with open(p, "w") as f:
-            json.dump(res, f, indent=2)
-    _atomic(json_path, dump)
+    write_json(json_path, res)
     plot(curves, f"ZeRO-2 weak scaling, effective batch {args.global_batch}, "
                  f"{inp['params'] / 1e6:.0f} M params, {inp['step_s'] * 1e3:.0f} ms / {inp['micro_batch']} img",
          png)
@@ -253,9 +245,7 @@ def worker(args) -> None:
     if env.rank == 0:
         out["step_s_per_rank"] = [o["step_s"] for o in all_out]
         out["step_s"] = max(out["step_s_per_rank"])
-        with open(args.worker + ".tmp", "w") as f:
-            json.dump(out, f)
-        os.replace(args.worker + ".tmp", args.worker)
+        write_json(args.worker, out)
     dist.barrier()
 
 
@@ -302,11 +292,7 @@ def measure_cpu(args) -> dict:
           f"predicts {100 * res['model_predicted_overhead']:+.1f}%; the rest of the measured overhead is the two ranks "
           f"sharing the cores")
     json_path = args.json or os.path.join(args.out_dir, "scaling_cpu_measured.json")
-
-    def dump(p):
-        with open(p, "w") as f:
-            json.dump(res, f, indent=2)
-    _atomic(json_path, dump)
+    write_json(json_path, res)
     print(f"wrote {json_path}")
     return res
 

@@ -57,6 +57,7 @@ sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 
+from mff_ds.common import DTYPES, atomic_write, write_json, write_text  # noqa: E402
 from mff_ds.models import build_model, resolve_config  # noqa: E402
 from mff_ds.models.archs import default_out_indices  # noqa: E402
 from mff_ds.models.flops import flops_per_image  # noqa: E402
@@ -67,7 +68,6 @@ TINY = dict(img_size=64, patch_size=8, embed_dim=96, depth=6, num_heads=3, decod
 TINY_MFF_LEVELS = [1, 3, 5]
 # Host-overhead size: ViT-B's layout (depth, heads, decoder, fused levels) at widths where compute is negligible.
 OVERHEAD = dict(img_size=32, patch_size=16, embed_dim=48, num_heads=12, decoder_embed_dim=32, decoder_num_heads=16)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ROLES = ("mff", "mae", "baseline_mae")
 
 
@@ -212,7 +212,7 @@ def build_plain(cfg, args, device, precision):
         model.compile(mode=args.compile_mode)
     groups = model.param_groups(0.05)
     opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=True)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    amp = DTYPES[precision] if precision != "fp32" else None
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def step(x):
@@ -385,23 +385,6 @@ def device_name(device) -> str:
     return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
-def _atomic_write(path, write):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_text(path, text):
-    def write(p):
-        with open(p, "w") as f:
-            f.write(text)
-    _atomic_write(path, write)
-
 
 def markdown(res: dict) -> str:
     c = res["config"]
@@ -459,7 +442,7 @@ def chart(res: dict, path: str) -> None:
     ax.set_title(f"{res['device']}\n{c['arch']} {c['img_size']}px, batch {c['micro_batch']}, {c['precision']}",
                  fontsize=9)
     fig.tight_layout()
-    _atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -504,8 +487,8 @@ def overhead(args, device, cfg, argv) -> dict:
         f"Command: `{res['command']}`", ""])
     stem = args.json[:-5] if args.json and args.json.endswith(".json") else os.path.join(
         args.out_dir, f"overhead_{device.type}")
-    _write_text(stem + ".json", json.dumps(res, indent=2))
-    _write_text(stem + ".md", md)
+    write_json(stem + ".json", res)
+    write_text(stem + ".md", md)
     print(md)
     print(f"wrote {stem}.json, {stem}.md", flush=True)
     return res
@@ -551,7 +534,7 @@ def main(argv=None) -> dict:
     inputs = Inputs(args, device, mff_cfg.img_size)
     builds = [(build_ours, mff_cfg), (build_ours, mae_cfg)] + ([] if args.no_baseline else [(build_official, mae_cfg)])
     if inputs.loader is None:  # the synthetic batches exist before any trainer is measured
-        for dtype in {torch.float32, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]}:
+        for dtype in {torch.float32, DTYPES[args.precision]}:
             inputs.get(dtype)
     trainers = []
     for build, cfg in builds:  # build + warm up one after the other (memory attribution)
@@ -610,9 +593,9 @@ def main(argv=None) -> dict:
     json_path = args.json or stem + ".json"
     base = os.path.splitext(json_path)[0] if args.json else stem
 
-    _write_text(json_path, json.dumps(res, indent=2))
+    write_json(json_path, res)
     md = markdown(res)
-    _write_text(base + ".md", md)
+    write_text(base + ".md", md)
     chart(res, base + ".png")
     print(md)
     print(f"wrote {json_path}, {base}.md, {base}.png", flush=True)

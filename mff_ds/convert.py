@@ -13,15 +13,14 @@ Files ending in .safetensors are written/read with safetensors, anything else wi
 import argparse
 import ast
 import json
-import os
 import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
+from .common import atomic_write
 from .models import ModelConfig, build_model
 from .models.archs import default_out_indices
 
@@ -266,23 +265,15 @@ def _is_decoder(k: str) -> bool:
 def save_file(obj: dict, path, metadata: dict | None = None):
     """Atomic save: write a temp file beside the target, then rename. .safetensors takes a flat tensor dict."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+
+    def write(tmp):
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file as st_save
             flat = {k: v.detach().contiguous().clone() for k, v in obj.items()}
             st_save(flat, tmp, metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
         else:
             torch.save(obj if metadata is None else {**obj, **metadata}, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the file gets the mode a plain open() would give
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, write)
 
 
 def read_file(path):

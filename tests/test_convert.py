@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from conftest import FIXTURES, REPO, require_fixtures
+from conftest import REPO, fixture, require_fixtures
 from mff_ds import convert
 from mff_ds.models import build_model
 
@@ -28,9 +28,9 @@ def same_state(a, b):
 
 
 def test_mmpretrain_keys_and_layouts_match_fixture():
-    require_fixtures()
-    ck = torch.load(FIXTURES / "small_ckpt.pth", weights_only=True)
-    model = convert.load_mmpretrain(FIXTURES / "small_ckpt.pth")
+    require_fixtures("small")
+    ck = torch.load(fixture("small_ckpt.pth"), weights_only=True)
+    model = convert.load_mmpretrain(fixture("small_ckpt.pth"))
     mm = convert.to_mmpretrain(model.state_dict())
     assert mm.keys() == ck["state_dict"].keys()
     assert all(torch.equal(mm[k], v) for k, v in ck["state_dict"].items())
@@ -49,23 +49,23 @@ def test_round_trip_is_lossless(tmp_path):
 
 
 def test_overrides_win_and_defaults_warn(tmp_path):
-    require_fixtures()
-    ck = torch.load(FIXTURES / "tiny64_ckpt.pth", weights_only=True)
+    require_fixtures("tiny64")
+    ck = torch.load(fixture("tiny64_ckpt.pth"), weights_only=True)
     bare = tmp_path / "bare.pth"
     torch.save({"state_dict": ck["state_dict"]}, bare)
     with pytest.warns(UserWarning, match="standard defaults"):
         m = convert.load_mmpretrain(bare, out_indices=[0, 1, 3])
     assert m.cfg.num_heads == 1 and m.cfg.out_indices == [0, 1, 3]  # 64 // 64 heads by default
-    m = convert.load_mmpretrain(FIXTURES / "tiny64_ckpt.pth", mask_ratio=0.5)
+    m = convert.load_mmpretrain(fixture("tiny64_ckpt.pth"), mask_ratio=0.5)
     assert m.cfg.mask_ratio == 0.5 and m.cfg.len_keep == 8
 
 
 def test_wrong_architecture_is_named(tmp_path):
-    require_fixtures()
+    require_fixtures("tiny64")
     with pytest.raises(ValueError, match=r"does not match the model architecture:\n  shape mismatch: cls_token: expected \(1, 1, 128\), got \(1, 1, 64\)"):
-        convert.load_mmpretrain(FIXTURES / "tiny64_ckpt.pth", embed_dim=128, num_heads=2)
+        convert.load_mmpretrain(fixture("tiny64_ckpt.pth"), embed_dim=128, num_heads=2)
     with pytest.raises(ValueError, match="3 fusion level"):
-        convert.load_mmpretrain(FIXTURES / "tiny64_ckpt.pth", out_indices=[3])
+        convert.load_mmpretrain(fixture("tiny64_ckpt.pth"), out_indices=[3])
     bogus = tmp_path / "bogus.pth"
     torch.save({"state_dict": {"backbone.foo": torch.zeros(1)}}, bogus)
     with pytest.raises(ValueError, match="no mff_ds counterpart for key 'backbone.foo'"):
@@ -98,12 +98,12 @@ def test_official_mae_layouts(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_cli_chain(tmp_path, suffix):
-    require_fixtures()
+    require_fixtures("tiny64")
     ours = tmp_path / f"ours{suffix}"
     run = lambda *a: convert.main([str(x) for x in a])
-    subprocess.run([sys.executable, "-m", "mff_ds.convert", "from-mmpretrain", FIXTURES / "tiny64_ckpt.pth", ours],
+    subprocess.run([sys.executable, "-m", "mff_ds.convert", "from-mmpretrain", fixture("tiny64_ckpt.pth"), ours],
                    cwd=REPO, check=True, capture_output=True)
-    ref = convert.load_mmpretrain(FIXTURES / "tiny64_ckpt.pth")
+    ref = convert.load_mmpretrain(fixture("tiny64_ckpt.pth"))
     assert same_state(convert.load_model(ours), ref)
     for cmd in ("to-timm", "to-mae", "to-mmpretrain"):
         out = tmp_path / f"{cmd}{suffix}"

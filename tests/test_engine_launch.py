@@ -6,18 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import tiny_recipe
 
-TINY = """
-name: tiny
-model: {arch: mff_vit_tiny_patch16, img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2,
-        decoder_embed_dim: 32, decoder_depth: 1, decoder_num_heads: 2, out_indices: [0, 1], kernels: torch}
-data: {source: synthetic, num_samples: 64, num_workers: 0}
-batch: {global_batch: 16, micro_batch: 4}
-schedule: {epochs: 1, warmup_epochs: 1}
-checkpoint: {export: false}
-logging: {every_steps: 2, image_every_steps: 0, progress_bar: false, tensorboard: false}
-"""
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_job_port() -> int:
@@ -33,7 +24,7 @@ def free_job_port() -> int:
 
 
 def test_slurm_environment_only(tmp_path):
-    (tmp_path / "tiny.yaml").write_text(TINY)
+    (tmp_path / "tiny.yaml").write_text(tiny_recipe(batch={"micro_batch": 4}, checkpoint={"export": False}))
     job = free_job_port() - 20000  # the job id decides the port: 20000 + id % 20000
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT")}

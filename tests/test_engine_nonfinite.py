@@ -5,18 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import tiny_recipe
 
-TINY = """
-name: tiny
-model: {arch: mff_vit_tiny_patch16, img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2,
-        decoder_embed_dim: 32, decoder_depth: 1, decoder_num_heads: 2, out_indices: [0, 1], kernels: torch}
-data: {source: synthetic, num_samples: 64, num_workers: 0}
-batch: {global_batch: 16, micro_batch: 8}
-schedule: {epochs: 3, warmup_epochs: 1}
-checkpoint: {every_steps: 4, keep_last: 3}
-logging: {every_steps: 2, image_every_steps: 0, progress_bar: false, tensorboard: false}
-"""  # one process: 8 micro-batches per epoch, 2 per step -> 4 steps/epoch, 12 steps
+REPO = Path(__file__).resolve().parents[1]
+# one process: 8 micro-batches per epoch, 2 per step -> 4 steps/epoch, 12 steps
+TINY = tiny_recipe(schedule={"epochs": 3}, checkpoint={"every_steps": 4, "keep_last": 3})
+
 
 # Feeds NaN images in micro-batch POISON (0-based; 10 = step 6) through the trainer's `forward` hook.
 SCRIPT = """

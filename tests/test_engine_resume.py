@@ -9,20 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import tiny_recipe
 
-TINY = """
-name: tiny
-seed: 3
-model: {arch: mff_vit_tiny_patch16, img_size: 32, patch_size: 8, embed_dim: 32, depth: 4, num_heads: 2,
-        decoder_embed_dim: 32, decoder_depth: 1, decoder_num_heads: 2, out_indices: [0, 2, 3], kernels: torch}
-data: {source: synthetic, num_samples: 64, num_workers: 0}
-batch: {global_batch: 16, micro_batch: 4}
-optim: {base_lr: 1.0e-2, grad_clip: 0.05}
-schedule: {epochs: 3, warmup_epochs: 1}
-checkpoint: {every_steps: 4, keep_last: 2}
-logging: {every_steps: 2, image_every_steps: 0, progress_bar: false, tensorboard: false}
-"""  # 2 ranks: 8 micro-batches of 4 per rank and epoch, 2 accumulation steps -> 4 steps/epoch, 12 in all
+REPO = Path(__file__).resolve().parents[1]
+# 2 ranks: 8 micro-batches of 4 per rank and epoch, 2 accumulation steps -> 4 steps/epoch, 12 in all
+TINY = tiny_recipe(seed=3, model={"depth": 4, "out_indices": [0, 2, 3]}, batch={"micro_batch": 4},
+                   optim={"base_lr": 1.0e-2, "grad_clip": 0.05}, schedule={"epochs": 3},
+                   checkpoint={"every_steps": 4, "keep_last": 2})
+
 
 # Entry point that can SIGKILL itself: CRASH=save:K:R (rank R, while writing checkpoint K) or step:N:R
 # (rank R, right after optimizer step N).

@@ -9,19 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import tiny_recipe
 
-TINY = """
-name: tiny
-seed: 3
-model: {arch: mff_vit_tiny_patch16, img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2,
-        decoder_embed_dim: 32, decoder_depth: 1, decoder_num_heads: 2, out_indices: [0, 1], kernels: torch}
-data: {source: synthetic, num_samples: 64, num_workers: 0}
-batch: {global_batch: 16, micro_batch: 8}
-schedule: {epochs: 2, warmup_epochs: 1}
-checkpoint: {every_steps: 2, keep_last: 3}
-logging: {every_steps: 2, image_every_steps: 0, progress_bar: false, tensorboard: false}
-"""  # one process: 8 micro-batches per epoch, 2 per step -> 4 steps/epoch, 8 steps
+REPO = Path(__file__).resolve().parents[1]
+# one process: 8 micro-batches per epoch, 2 per step -> 4 steps/epoch, 8 steps
+TINY = tiny_recipe(seed=3, schedule={"epochs": 2}, checkpoint={"every_steps": 2, "keep_last": 3})
 
 
 def pretrain(tmp: Path, out: Path, *args, timeout=120, **popen):

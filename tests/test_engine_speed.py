@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from mff_ds.engine.optim import MULTI_RANK_BUCKET, build_deepspeed_engine, build_ds_config, grad_norm  # noqa: E402
 from mff_ds.engine.recipe import from_dict  # noqa: E402
 from mff_ds.models import build_model  # noqa: E402
+from conftest import tiny_recipe  # noqa: E402
 
 # odd widths on purpose: 36-d (3 heads), 20-d decoder, 3 fused levels -> 3 fusion logits, 12-element biases
 ODD = dict(arch="mff_vit_tiny_patch16", img_size=24, patch_size=8, embed_dim=36, depth=3, num_heads=3,
@@ -103,18 +104,13 @@ def test_trainer_grad_norm_equals_deepspeeds_and_training_is_unchanged(dist_env)
         assert torch.equal(a, b), n
 
 
-TINY = """
-name: tiny
-seed: 3
-model: {arch: mff_vit_tiny_patch16, img_size: 32, patch_size: 8, embed_dim: 32, depth: DEPTH, num_heads: 2,
-        decoder_embed_dim: 32, decoder_depth: DEPTH, decoder_num_heads: 2, out_indices: [0, -1],
-        kernels: torch}
-data: {source: synthetic, num_samples: 96, num_workers: 0}
-batch: {global_batch: 16, micro_batch: 8}
-schedule: {epochs: 1, warmup_epochs: 0}
-checkpoint: {every_steps: 0, keep_last: 1, export: false}
-logging: {every_steps: 1000, image_every_steps: 0, progress_bar: false, tensorboard: false}
-"""  # one process: 2 micro-batches per step, 6 steps, one log + checkpoint at the end
+
+def tiny(depth: int, export: bool = False, log_every: int = 1000) -> str:
+    """One process: 2 micro-batches per step, 6 steps, one log + checkpoint at the end."""
+    return tiny_recipe(seed=3, model={"depth": depth, "decoder_depth": depth, "out_indices": [0, -1]},
+                       data={"num_samples": 96}, schedule={"warmup_epochs": 0},
+                       checkpoint={"every_steps": 0, "keep_last": 1, "export": export},
+                       logging={"every_steps": log_every})
 
 SYNCS = """
 import json, sys
@@ -142,7 +138,7 @@ def child_env(threads: int) -> dict:
 
 def syncs_per_iteration(tmp: Path, depth: int, *sets) -> list:
     cfg = tmp / f"d{depth}.yaml"
-    cfg.write_text(TINY.replace("DEPTH", str(depth)))
+    cfg.write_text(tiny(depth))
     (tmp / "syncs.py").write_text(SYNCS.format(repo=str(REPO), bench=str(REPO / "benchmarks")))
     p = subprocess.run([sys.executable, str(tmp / "syncs.py"), str(tmp / f"out{depth}"), str(cfg), *sets],
                        capture_output=True, text=True, timeout=180, env=child_env(1))
@@ -175,9 +171,7 @@ print("SUMMARY", json.dumps(train(recipe, sys.argv[1], resume="none")))
 @pytest.mark.slow
 def test_compiled_engine_trains_like_eager_with_the_same_checkpoint_keys(tmp_path):
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY.replace("DEPTH", "2").replace("every_steps: 0, keep_last: 1, export: false",
-                                                      "every_steps: 0, keep_last: 1, export: true")
-                   .replace("every_steps: 1000", "every_steps: 1"))
+    cfg.write_text(tiny(2, export=True, log_every=1))
     (tmp_path / "run.py").write_text(COMPILE.format(repo=str(REPO)))
     outs = {}
     for name, sets in (("eager", []), ("compiled", ["deepspeed.compile=true"])):

@@ -10,20 +10,14 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import tiny_recipe
 
-TINY = """
-name: tiny
-seed: 5
-model: {arch: mff_vit_tiny_patch16, img_size: 32, patch_size: 8, embed_dim: 32, depth: 4, num_heads: 2,
-        decoder_embed_dim: 32, decoder_depth: 1, decoder_num_heads: 2, out_indices: [0, 2, 3], kernels: torch}
-data: {source: synthetic, num_samples: 96, num_workers: 0}
-batch: {global_batch: 24, micro_batch: 4}
-optim: {base_lr: 1.0e-2, grad_clip: 0.05}
-schedule: {epochs: 2, warmup_epochs: 1}
-checkpoint: {every_steps: 0, keep_last: 1}
-logging: {every_steps: 1, image_every_steps: 0, progress_bar: false, tensorboard: false}
-"""  # 2 ranks: 3 accumulation steps of 4 images per rank; 4 steps/epoch, 8 steps
+REPO = Path(__file__).resolve().parents[1]
+# 2 ranks: 3 accumulation steps of 4 images per rank; 4 steps/epoch, 8 steps
+TINY = tiny_recipe(seed=5, model={"depth": 4, "out_indices": [0, 2, 3]}, data={"num_samples": 96},
+                   batch={"global_batch": 24, "micro_batch": 4}, optim={"base_lr": 1.0e-2, "grad_clip": 0.05},
+                   schedule={"epochs": 2}, checkpoint={"every_steps": 0, "keep_last": 1},
+                   logging={"every_steps": 1})
 
 
 def run(tmp: Path, stage: int) -> Path:

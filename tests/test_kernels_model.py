@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import FIXTURES
+from conftest import fixture, require_fixtures
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not CUDA and not INTERPRET, reason="on CPU this runs in the TRITON_INTERPRET=1 "
@@ -21,10 +21,10 @@ def rel(a, b):
 
 def run(name, kernels):
     from mff_ds.convert import load_mmpretrain
-    io = torch.load(FIXTURES / f"{name}_io.pth", weights_only=True)
+    io = torch.load(fixture(f"{name}_io.pth"), weights_only=True)
     dev = "cuda" if CUDA else "cpu"
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 here
-    model = load_mmpretrain(FIXTURES / f"{name}_ckpt.pth", kernels=kernels).train().to(dev)
+    model = load_mmpretrain(fixture(f"{name}_ckpt.pth"), kernels=kernels).train().to(dev)
     assert model.cfg.kernels == kernels
     io = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in io.items()}
     out = model(io["inputs"], noise=io["noise"])
@@ -35,8 +35,7 @@ def run(name, kernels):
 
 @pytest.mark.parametrize("name", ["tiny64", "mae_tiny64"])
 def test_model_triton_equals_torch(name):
-    if not (FIXTURES / f"{name}_ckpt.pth").exists():
-        pytest.skip(f"mmpretrain fixture {name} not found in {FIXTURES} (../shared beside the repo)")
+    require_fixtures(name)
     io, tri, g_tri = run(name, "triton")
     _, ref, g_ref = run(name, "torch")
     assert torch.equal(tri.mask, ref.mask) and torch.equal(tri.ids_restore, ref.ids_restore)

@@ -1,12 +1,13 @@
-"""Numerical equivalence with mmpretrain 1.2.0 on every fixture in ../shared/fixtures/mmpretrain.
+"""Numerical equivalence with mmpretrain 1.2.0 on every fixture found: tiny64 and mae_tiny64 in
+tests/fixtures/mmpretrain, `small` from ../shared/fixtures/mmpretrain when it is there.
 
-Tolerances from that folder's README: loss abs < 1e-5; latent, pred, fusion weights rel < 1e-4;
+Tolerances from the fixtures' README: loss abs < 1e-5; latent, pred, fusion weights rel < 1e-4;
 every gradient (mapped to mmpretrain keys) rel < 1e-3; mask and ids_restore exact.
 """
 import pytest
 import torch
 
-from conftest import FIXTURES, fixture_names, require_fixtures
+from conftest import fixture, fixture_names, require_fixtures
 from mff_ds.convert import load_mmpretrain, to_mmpretrain
 
 
@@ -15,8 +16,8 @@ def rel(a, b):
 
 
 def run_fixture(name, **overrides):
-    io = torch.load(FIXTURES / f"{name}_io.pth", weights_only=True)
-    model = load_mmpretrain(FIXTURES / f"{name}_ckpt.pth", **overrides)
+    io = torch.load(fixture(f"{name}_io.pth"), weights_only=True)
+    model = load_mmpretrain(fixture(f"{name}_ckpt.pth"), **overrides)
     model.train()
     out = model(io["inputs"], noise=io["noise"])
     out.loss.backward()
@@ -34,9 +35,8 @@ def errors(io, out, grads):
     return e
 
 
-@pytest.mark.parametrize("name", fixture_names() or ["<none>"])
+@pytest.mark.parametrize("name", fixture_names())
 def test_fixture_equivalence(name):
-    require_fixtures()
     io, model, out, grads = run_fixture(name)
     assert torch.equal(out.mask, io["mask"]) and torch.equal(out.ids_restore, io["ids_restore"])
     assert (out.fusion_weights is None) == (io["fusion_weights"] is None)
@@ -53,10 +53,8 @@ def test_fixture_equivalence(name):
 
 
 def test_mae_fixture_is_plain_mae():
-    require_fixtures()
-    if "mae_tiny64" not in fixture_names():
-        pytest.skip("mae_tiny64 fixture not present")
-    model = load_mmpretrain(FIXTURES / "mae_tiny64_ckpt.pth")
+    require_fixtures("mae_tiny64")
+    model = load_mmpretrain(fixture("mae_tiny64_ckpt.pth"))
     assert not model.is_mff and len(model.levels) == 1
     assert not any(n.startswith("fusion_") for n, _ in model.named_parameters())
 

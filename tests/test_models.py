@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import FIXTURES, require_fixtures
+from conftest import fixture, require_fixtures
 from mff_ds.models import arch_names, build_model
 from mff_ds.models.archs import default_out_indices
 from mff_ds.models.vit import sincos_pos_embed
@@ -65,8 +65,8 @@ def test_initialisation_follows_reference():
 
 
 def test_sincos_matches_mmpretrain_table():
-    require_fixtures()
-    sd = torch.load(FIXTURES / "small_ckpt.pth", weights_only=True)["state_dict"]
+    require_fixtures("small")
+    sd = torch.load(fixture("small_ckpt.pth"), weights_only=True)["state_dict"]
     for key, dim in (("backbone.pos_embed", 192), ("neck.decoder_pos_embed", 128)):
         assert torch.allclose(sincos_pos_embed(dim, 14), sd[key], atol=1e-6)
 

@@ -272,7 +272,8 @@ def test_slurm_sbatch_trains_resumes_and_saves_on_signal(slurm, tmp_path):
         job_state(env, job)), 60, "the requeue", None, out / f"slurm-{job}.out")
     wait_for(lambda: "idle" in subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True,
                                               text=True).stdout, 60, "the node to be idle again")
-    time.sleep(2)
+    idle_at = int(time.time())
+    wait_for(lambda: int(time.time()) > idle_at, 5, "the next second (Slurm's credentials have 1 s resolution)")
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
     st = wait_job(env, job, out)
     log = (out / f"slurm-{job}.out").read_text()
@@ -305,15 +306,12 @@ def test_killed_rank_ends_the_run_and_is_named(tmp_path):
             ranks[int(next(e for e in environ if e.startswith(b"RANK=")).split(b"=")[1])] = int(pid)
         assert sorted(ranks) == [0, 1]
         os.kill(ranks[1], signal.SIGKILL)
-        t0 = time.time()
-        rc = proc.wait(60)
-        dt = time.time() - t0
+        rc = proc.wait(60)  # a run that outlives a dead rank by a minute hangs: TimeoutExpired fails the test
     finally:
         if proc.poll() is None:
             proc.kill()
     text = log.read_text()
-    print(f"torchrun 2 ranks, rank 1 SIGKILLed: the run ended {dt:.1f}s later")
-    assert rc != 0 and dt < 30
+    assert rc != 0
     # the elastic agent's report names the rank that died first, and how
     assert re.search(r"Root Cause.*?rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*-9", text, re.S), text[-3000:]
     with pytest.raises(ProcessLookupError):
@@ -338,19 +336,17 @@ def test_hung_rank_times_out_instead_of_hanging(tmp_path):
     try:
         wait_for(lambda: len(steps_logged(out)) >= 2, 120, "training to start", procs[0], logs[0])
         os.kill(procs[1].pid, signal.SIGSTOP)
-        t0 = time.time()
         try:
             rc = procs[0].wait(60)
         except subprocess.TimeoutExpired:
             raise AssertionError("rank 0 still blocked 60 s after rank 1 hung: the collective timeout "
                                  "(MFF_DS_COLLECTIVE_TIMEOUT_S) does not reach DeepSpeed's process groups")
-        dt = time.time() - t0
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
     text = logs[0].read_text()
-    print(f"2 bare ranks, rank 1 SIGSTOPped: rank 0 failed {dt:.1f}s later (timeout 10 s)")
-    assert rc != 0 and 9 < dt < 40
+    # the configured timeout (not an earlier failure of another kind) ended the run: rank 0 names it
+    assert rc != 0
     assert "[rank0]" in text and "Timed out waiting 10000ms" in text, text[-3000:]

@@ -206,7 +206,7 @@ class Loader:
     len(loader)          batches per epoch on this rank (equal on every rank); iterating yields
                          len(loader) - skip_batches batches, starting at batch index `skip_batches`.
     loader.bad_samples   samples skipped (replaced) so far this epoch; `bad_examples` lists up to 10 as
-                         "path-or-shard:key: reason"; `stats()` returns both plus `seen_samples`.
+                         "path-or-shard:key: reason"; `seen_samples` counts the samples read.
     loader.set_epoch(e, skip_batches=0)   reuse the same (persistent) workers for another epoch.
     loader.device        where batches are decoded (decode: gpu; images arrive there), None: in the workers.
     Raises BadDataError when bad_samples / seen_samples exceeds max_bad_fraction (checked once 1000 samples,
@@ -235,10 +235,6 @@ class Loader:
 
     def __len__(self):
         return self.batches_per_epoch
-
-    def stats(self):
-        return {"bad_samples": self.bad_samples, "seen_samples": self.seen_samples,
-                "bad_examples": list(self.bad_examples)}
 
     def __iter__(self):
         self.bad_samples, self.bad_examples, self.seen_samples = 0, [], 0

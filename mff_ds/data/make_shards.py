@@ -21,15 +21,10 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
+from mff_ds.common import write_json
+
 from .sources import INFO_NAME, scan_imagefolder
 from .transforms import decode_rgb
-
-
-def write_json(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def read_json(path, default=None):
@@ -67,7 +62,7 @@ def _write_shard(job):
             os.remove(tmp)
         raise
     record = {"name": name, "count": count, "skipped": skipped}
-    write_json(os.path.join(out, ".make_shards", name + ".json"), record)
+    write_json(os.path.join(out, ".make_shards", name + ".json"), record, indent=1)
     os.replace(tmp, final)
     return record
 
@@ -93,7 +88,7 @@ def convert(src, out, shard_size, split="train", seed=0, shuffle=True, workers=1
     if old is not None and old != params:
         raise ValueError(f"{out} holds a conversion of split {split!r} with other parameters {old}, "
                          f"now {params}; delete {os.path.join(out, '.make_shards')} and the shards to restart")
-    write_json(params_path, params)
+    write_json(params_path, params, indent=1)
 
     def record_path(name):
         return os.path.join(out, ".make_shards", name + ".json")
@@ -123,7 +118,7 @@ def convert(src, out, shard_size, split="train", seed=0, shuffle=True, workers=1
         "skipped": [s for r in records for s in r["skipped"]],
         "source": params["src"], "shard_size": shard_size, "seed": seed,
     }
-    write_json(os.path.join(out, INFO_NAME), info)
+    write_json(os.path.join(out, INFO_NAME), info, indent=1)
     return info
 
 

@@ -27,20 +27,13 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from mff_ds.common import write_json, write_text
+
 from .distributed import all_gather_object, barrier
 from .safe_load import CheckpointError, weights_only_loads  # noqa: F401 (CheckpointError: re-exported)
 
 MARKER = "mff_complete.json"
 TAG_RE = re.compile(r"^global_step(\d+)$")
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -193,9 +186,9 @@ def save(engine, root: str, step: int, client_state: dict, meta: dict, keep_last
     files = file_digests(tag_dir)
     if engine.global_rank == 0:
         try:
-            _atomic_write(os.path.join(tag_dir, MARKER),
-                          json.dumps(dict(meta, step=step, time=time.time(), files=files), indent=1))
-            _atomic_write(os.path.join(root, "latest"), tag)
+            write_json(os.path.join(tag_dir, MARKER), dict(meta, step=step, time=time.time(), files=files),
+                       indent=1, fsync=True)
+            write_text(os.path.join(root, "latest"), tag, fsync=True)
         except OSError as e:
             errors.append(_write_error(os.path.join(tag_dir, MARKER), e))
     _raise_if_failed(errors, root, tag_dir)

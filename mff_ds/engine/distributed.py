@@ -24,10 +24,6 @@ class DistEnv:
     master_port: int
     launcher: str          # "env" (deepspeed / torchrun), "slurm" or "single"
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def first_host(nodelist: str) -> str:
     """First host of a SLURM nodelist ('gpu[003-005,9],cpu1' -> 'gpu003') without scontrol."""

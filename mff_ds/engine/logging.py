@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from mff_ds.common import atomic_write
+
 # Dense peak TFLOP/s per device for the 16-bit tensor cores (fp32 runs use the same figure: MFU is then low).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0,
                "L4": 121.0, "B200": 2250.0, "GH200": 989.0, "MI300X": 1307.0, "MI250": 362.0}
@@ -95,6 +97,4 @@ def reconstruction_grid(images: torch.Tensor, pred: torch.Tensor, mask: torch.Te
 
 def save_png(img: torch.Tensor, path: str) -> None:
     from torchvision.utils import save_image
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    save_image(img, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_image(img, tmp, format="png"))

@@ -14,8 +14,10 @@ from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import yaml
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# configs/ and ds_configs/ sit at the repo root in a checkout; an installed package carries them as package data
+# in mff_ds/configs and mff_ds/ds_configs (pyproject.toml maps the folders)
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class RecipeError(ValueError):
@@ -312,33 +314,40 @@ def _data_config_cls():
 
 
 def resolve_path(path: str) -> str:
-    """A path relative to the repo root (configs, ds_configs) unless absolute or existing from the cwd."""
+    """`path` itself when absolute or existing from the cwd; else configs/... or ds_configs/... from the installed
+    package or the checkout."""
     if os.path.isabs(path) or os.path.exists(path):
         return path
-    return os.path.join(REPO_ROOT, path)
+    found = [os.path.join(root, path) for root in (PACKAGE_ROOT, REPO_ROOT) if os.path.exists(os.path.join(root, path))]
+    return found[0] if found else os.path.join(REPO_ROOT, path)
+
+
+def shipped_recipes() -> List[str]:
+    """The names of the recipes in configs/ (installed or in the checkout): `--config NAME` finds them."""
+    folder = resolve_path("configs")
+    return sorted(f[:-len(".yaml")] for f in os.listdir(folder) if f.endswith(".yaml")) if os.path.isdir(folder) else []
+
+
+def recipe_path(config: str) -> str:
+    """--config: a YAML path, or the name of a shipped recipe ('mff_vit-b_300e' -> configs/mff_vit-b_300e.yaml)."""
+    if not os.path.exists(config) and config in shipped_recipes():
+        return resolve_path(os.path.join("configs", config + ".yaml"))
+    return resolve_path(config)
 
 
 def _model_problems(model: dict) -> List[str]:
-    from mff_ds.models import ModelConfig, resolve_config
+    from mff_ds.models import ModelConfig
+    from mff_ds.models.archs import config_problems
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     p = [f"model.{k}: unknown key; expected arch or one of {sorted(known)}" for k in model if k not in known | {"arch"}]
     spec = {k: v for k, v in model.items() if k in known | {"arch"}}
     if "arch" in spec and not isinstance(spec["arch"], str):
         return p + [f"model.arch: expected an architecture name (str), got {spec['arch']!r}"]
-    try:
-        cfg = resolve_config(spec)
-        if cfg.len_keep >= cfg.num_patches:  # the loss is taken over masked patches only: 0/0
-            p.append(f"model.mask_ratio: masks no patch of {cfg.num_patches} (ratio {cfg.mask_ratio}); expected a "
-                     f"ratio that masks at least one, e.g. 0.75")
-    except (ValueError, TypeError) as e:
-        msg = str(e)
-        if msg.startswith("invalid model config:"):
-            p.extend(line.strip() for line in msg.splitlines()[1:])
-        elif msg.startswith("unknown architecture"):
-            p.append(f"model.arch: {msg}")
-        else:
-            p.append(f"model: {msg}")
-    return p
+    cfg, problems = config_problems(spec)
+    if cfg is not None and cfg.len_keep >= cfg.num_patches:  # the loss is taken over masked patches only: 0/0
+        problems = [f"model.mask_ratio: masks no patch of {cfg.num_patches} (ratio {cfg.mask_ratio}); expected a "
+                    f"ratio that masks at least one, e.g. 0.75"]
+    return p + problems
 
 
 def schedule_and_deepspeed_problems(s, d) -> List[str]:
@@ -433,10 +442,11 @@ def read_tree(path: Optional[str], overrides: Optional[List[str]] = None) -> Tup
     source = path or "recipe"
     if path is not None:
         try:
-            with open(resolve_path(path)) as f:
+            with open(recipe_path(path)) as f:
                 tree = yaml.safe_load(f)
         except FileNotFoundError:
-            raise RecipeError([f"--config: expected an existing YAML file, got {path!r}"], source) from None
+            raise RecipeError([f"--config: expected an existing YAML file or the name of a shipped recipe "
+                               f"{shipped_recipes()}, got {path!r}"], source) from None
         except (OSError, UnicodeDecodeError) as e:
             why = e.strerror if isinstance(e, OSError) else "not text"
             raise RecipeError([f"--config: expected a readable YAML file, got {path!r} ({why})"], source) from None
@@ -469,7 +479,7 @@ def load_recipe(path: Optional[str] = None, overrides: Optional[List[str]] = Non
 
 def save_recipe(recipe, path: str) -> None:
     """Atomically write a resolved recipe (anything with to_dict()) as YAML."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(recipe.to_dict(), f, sort_keys=False)
-    os.replace(tmp, path)
+    # imported here: mff_ds.common imports torch, and this module must not, so that launch/pretrain.py installs
+    # its signal handlers before the seconds-long torch import
+    from mff_ds.common import write_text
+    write_text(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))

@@ -4,17 +4,16 @@ uint8 batch -> device -> normalize -> model -> loss -> engine.backward / engine.
 optimizer-step index, periodic checkpoints with exact data/RNG position, metrics on logging steps only
 (the only host synchronisation), reconstruction grids, NaN/Inf handling (stop or roll back) and final exports.
 """
-import json
 import os
-import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
+
+from mff_ds.common import DTYPES, seed_everything, write_json
 
 from . import checkpoint as ckpt
 from . import logging as mlog
@@ -26,7 +25,6 @@ from .rundir import owns_output_dir
 from .signals import StopOnSignal
 
 NEVER = 2**62
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -35,19 +33,6 @@ class NonFiniteLossError(RuntimeError):
 
 class IncompatibleCheckpointError(RuntimeError):
     pass
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
@@ -86,7 +71,6 @@ class Position:
     epoch: int = 0
     batch: int = 0
     rollbacks: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def check_resume(meta: dict, recipe: Recipe, world_size: int, zero_stage: int, root: str, tag: str) -> bool:
@@ -165,7 +149,7 @@ def train(recipe: Recipe, output_dir: str, max_steps: Optional[int] = None, resu
     if is_main:
         os.makedirs(output_dir, exist_ok=True)
         save_recipe(recipe, os.path.join(output_dir, "recipe.yaml"))
-        _write_json(os.path.join(output_dir, "ds_config.json"), ds_config)
+        write_json(os.path.join(output_dir, "ds_config.json"), ds_config)
 
     # model: identical init on every rank, then per-rank randomness (masks) as the reference (diff_rank_seed)
     seed_everything(recipe.seed)

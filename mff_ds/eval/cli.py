@@ -3,24 +3,17 @@ import argparse
 import os
 import sys
 
-from mff_ds.engine.recipe import REPO_ROOT, RecipeError
+from mff_ds.engine.cli import load_or_report, run_or_report, run_parser
+from mff_ds.engine.recipe import RecipeError
 
-DEFAULT_CONFIGS = {"finetune": "configs/finetune_vit-b_100e.yaml", "linprobe": "configs/linprobe_vit-b_90e.yaml"}
+DEFAULT_CONFIGS = {"finetune": "finetune_vit-b_100e", "linprobe": "linprobe_vit-b_90e"}  # shipped recipes
 
 
 def train_main(task: str, argv=None, doc: str = "") -> int:
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=os.path.join(REPO_ROOT, DEFAULT_CONFIGS[task]), help="recipe YAML")
+    p = run_parser(doc, DEFAULT_CONFIGS[task], "data.train_path=/data/in1k/train")
     p.add_argument("--checkpoint", default=None, help="pretrained weights (sets init.checkpoint)")
     p.add_argument("--checkpoint-format", default=None, choices=["auto", "mff_ds", "mmpretrain", "mae"],
                    help="sets init.format (default from the recipe: auto)")
-    p.add_argument("--output-dir", default=None, help="default: runs/<recipe name>")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. --set data.train_path=/data/in1k/train (repeatable)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this optimizer step (schedule unchanged)")
-    p.add_argument("--resume", default="auto", help="auto (latest complete checkpoint in the output dir), none (refused over another run's outputs), "
-                   "fresh (move those aside to OUTPUT_DIR/previous-<time>/, then none), or a checkpoint PATH")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     from .recipe import load_eval_recipe
     overrides = list(a.overrides)
@@ -28,29 +21,20 @@ def train_main(task: str, argv=None, doc: str = "") -> int:
         overrides.append(f"init.checkpoint={os.path.abspath(a.checkpoint)}")
     if a.checkpoint_format is not None:
         overrides.append(f"init.format={a.checkpoint_format}")
-    try:
-        recipe = load_eval_recipe(a.config, overrides)
+
+    def load(config, overrides):
+        recipe = load_eval_recipe(config, overrides)
         if recipe.task != task:
-            raise RecipeError([f"task: launch/{task}.py runs task {task!r}, the recipe says {recipe.task!r}"], a.config)
-    except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
+            raise RecipeError([f"task: launch/{task}.py runs task {task!r}, the recipe says {recipe.task!r}"], config)
+        return recipe
+    recipe = load_or_report(load, a, overrides)
+    if recipe is None:
         return 2
-    if a.max_steps is not None and a.max_steps < 1:
-        print(f"error: --max-steps: expected a positive integer, got {a.max_steps}", file=sys.stderr)
-        return 2
-    from mff_ds.engine.checkpoint import CheckpointError
-    from mff_ds.engine.rundir import RunDirError
-    from mff_ds.engine.trainer import IncompatibleCheckpointError, NonFiniteLossError
     from .train import run
     out = a.output_dir or os.path.join("runs", recipe.name)
-    try:
-        s = run(recipe, out, max_steps=a.max_steps, resume=a.resume)
-    except (RecipeError, IncompatibleCheckpointError, CheckpointError, RunDirError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    s, code = run_or_report(lambda: run(recipe, out, max_steps=a.max_steps, resume=a.resume))
+    if s is None:
+        return code
     if int(os.environ.get("RANK", "0")) == 0 and s["best_top1"] is not None:
         print(f"done: step {s['step']}/{s['total_steps']}; best top-1 {s['best_top1']:.2f} top-5 {s['best_top5']:.2f} "
               f"(epoch {s['best_epoch']}), last top-1 {s['last_top1']:.2f}; best classifier {s['best_path']}; "

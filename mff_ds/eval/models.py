@@ -10,7 +10,6 @@
 - classifier files: `save_classifier` / `load_classifier` (ours), plus mmpretrain and official MAE
   fine-tuned / linear-probe layouts through `classifier_state_from_external`.
 """
-import json
 import re
 from typing import Optional, Tuple
 
@@ -216,7 +215,3 @@ def load_classifier(path, num_heads: Optional[int] = None) -> Tuple[nn.Module, d
     model = build_classifier(task, vit, nc)
     convert.load_state_dict_checked(model, sd, str(path))
     return model, meta
-
-
-def describe(meta: dict) -> str:
-    return json.dumps({k: meta[k] for k in ("task", "vit", "num_classes") if k in meta})

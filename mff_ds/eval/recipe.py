@@ -12,9 +12,6 @@ from typing import Any, Dict, List, Literal, Optional
 from mff_ds.engine.recipe import (BatchConfig, DeepSpeedSection, LoggingConfig, RecipeError, RecipeMethods, _build,
                                   launcher_world_size, read_tree, schedule_and_deepspeed_problems)
 
-TASKS = ("finetune", "linprobe")
-FORMATS = ("auto", "mff_ds", "mmpretrain", "mae")
-
 
 @dataclass
 class InitConfig:

@@ -11,7 +11,6 @@ DeepSpeed's 16-bit optimizers flatten parameters); on CUDA the frozen encoder st
 autocast when the recipe's precision asks for it.
 """
 import copy
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,13 +19,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from mff_ds.common import DTYPES, seed_everything, write_json
 from mff_ds.engine import checkpoint as ckpt
 from mff_ds.engine import logging as mlog
 from mff_ds.engine.distributed import device_for, init_distributed
 from mff_ds.engine.optim import build_deepspeed_engine, build_ds_config, lr_at, precision_of, schedule_steps, set_lr
 from mff_ds.engine.recipe import RecipeError
 from mff_ds.engine.rundir import owns_output_dir
-from mff_ds.engine.trainer import DTYPES, NonFiniteLossError, check_resume, seed_everything
+from mff_ds.engine.trainer import NonFiniteLossError, check_resume
 
 from . import data as edata
 from . import metrics
@@ -44,13 +44,6 @@ class Position:
     best_top1: float = -1.0
     best_epoch: int = -1
     history: list = field(default_factory=list)
-
-
-def _write_json(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _criterion(recipe: EvalRecipe, num_classes: int):
@@ -146,7 +139,7 @@ def run(recipe: EvalRecipe, output_dir: str, max_steps: Optional[int] = None, re
     if is_main:
         os.makedirs(output_dir, exist_ok=True)
         save_recipe(recipe, os.path.join(output_dir, "recipe.yaml"))
-        _write_json(os.path.join(output_dir, "ds_config.json"), ds_config)
+        write_json(os.path.join(output_dir, "ds_config.json"), ds_config)
 
     # model (identical on every rank), then data
     seed_everything(recipe.seed)
@@ -304,7 +297,7 @@ def run(recipe: EvalRecipe, output_dir: str, max_steps: Optional[int] = None, re
                "last_top1": last.get("top1"), "last_top5": last.get("top5"), "history": pos.history,
                "best_path": best_path if os.path.exists(best_path) else None, "output_dir": output_dir}
     if is_main:
-        _write_json(os.path.join(output_dir, "results.json"), summary)
+        write_json(os.path.join(output_dir, "results.json"), summary)
         if not quiet and pos.history:
             print(metrics.table([dict(h, name=f"epoch {h['epoch']}") for h in pos.history],
                                 ("name", "top1", "top5", "val_loss")))

@@ -1,6 +1,6 @@
 """Model configuration, the named sizes and build_model()."""
 from dataclasses import asdict, dataclass, field, fields
-from typing import List, Union
+from typing import List, Optional, Tuple, Union
 
 # name: (embed_dim, depth, num_heads); MLP ratio 4 everywhere.
 SIZES = {
@@ -100,41 +100,51 @@ def arch_names() -> List[str]:
     return [f"{kind}_vit_{size}_patch{p}" for kind in ("mff", "mae") for size in SIZES for p in PATCHES]
 
 
-def config_for(name: str) -> ModelConfig:
-    """'mff_vit_base_patch16' / 'mae_vit_large_patch14' -> ModelConfig."""
-    parts = name.split("_")
+def _named_config(name) -> Optional[ModelConfig]:
+    """'mff_vit_base_patch16' / 'mae_vit_large_patch14' -> ModelConfig; None for any other name."""
+    parts = name.split("_") if isinstance(name, str) else []
     ok = (len(parts) == 4 and parts[0] in ("mff", "mae") and parts[1] == "vit" and parts[2] in SIZES
           and parts[3] in {f"patch{p}" for p in PATCHES})
     if not ok:
-        raise ValueError(f"unknown architecture {name!r}; expected one of {arch_names()} or a dict of ModelConfig fields")
+        return None
     dim, depth, heads = SIZES[parts[2]]
     out = default_out_indices(depth) if parts[0] == "mff" else [depth - 1]
     return ModelConfig(patch_size=int(parts[3][5:]), embed_dim=dim, depth=depth, num_heads=heads, out_indices=out)
 
 
-def resolve_config(name_or_config: Union[str, dict, ModelConfig, None] = None, **overrides) -> ModelConfig:
+def config_problems(name_or_config: Union[str, dict, ModelConfig, None] = None,
+                    **overrides) -> Tuple[Optional[ModelConfig], List[str]]:
+    """-> (the config, []) or (None, every problem found, each naming its `model.` key): the recipe check lists
+    them with the rest of the recipe's problems, resolve_config raises them."""
     if isinstance(name_or_config, ModelConfig):
         base = asdict(name_or_config)
-    elif isinstance(name_or_config, str):
-        base = asdict(config_for(name_or_config))
-    elif isinstance(name_or_config, dict):
-        spec = dict(name_or_config)
+    elif isinstance(name_or_config, (str, dict)):
+        spec = {"arch": name_or_config} if isinstance(name_or_config, str) else dict(name_or_config)
         arch = spec.pop("arch", None)
-        base = asdict(config_for(arch)) if arch else {}
-        base.update(spec)
+        named = _named_config(arch) if arch else None
+        if arch and named is None:
+            return None, [f"model.arch: unknown architecture {arch!r}; expected one of {arch_names()} or a dict of "
+                          f"ModelConfig fields"]
+        base = {**(asdict(named) if named else {}), **spec}
     elif name_or_config is None:
         base = {}
     else:
-        raise TypeError(f"build_model: expected an arch name, a dict or a ModelConfig, got {type(name_or_config).__name__}")
+        return None, [f"model: expected an arch name, a dict or a ModelConfig, got {type(name_or_config).__name__}"]
     base.update(overrides)
     known = {f.name for f in fields(ModelConfig)}
     unknown = sorted(set(base) - known)
     if unknown:
-        raise ValueError(f"unknown model option(s) {unknown}; expected some of {sorted(known)}")
+        return None, [f"model: unknown model option(s) {unknown}; expected some of {sorted(known)}"]
     if "out_indices" in base and isinstance(base["out_indices"], tuple):
         base["out_indices"] = list(base["out_indices"])
     cfg = ModelConfig(**base)
     problems = cfg.problems()
+    return (None, problems) if problems else (cfg, [])
+
+
+def resolve_config(name_or_config: Union[str, dict, ModelConfig, None] = None, **overrides) -> ModelConfig:
+    """config_problems() that raises ValueError listing every problem."""
+    cfg, problems = config_problems(name_or_config, **overrides)
     if problems:
         raise ValueError("invalid model config:\n  " + "\n  ".join(problems))
     return cfg

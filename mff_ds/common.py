@@ -1,0 +1,61 @@
+"""What every part of the package shares: atomic file writes, the precision -> dtype map, seeding.
+
+Kept free of imports from the rest of mff_ds so that data, models, engine, eval, convert and the benchmarks can
+all use it without a cycle.
+"""
+import json
+import os
+import random
+import tempfile
+from typing import Callable
+
+import numpy as np
+import torch
+
+# The recipe's `precision:` names (DeepSpeed's fp32 / bf16 / fp16 modes) and the torch dtypes they compute in.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def atomic_write(path, write: Callable[[str], None], *, fsync: bool = False) -> None:
+    """write(tmp) fills a hidden temporary file beside `path`; one os.replace then puts it in place, so a reader
+    (or a crash) sees the old file or the new one, never a part. The temporary file is removed when `write`
+    fails. fsync: the data reaches the disk before the rename (completion markers that vouch for a checkpoint).
+
+    The file gets the mode a plain open() would give (mkstemp's 0600 would hide results from a shared group)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text: str, *, fsync: bool = False) -> None:
+    """Atomically write `text` to `path`."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write, fsync=fsync)
+
+
+def write_json(path, obj, *, indent: int = 2, fsync: bool = False) -> None:
+    """Atomically write `obj` as JSON to `path`."""
+    write_text(path, json.dumps(obj, indent=indent), fsync=fsync)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

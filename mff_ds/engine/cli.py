@@ -1,0 +1,54 @@
+"""What the training command lines share: `python -m mff_ds.pretrain` (launch/pretrain.py) and the fine-tune /
+linear-probe ones (mff_ds.eval.cli). Kept free of torch imports: the pretraining CLI installs its signal
+handlers before torch loads."""
+import argparse
+import sys
+from typing import Callable, Optional
+
+from .recipe import RecipeError, shipped_recipes
+
+
+def run_parser(doc: str, config: str, set_example: str) -> argparse.ArgumentParser:
+    """--config (default `config`), --output-dir, --set, --max-steps, --resume and the deepspeed launcher's
+    --local_rank; the caller adds its own options."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=config,
+                   help=f"recipe: a YAML path, or the name of a shipped recipe ({', '.join(shipped_recipes())})")
+    p.add_argument("--output-dir", default=None, help="default: runs/<recipe name>")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a recipe value, e.g. --set {set_example} (repeatable)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this optimizer step (schedule unchanged)")
+    p.add_argument("--resume", default="auto", help="auto (latest complete checkpoint in the output dir), none "
+                   "(refused over another run's outputs), fresh (move those aside to OUTPUT_DIR/previous-<time>/, "
+                   "then none), or a checkpoint PATH")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def load_or_report(load: Callable, args, overrides) -> Optional[object]:
+    """load(args.config, overrides) -> the recipe; None after printing one line when the recipe or --max-steps
+    is bad (the caller exits 2)."""
+    try:
+        recipe = load(args.config, overrides)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    if args.max_steps is not None and args.max_steps < 1:
+        print(f"error: --max-steps: expected a positive integer, got {args.max_steps}", file=sys.stderr)
+        return None
+    return recipe
+
+
+def run_or_report(run: Callable[[], dict]):
+    """run() -> (its summary, 0), or (None, exit code) after one line for bad input or state: 3 for a non-finite
+    loss, 2 otherwise (ValueError: data / model settings)."""
+    from mff_ds.data import BadDataError
+    from .checkpoint import CheckpointError
+    from .rundir import RunDirError
+    from .trainer import IncompatibleCheckpointError, NonFiniteLossError
+    try:
+        return run(), 0
+    except (RecipeError, IncompatibleCheckpointError, CheckpointError, RunDirError, NonFiniteLossError, BadDataError,
+            FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None, 3 if isinstance(e, NonFiniteLossError) else 2
