@@ -104,13 +104,13 @@ def test_trainer_grad_norm_equals_deepspeeds_and_training_is_unchanged(dist_env)
         assert torch.equal(a, b), n
 
 
-
 def tiny(depth: int, export: bool = False, log_every: int = 1000) -> str:
     """One process: 2 micro-batches per step, 6 steps, one log + checkpoint at the end."""
     return tiny_recipe(seed=3, model={"depth": depth, "decoder_depth": depth, "out_indices": [0, -1]},
                        data={"num_samples": 96}, schedule={"warmup_epochs": 0},
                        checkpoint={"every_steps": 0, "keep_last": 1, "export": export},
                        logging={"every_steps": log_every})
+
 
 SYNCS = """
 import json, sys
@@ -196,7 +196,9 @@ def test_compiled_engine_trains_like_eager_with_the_same_checkpoint_keys(tmp_pat
 def test_checkpoint_without_alignment_resumes_with_its_own_layout(tmp_path):
     """A marker from before parameter_alignment (no such key, unaligned flat buffers) resumes with a warning."""
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY.replace("DEPTH", "2").replace("every_steps: 0, keep_last: 1", "every_steps: 2, keep_last: 2"))
+    cfg.write_text(tiny_recipe(seed=3, model={"depth": 2, "decoder_depth": 2, "out_indices": [0, -1]},
+                               data={"num_samples": 96}, schedule={"warmup_epochs": 0},
+                               checkpoint={"every_steps": 2, "keep_last": 2}))
     out = tmp_path / "out"
 
     def launch(*args):
