@@ -292,7 +292,9 @@ def read_file(path):
                              f"not safetensors ({e})") from None
     from mff_ds.engine.safe_load import UNREADABLE, unreadable
     try:
-        return torch.load(path, map_location="cpu", weights_only=True), {}
+        with warnings.catch_warnings():  # torch warns about the "protocol" byte of a file that is no pickle at all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True), {}
     except UNREADABLE as e:
         raise ValueError(str(unreadable(path, e))) from None
 

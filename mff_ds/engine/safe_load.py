@@ -22,7 +22,9 @@ class CheckpointError(RuntimeError):
 
 # what torch.load raises for a refused global, random bytes (UnpicklingError), an empty file (EOFError) or a
 # truncated zip archive (RuntimeError from PytorchStreamReader)
-UNREADABLE = (pickle.UnpicklingError, EOFError, RuntimeError)
+# Garbage fed to the weights-only unpickler fails in many ways (UnpicklingError, EOFError, IndexError from its stack,
+# KeyError from its memo, struct.error, UnicodeDecodeError, ...): any of them means "not a readable checkpoint".
+UNREADABLE = (Exception,)
 _lock = threading.RLock()  # the patch is process-wide: one `with` block at a time (nesting is fine)
 
 
