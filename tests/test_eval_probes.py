@@ -114,3 +114,30 @@ def test_linprobe_cli_runs_the_feature_probes(tmp_path):
     r = subprocess.run([sys.executable, "launch/linprobe.py", "--config", str(cfg), "--probe", "svm",
                         "--output-dir", str(out)], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "expected some of knn, logreg" in r.stderr
+
+
+# ------------------------------------------------------------------ the multi-seed demo's report
+def _demo():
+    sys.path.insert(0, "launch")
+    import eval_demo
+    return eval_demo
+
+
+def test_eval_demo_reports_intervals_and_paired_differences(tmp_path):
+    demo = _demo()
+    seeds = [0, 1, 2]
+    res = {"knn": {"MFF": [80.0, 82.0, 84.0], "MAE": [79.0, 81.0, 83.0], "random init": [60.0, 70.0, 65.0]}}
+    text = demo.summarize(res, seeds)
+    # MFF: mean 82, sd 2, t(0.975, 2) = 4.3026527 -> half width 4.3026527 * 2 / sqrt(3) = 4.968
+    assert "[77.03, 86.97]" in text
+    # MFF - MAE is exactly +1 on every seed: a zero-width interval that excludes 0
+    assert "MFF beats MAE by 1.00" in text
+    assert "no difference between MFF and random init" not in text and "MFF beats random init" in text
+    png = tmp_path / "p.png"
+    demo.plot(res, seeds, str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_demo_refuses_a_single_seed(capsys):
+    assert _demo().main(["--seeds", "1"]) == 2
+    assert "at least 2 seeds, got 1" in capsys.readouterr().err
