@@ -1,72 +1,175 @@
 #!/usr/bin/env python
-"""The whole downstream loop on CPU with bundled real data (`make eval-demo`, a few minutes on 2 cores):
+"""Pretraining -> probing on CPU with bundled real data, over several seeds (`make eval-demo`):
 
-  1. pretrain a tiny MFF and a tiny plain MAE (same model, data and schedule; only the fusion differs) on
-     scikit-learn's digits upscaled to 32 px (configs/pretrain_digits_demo.yaml, the pretraining trainer);
-  2. linear-probe both and a randomly initialised encoder (configs/linprobe_demo.yaml: frozen encoder,
-     cls token + final norm, BatchNorm, LARS) on the digits train split, evaluate on the val split;
-  3. print the three top-1 / top-5 accuracies and the wall time.
+  for each seed:
+    1. pretrain a tiny MFF and a tiny plain MAE (same model, data and schedule; only the fusion differs) on
+       scikit-learn's digits upscaled to 32 px (configs/pretrain_digits_demo.yaml, the pretraining trainer);
+    2. probe both and a randomly initialised encoder on frozen features (mff_ds/eval/probes.py: weighted k-NN
+       and logistic regression, deterministic for a given encoder): fit on the digits train split, score the
+       val split;
+  then print, per probe and encoder, the mean top-1 over seeds with its 95% Student-t interval, the paired
+  differences (MFF - MAE, each - random init) with theirs, and plot the per-seed points (PNG).
+  A difference is called one only when its interval excludes zero.
 
-  python launch/eval_demo.py [--output-dir runs/eval_demo] [--pretrain-epochs N] [--probe-epochs N]
+  python launch/eval_demo.py [--seeds N] [--first-seed S] [--output-dir runs/eval_demo] [--pretrain-epochs N]
+                             [--pool cls|avg] [--lars]
+
+Finished pretrainings are reused when the command is rerun (a seed's run directory is resumed, not redone).
+--lars also runs the reference linear probe (configs/linprobe_demo.yaml: LARS, random crops), which is slower
+and noisier.
 """
 import argparse
+import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from mff_ds.engine import signals  # noqa: E402
+
+ENCODERS = ("MFF", "MAE", "random init")
+LEVELS = {"MFF": "[1, 3, 5]", "MAE": "[5]"}
+
+
+def pretrain_recipe(name: str = "MFF", seed: int = 0, epochs=None):
+    from mff_ds.data.demo import digits_root
+    from mff_ds.engine.recipe import load_recipe
+    extra = [f"schedule.epochs={epochs}", f"schedule.warmup_epochs={epochs / 10}"] if epochs else []
+    return load_recipe("configs/pretrain_digits_demo.yaml",
+                       [f"name=pretrain_digits_{name.lower()}", f"seed={seed}",
+                        f"data.path={digits_root('train')}", f"model.out_indices={LEVELS[name]}"] + extra)
+
+
+def pretrain(name: str, seed: int, out: str, epochs) -> tuple:
+    """-> (model file, last loss, steps) of the seed's MFF or MAE pretraining (resumed if already under `out`)."""
+    from mff_ds.engine.trainer import train
+    s = train(pretrain_recipe(name, seed, epochs), out, resume="auto")
+    return os.path.join(out, "model_fp32.safetensors"), s["last_loss"], s["step"], s["stopped_by"]
+
+
+def lars_probe(ckpt, seed: int, out: str) -> float:
+    from mff_ds.eval.recipe import load_eval_recipe
+    from mff_ds.eval.train import run
+    overrides = [f"seed={seed}"] + ([f"init.checkpoint={ckpt}"] if ckpt else [])
+    return run(load_eval_recipe("configs/linprobe_demo.yaml", overrides), out, resume="fresh", quiet=True)["last_top1"]
+
+
+def summarize(results: dict, seeds: list) -> str:
+    """The tables: per probe, each encoder's per-seed top-1, mean and 95% CI; then the paired differences."""
+    from mff_ds.eval.metrics import table
+    from mff_ds.eval.stats import mean_ci, paired_diff, verdict
+    lines = []
+    for probe, per_enc in results.items():
+        rows = []
+        for enc in ENCODERS:
+            ci = mean_ci(per_enc[enc])
+            rows.append({"encoder": enc, **{f"seed {s}": v for s, v in zip(seeds, per_enc[enc])},
+                         "mean": ci.mean, "95% CI": f"[{ci.low:.2f}, {ci.high:.2f}]"})
+        pairs = [("MFF", "MAE"), ("MFF", "random init"), ("MAE", "random init")]
+        for a, b in pairs:
+            d = paired_diff(per_enc[a], per_enc[b])
+            rows.append({"encoder": f"{a} - {b}", **{f"seed {s}": x - y for s, x, y in
+                                                     zip(seeds, per_enc[a], per_enc[b])},
+                         "mean": d.mean, "95% CI": f"[{d.low:+.2f}, {d.high:+.2f}]"})
+        lines += [f"\n{probe} top-1 on the digits val split, {len(seeds)} seeds; mean and 95% Student-t interval "
+                  f"(differences: paired by seed)",
+                  table(rows, ["encoder"] + [f"seed {s}" for s in seeds] + ["mean", "95% CI"])]
+        lines += [f"  {verdict(paired_diff(per_enc[a], per_enc[b]), a, b)}" for a, b in pairs]
+    return "\n".join(lines)
+
+
+def plot(results: dict, seeds: list, path: str) -> None:
+    """Per-seed points (one colour per seed) beside each encoder's mean and 95% interval, one panel per probe."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mff_ds.eval.stats import mean_ci
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
+    for ax, (probe, per_enc) in zip(axes[0], results.items()):
+        for i, enc in enumerate(ENCODERS):
+            xs = [i - 0.15 + 0.3 * j / max(len(seeds) - 1, 1) for j in range(len(seeds))]
+            ax.scatter(xs, per_enc[enc], c=[f"C{j % 10}" for j in range(len(seeds))], s=18, zorder=3)
+            ci = mean_ci(per_enc[enc])
+            if len(seeds) > 1:
+                ax.errorbar([i + 0.3], [ci.mean], yerr=[[ci.mean - ci.low], [ci.high - ci.mean]], fmt="k_",
+                            capsize=4, markersize=12)
+        ax.set_xticks(range(len(ENCODERS)), ENCODERS)
+        ax.set_title(f"{probe} probe, digits val")
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"seeds {seeds[0]}-{seeds[-1]}: points per seed, bar = mean and 95% CI", fontsize=9)
+    fig.tight_layout()
+    from mff_ds.common import atomic_write
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (pretraining and random init)")
+    p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--output-dir", default=os.path.join("runs", "eval_demo"))
     p.add_argument("--pretrain-epochs", type=int, default=None, help="default: the recipe's")
-    p.add_argument("--probe-epochs", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--pool", default="cls", choices=["cls", "avg"], help="probe features: cls token or mean patch")
+    p.add_argument("--lars", action="store_true", help="also run the reference LARS linear probe (slower)")
     a = p.parse_args(argv)
+    if a.seeds < 2:
+        print(f"error: --seeds: an interval needs at least 2 seeds, got {a.seeds}", file=sys.stderr)
+        return 2
     t0 = time.time()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 cores: one compute thread + one data worker
+    signals.catch()  # Ctrl-C / SIGTERM: the pretraining saves a checkpoint; rerunning continues from it
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
     import torch
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-    from mff_ds.data.demo import digits_root
-    from mff_ds.engine.recipe import load_recipe
-    from mff_ds.engine.trainer import train
-    from mff_ds.eval.metrics import table
-    from mff_ds.eval.recipe import load_eval_recipe
-    from mff_ds.eval.train import run
+    from mff_ds.engine.trainer import IncompatibleCheckpointError
+    from mff_ds.eval import probes
+    from mff_ds.eval.recipe import EvalData
+    from mff_ds.common import write_json
 
-    train_root = str(digits_root("train"))
-    extra = [f"schedule.epochs={a.pretrain_epochs}", f"schedule.warmup_epochs={a.pretrain_epochs / 10}"] \
-        if a.pretrain_epochs else []
-    encoders, rows = {}, []
-    for name, levels in (("MFF", "[1, 3, 5]"), ("MAE", "[5]")):
-        recipe = load_recipe("configs/pretrain_digits_demo.yaml",
-                             [f"name=pretrain_digits_{name.lower()}", f"data.path={train_root}",
-                              f"model.out_indices={levels}"] + extra)
-        out = os.path.join(a.output_dir, f"pretrain_{name.lower()}")
-        t = time.time()
-        s = train(recipe, out, resume="fresh")
-        print(f"[{time.time() - t0:5.0f}s] pretrained {name}: {s['step']} steps, loss {s['first_loss']:.3f} -> "
-              f"{s['last_loss']:.3f} ({time.time() - t:.0f}s)", flush=True)
-        encoders[name] = (os.path.join(out, "model_fp32.safetensors"), s["last_loss"])
-    encoders["random init"] = (None, None)
-
-    extra = [f"schedule.epochs={a.probe_epochs}", f"schedule.warmup_epochs={a.probe_epochs / 10}"] \
-        if a.probe_epochs else []
-    for name, (ckpt, loss) in encoders.items():
-        overrides = [f"name=linprobe_{name.split()[0].lower()}"] + extra
-        if ckpt:
-            overrides.append(f"init.checkpoint={ckpt}")
-        recipe = load_eval_recipe("configs/linprobe_demo.yaml", overrides)
-        t = time.time()
-        s = run(recipe, os.path.join(a.output_dir, recipe.name), resume="fresh", quiet=True)
-        print(f"[{time.time() - t0:5.0f}s] linear probe of the {name} encoder: top-1 {s['last_top1']:.2f} "
-              f"(best {s['best_top1']:.2f} @ epoch {s['best_epoch']}) ({time.time() - t:.0f}s)", flush=True)
-        rows.append({"encoder": name, "pretrain loss": "-" if loss is None else f"{loss:.3f}",
-                     "top1": s["last_top1"], "top5": s["last_top5"], "best top1": s["best_top1"]})
-    print(f"\nLinear probe on digits (val split, {s['history'][-1]['val_samples']} images), last epoch:")
-    print(table(rows, ("encoder", "pretrain loss", "top1", "top5", "best top1")))
-    print(f"\nwall time {time.time() - t0:.0f}s; outputs in {a.output_dir}")
+    # the random encoder has the pretrained ones' architecture; images are decoded once for every probe
+    model = {k: v for k, v in pretrain_recipe().model.items()
+             if k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")}
+    model["out_indices"] = [model["depth"] - 1]
+    images = probes.load_images(EvalData(source="digits", num_workers=0), model["img_size"])
+    seeds = list(range(a.first_seed, a.first_seed + a.seeds))
+    results = {name: {e: [] for e in ENCODERS} for name in probes.PROBES + (("LARS linear",) if a.lars else ())}
+    for seed in seeds:
+        for enc in ENCODERS:
+            ckpt = None
+            if enc != "random init":
+                out = os.path.join(a.output_dir, f"seed{seed}", f"pretrain_{enc.lower()}")
+                t = time.time()
+                try:
+                    ckpt, loss, steps, stopped_by = pretrain(enc, seed, out, a.pretrain_epochs)
+                except IncompatibleCheckpointError as e:
+                    print(f"error: {out} holds a pretraining with other settings ({e}); pass another --output-dir",
+                          file=sys.stderr)
+                    return 2
+                if stopped_by:
+                    print(f"stopped by {stopped_by} at step {steps}, checkpoint saved; rerun the same command to "
+                          f"continue", flush=True)
+                    return signals.exit_code(stopped_by)
+                done = "done earlier" if loss is None else f"final loss {loss:.3f}"  # None: nothing left to run
+                print(f"[{time.time() - t0:5.0f}s] seed {seed}: pretrained {enc} ({steps} steps, {done}, "
+                      f"{time.time() - t:.0f}s)", flush=True)
+            encoder = probes.build_encoder(ckpt, model=model, seed=seed)
+            for name, top1 in probes.probe_images(encoder, images, pool=a.pool).items():
+                results[name][enc].append(top1)
+            if a.lars:
+                results["LARS linear"][enc].append(
+                    lars_probe(ckpt, seed, os.path.join(a.output_dir, f"seed{seed}", f"linprobe_{enc.split()[0].lower()}")))
+            print(f"[{time.time() - t0:5.0f}s] seed {seed}: {enc}: " +
+                  ", ".join(f"{k} {v[enc][-1]:.2f}" for k, v in results.items()), flush=True)
+    os.makedirs(a.output_dir, exist_ok=True)
+    write_json(os.path.join(a.output_dir, "results.json"), {"seeds": seeds, "pool": a.pool, "top1": results})
+    png = os.path.join(a.output_dir, "eval_demo.png")
+    plot(results, seeds, png)
+    print(summarize(results, seeds))
+    print(f"\nplot {png}; per-seed numbers {os.path.join(a.output_dir, 'results.json')}; "
+          f"wall time {time.time() - t0:.0f}s")
     return 0
 
 

@@ -2,7 +2,8 @@
 
 recipe.py  EvalRecipe (YAML + --set overrides, validated)     models.py  timm ViT classifiers, checkpoint loading
 data.py    ImageFolder / WebDataset + timm transforms          train.py   the loop on the DeepSpeed engine
-metrics.py top-k accuracy and the results table
+metrics.py top-k accuracy and the results table               probes.py  k-NN / logistic regression on frozen features
+stats.py   mean, Student-t interval and paired difference over seeds
 """
 from .recipe import EvalRecipe, load_eval_recipe
 

@@ -14,6 +14,12 @@ def train_main(task: str, argv=None, doc: str = "") -> int:
     p.add_argument("--checkpoint", default=None, help="pretrained weights (sets init.checkpoint)")
     p.add_argument("--checkpoint-format", default=None, choices=["auto", "mff_ds", "mmpretrain", "mae"],
                    help="sets init.format (default from the recipe: auto)")
+    if task == "linprobe":
+        p.add_argument("--probe", default="lars", help="lars (the reference: train a BatchNorm + Linear head), or "
+                       "knn and/or logreg (comma-separated): deterministic probes on frozen extracted features, "
+                       "written to OUTPUT_DIR/probes.json (mff_ds/eval/probes.py)")
+        p.add_argument("--pool", default="cls", choices=["cls", "avg"], help="features of --probe knn/logreg: the "
+                       "cls token or the mean patch token, after the final norm")
     a = p.parse_args(argv)
     from .recipe import load_eval_recipe
     overrides = list(a.overrides)
@@ -32,6 +38,8 @@ def train_main(task: str, argv=None, doc: str = "") -> int:
         return 2
     from .train import run
     out = a.output_dir or os.path.join("runs", recipe.name)
+    if getattr(a, "probe", "lars") != "lars":
+        return _feature_probes(recipe, a.probe, a.pool, out)
     s, code = run_or_report(lambda: run(recipe, out, max_steps=a.max_steps, resume=a.resume))
     if s is None:
         return code
@@ -39,6 +47,19 @@ def train_main(task: str, argv=None, doc: str = "") -> int:
         print(f"done: step {s['step']}/{s['total_steps']}; best top-1 {s['best_top1']:.2f} top-5 {s['best_top5']:.2f} "
               f"(epoch {s['best_epoch']}), last top-1 {s['last_top1']:.2f}; best classifier {s['best_path']}; "
               f"metrics in {out}/metrics.jsonl")
+    return 0
+
+
+def _feature_probes(recipe, probe: str, pool: str, out: str) -> int:
+    from .probes import probe_main
+    try:
+        res = probe_main(recipe, [p.strip() for p in probe.split(",") if p.strip()], out, pool)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("done: " + ", ".join(f"{k} top-1 {v:.2f}" for k, v in res["top1"].items())
+              + f" ({pool} features); results in {out}/probes.json")
     return 0
 
 

@@ -1,0 +1,143 @@
+"""Statistics over seeds (known t intervals) and the feature probes (k-NN, logistic regression): a linearly
+separable set gives 100%, chance-level data does not, and probing an encoder twice gives the same number."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mff_ds.eval import probes, stats
+from mff_ds.eval.recipe import EvalData
+
+from test_eval import TINY, _imagefolder
+
+
+# ------------------------------------------------------------------ statistics
+def test_mean_ci_of_a_known_sample():
+    # 1..5: mean 3, sd sqrt(2.5), t(0.975, 4 df) = 2.7764451 -> half width 2.7764451 * sqrt(2.5) / sqrt(5)
+    ci = stats.mean_ci([1, 2, 3, 4, 5])
+    assert ci.mean == pytest.approx(3.0)
+    assert ci.sd == pytest.approx(math.sqrt(2.5))
+    assert ci.half_width == pytest.approx(1.963243, abs=1e-6)
+    assert (ci.low, ci.high) == pytest.approx((1.036757, 4.963243), abs=1e-6)
+    # two values 0 and 2: sd sqrt(2), t(0.975, 1 df) = 12.7062047 -> half width 12.7062047
+    assert stats.mean_ci([0.0, 2.0]).half_width == pytest.approx(12.7062047, abs=1e-6)
+    # 90% interval of 1..5: t(0.95, 4 df) = 2.1318468
+    assert stats.mean_ci([1, 2, 3, 4, 5], level=0.9).half_width == pytest.approx(2.1318468 / math.sqrt(2), abs=1e-6)
+
+
+def test_one_value_has_an_unbounded_interval_and_bad_input_is_refused():
+    ci = stats.mean_ci([7.0])
+    assert ci.mean == 7.0 and ci.low == -math.inf and ci.high == math.inf and not ci.excludes(0.0)
+    with pytest.raises(ValueError, match="at least one value"):
+        stats.mean_ci([])
+    with pytest.raises(ValueError, match="same length"):
+        stats.paired_diff([1, 2], [1])
+
+
+def test_paired_difference_removes_the_shared_seed_effect():
+    # the seed moves both encoders by the same large amount; a is always 1 point above b
+    seed_effect = [10.0, -8.0, 3.0, 0.0, -5.0]
+    a = [60 + s + 1 for s in seed_effect]
+    b = [60 + s for s in seed_effect]
+    unpaired = (stats.mean_ci(a), stats.mean_ci(b))
+    assert unpaired[0].low < unpaired[1].high        # the separate intervals overlap
+    d = stats.paired_diff(a, b)
+    assert d.mean == pytest.approx(1.0) and d.half_width == pytest.approx(0.0, abs=1e-9) and d.excludes(0.0)
+    assert stats.verdict(d, "A", "B").startswith("A beats B by 1.00")
+    noisy = stats.paired_diff([1.0, -1.0, 2.0], [0.0, 0.0, 0.0])
+    assert not noisy.excludes(0.0) and stats.verdict(noisy, "A", "B").startswith("no difference")
+
+
+# ------------------------------------------------------------------ probes on given features
+def _separable(n=200, dim=16, classes=4, seed=0):
+    """Gaussian blobs around well separated class centres (margin >> noise): linearly separable."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 10 * torch.eye(classes, dim)
+    y = torch.arange(n) % classes
+    return centres[y] + 0.5 * torch.randn(n, dim, generator=g), y
+
+
+def test_probes_score_100_on_a_linearly_separable_set():
+    res = probes.run_probes(_separable(seed=0), _separable(n=100, seed=1))
+    assert res == {"knn": 100.0, "logreg": 100.0}
+
+
+def test_probes_are_at_chance_when_features_carry_no_label():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(600, 8, generator=g), torch.randint(0, 4, (600,), generator=g)
+    res = probes.run_probes((x[:400], y[:400]), (x[400:], y[400:]))
+    assert all(10 < v < 45 for v in res.values()), res     # 4 classes: chance 25%
+
+
+def test_knn_weights_votes_by_similarity():
+    # one very close neighbour of class 1 outweighs two distant ones of class 0 (T 0.07 sharpens the weights)
+    train_x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.05, 1.0]])
+    train_y = torch.tensor([1, 0, 0])
+    test_x, test_y = torch.tensor([[1.0, 0.3]]), torch.tensor([1])
+    assert probes.knn_top1(train_x, train_y, test_x, test_y, k=3) == 100.0
+    assert probes.knn_top1(train_x, train_y, test_x, test_y, k=3, temperature=100.0) == 0.0  # ~uniform: majority
+    with pytest.raises(ValueError, match="positive integer"):
+        probes.knn_top1(train_x, train_y, test_x, test_y, k=0)
+    with pytest.raises(ValueError, match="expected some of knn, logreg"):
+        probes.run_probes((train_x, train_y), (test_x, test_y), ["svm"])
+
+
+# ------------------------------------------------------------------ probes on an encoder
+def _data(tmp_path):
+    return EvalData(source="imagefolder", train_path=_imagefolder(tmp_path / "train", per_class=10),
+                    val_path=_imagefolder(tmp_path / "val", per_class=6, seed=1), num_workers=0)
+
+
+def test_probe_encoder_is_deterministic_and_seed_picks_the_random_encoder(tmp_path):
+    data = _data(tmp_path)
+    a = probes.probe_encoder(None, data, model=dict(TINY), seed=1, pool="avg")
+    b = probes.probe_encoder(None, data, model=dict(TINY), seed=1, pool="avg")
+    assert a == b and set(a) == {"knn", "logreg"}
+    # the images' dominant colour channel is the class: even a random encoder's features keep it
+    assert a["logreg"] > 60, a
+
+
+def test_linprobe_cli_runs_the_feature_probes(tmp_path):
+    cfg = tmp_path / "probe.yaml"
+    cfg.write_text(json.dumps({"name": "p", "task": "linprobe", "model": dict(TINY),
+                               "data": {"source": "imagefolder", "train_path": _imagefolder(tmp_path / "train"),
+                                        "val_path": _imagefolder(tmp_path / "val", seed=1), "num_workers": 0}}))
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "launch/linprobe.py", "--config", str(cfg), "--probe", "knn,logreg",
+                        "--output-dir", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((out / "probes.json").read_text())
+    assert set(res["top1"]) == {"knn", "logreg"} and res["pool"] == "cls" and "knn top-1" in r.stdout
+    r = subprocess.run([sys.executable, "launch/linprobe.py", "--config", str(cfg), "--probe", "svm",
+                        "--output-dir", str(out)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "expected some of knn, logreg" in r.stderr
+
+
+# ------------------------------------------------------------------ the multi-seed demo's report
+def _demo():
+    sys.path.insert(0, "launch")
+    import eval_demo
+    return eval_demo
+
+
+def test_eval_demo_reports_intervals_and_paired_differences(tmp_path):
+    demo = _demo()
+    seeds = [0, 1, 2]
+    res = {"knn": {"MFF": [80.0, 82.0, 84.0], "MAE": [79.0, 81.0, 83.0], "random init": [60.0, 70.0, 65.0]}}
+    text = demo.summarize(res, seeds)
+    # MFF: mean 82, sd 2, t(0.975, 2) = 4.3026527 -> half width 4.3026527 * 2 / sqrt(3) = 4.968
+    assert "[77.03, 86.97]" in text
+    # MFF - MAE is exactly +1 on every seed: a zero-width interval that excludes 0
+    assert "MFF beats MAE by 1.00" in text
+    assert "no difference between MFF and random init" not in text and "MFF beats random init" in text
+    png = tmp_path / "p.png"
+    demo.plot(res, seeds, str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_demo_refuses_a_single_seed(capsys):
+    assert _demo().main(["--seeds", "1"]) == 2
+    assert "at least 2 seeds, got 1" in capsys.readouterr().err
