@@ -38,7 +38,10 @@ def main(argv=None, doc=__doc__) -> int:
             print(f"stopped by {summary['stopped_by']} at step {summary['step']}/{summary['total_steps']}; checkpoint "
                   f"saved under {out}/checkpoints; rerun with --resume auto to continue", flush=True)
         return signals.exit_code(summary["stopped_by"])
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0 and summary["first_loss"] is None:  # resumed at its last step
+        print(f"nothing to do: the run in {out} is already at step {summary['step']}/{summary['total_steps']} "
+              f"(--resume fresh starts it again, after moving these outputs aside)")
+    elif int(os.environ.get("RANK", "0")) == 0:
         print(f"done: step {summary['step']}/{summary['total_steps']}, loss {summary['first_loss']} -> "
               f"{summary['last_loss']}, outputs in {out}")
     return 0

@@ -42,3 +42,16 @@ def test_slurm_environment_only(tmp_path):
     assert ds["gradient_accumulation_steps"] == 2  # 16 / (4 x world size 2)
     meta = json.loads((tmp_path / "out" / "checkpoints" / "global_step4" / "mff_complete.json").read_text())
     assert meta["world_size"] == 2 and meta["step"] == 4
+
+
+def test_rerun_of_a_finished_run_says_there_is_nothing_to_do(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(tiny_recipe(checkpoint={"export": False}))
+    cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(tmp_path / "tiny.yaml"),
+           "--output-dir", str(tmp_path / "out"), "--max-steps", "2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    first, again = (subprocess.run(cmd, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                                   timeout=120) for _ in range(2))
+    assert first.returncode == again.returncode == 0, again.stderr[-2000:]
+    assert "done: step 2/" in first.stdout and "None" not in first.stdout
+    assert f"nothing to do: the run in {tmp_path / 'out'} is already at step 2/" in again.stdout
