@@ -86,7 +86,9 @@ def parse_args(argv=None):
     p.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile our models as the recipe's deepspeed.compile does (the baseline stays eager)")
-    p.add_argument("--compile-mode", default="default", help="torch.compile mode with --compile")
+    from mff_ds.engine.recipe import COMPILE_MODES
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile mode with --compile (as the recipe's deepspeed.compile_mode)")
     p.add_argument("--zero-stage", type=int, choices=(0, 2), default=2, help="DeepSpeed ZeRO stage of our engine")
     p.add_argument("--engine", choices=("deepspeed", "plain"), default="deepspeed",
                    help="plain: our model in an eager torch loop (autocast, fp32 weights, fused AdamW) to separate "

@@ -226,3 +226,32 @@ def test_decode_device_may_change_on_resume():
     meta = {"compat": old.compat_dict(), "recipe": old.to_dict()}
     incompatible, compatible = resume_differences(meta, new)
     assert incompatible == [] and any(c.startswith("data.decode") for c in compatible)
+
+
+def test_zero_step_keeps_parameters_on_the_flat_buffer_and_follows_a_replaced_one(dist_env):
+    """The per-step view refresh is skipped while the layout is intact, and runs when DeepSpeed swaps a buffer."""
+    e = engine_for(recipe(1, precision="bf16"))
+    opt = e.optimizer
+    x = torch.randn(4, 3, 24, 24, dtype=torch.bfloat16)
+
+    def on_flat(i):
+        flat = opt.bit16_groups_flat[i]
+        lo, hi = flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size()
+        return all(lo <= p.data_ptr() < hi for p in opt.bit16_groups[i])
+    before = [p.detach().clone() for p in e.module.parameters()]
+    e.backward(e(x).loss)
+    e.step()  # refresh skipped: the parameters must still be the (updated) slices of the flat buffers
+    assert all(on_flat(i) for i in range(len(opt.bit16_groups)))
+    # (matrices: a first Adam step of lr 1e-3 is below bf16 resolution for the weights initialised to 1)
+    assert all(not torch.equal(a, p) for a, p in zip(before, e.module.parameters()) if p.requires_grad and p.dim() > 1)
+    opt.bit16_groups_flat[0] = opt.bit16_groups_flat[0].clone()  # a buffer swapped, as offload/reload would
+    assert not on_flat(0)
+    e.backward(e(x).loss)
+    e.step()
+    assert on_flat(0)  # the original refresh ran and re-pointed the parameters
+
+
+def test_compile_mode_is_checked_with_the_recipe():
+    from mff_ds.engine.recipe import RecipeError
+    with pytest.raises(RecipeError, match=r"deepspeed.compile_mode: expected one of .*got 'reduce-overhead'"):
+        recipe(1, deepspeed={"compile": True, "compile_mode": "reduce-overhead"})
