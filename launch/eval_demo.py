@@ -19,7 +19,6 @@ Finished pretrainings are reused when the command is rerun (a seed's run directo
 and noisier.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -43,7 +42,7 @@ def pretrain_recipe(name: str = "MFF", seed: int = 0, epochs=None):
 
 def pretrain(name: str, seed: int, out: str, epochs) -> tuple:
     """-> (model file, last loss, steps) of the seed's MFF or MAE pretraining (resumed if already under `out`)."""
-    from mff_ds.engine.trainer import train
+    from mff_ds.pretrain import train
     s = train(pretrain_recipe(name, seed, epochs), out, resume="auto")
     return os.path.join(out, "model_fp32.safetensors"), s["last_loss"], s["step"], s["stopped_by"]
 

@@ -12,21 +12,22 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = tiny_recipe(schedule={"epochs": 3}, checkpoint={"every_steps": 4, "keep_last": 3})
 
 
-# Feeds NaN images in micro-batch POISON (0-based; 10 = step 6) through the trainer's `forward` hook.
+# Feeds NaN images in micro-batch POISON (0-based; 10 = step 6) through the task's `forward` hook.
 SCRIPT = """
 import sys, torch
 sys.path.insert(0, {repo!r})
 from mff_ds.engine.recipe import load_recipe
-from mff_ds.engine.trainer import NonFiniteLossError, train
+from mff_ds.engine.trainer import NonFiniteLossError, fit
+from mff_ds.pretrain import PretrainTask
 recipe = load_recipe({cfg!r}, sys.argv[2:], world_size=1)
-calls = [0]
-def forward(engine, images, labels):
-    calls[0] += 1
-    if calls[0] == {poison} + 1:
-        images = images * float("nan")
-    return engine(images)
+class Poisoned(PretrainTask):
+    calls = 0
+    def forward(self, engine, images, labels):
+        self.calls += 1
+        x = self.inputs(images)
+        return engine(x * float("nan") if self.calls == {poison} + 1 else x)
 try:
-    s = train(recipe, sys.argv[1], forward=forward)
+    s = fit(Poisoned(recipe), sys.argv[1])
     print("SUMMARY", s["step"], s["rollbacks"], s["last_loss"])
 except NonFiniteLossError as e:
     print("STOPPED", e)

@@ -117,14 +117,16 @@ import json, sys
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {bench!r})
 from host_syncs import SyncCounter
 from mff_ds.engine.recipe import load_recipe
-from mff_ds.engine.trainer import train
+from mff_ds.engine.trainer import fit
+from mff_ds.pretrain import PretrainTask
 marks = []
-def forward(engine, images, labels):  # a mark per micro-batch: the syncs between marks are one loop iteration
-    marks.append(counter.total)
-    return engine(images)
+class Marked(PretrainTask):
+    def forward(self, engine, images, labels):  # a mark per micro-batch: the syncs between marks are one iteration
+        marks.append(counter.total)
+        return super().forward(engine, images, labels)
 recipe = load_recipe(sys.argv[2], sys.argv[3:], world_size=1)
 with SyncCounter() as counter:
-    train(recipe, sys.argv[1], forward=forward)
+    fit(Marked(recipe), sys.argv[1])
 print("MARKS", json.dumps(marks))
 """
 
@@ -162,7 +164,7 @@ import torch._inductor.config as ic
 ic.fallback_random = True  # inductor's own RNG would draw other masks than eager; the comparison needs the same
 sys.path.insert(0, {repo!r})
 from mff_ds.engine.recipe import load_recipe
-from mff_ds.engine.trainer import train
+from mff_ds.pretrain import train
 recipe = load_recipe(sys.argv[2], sys.argv[3:], world_size=1)
 print("SUMMARY", json.dumps(train(recipe, sys.argv[1], resume="none")))
 """

@@ -2,6 +2,7 @@
 linear-probe ones (mff_ds.eval.cli). Kept free of torch imports: the pretraining CLI installs its signal
 handlers before torch loads."""
 import argparse
+import os
 import sys
 from typing import Callable, Optional
 
@@ -52,3 +53,15 @@ def run_or_report(run: Callable[[], dict]):
             FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return None, 3 if isinstance(e, NonFiniteLossError) else 2
+
+
+def stopped(summary: dict, out: str) -> Optional[int]:
+    """The exit code of a run a signal stopped (75, or 130 for SIGINT), after saying where it saved; None when
+    no signal stopped it."""
+    if not summary.get("stopped_by"):
+        return None
+    from .signals import exit_code
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"stopped by {summary['stopped_by']} at step {summary['step']}/{summary['total_steps']}; checkpoint "
+              f"saved under {out}/checkpoints; rerun with --resume auto to continue", flush=True)
+    return exit_code(summary["stopped_by"])

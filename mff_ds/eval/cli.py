@@ -3,7 +3,7 @@ import argparse
 import os
 import sys
 
-from mff_ds.engine.cli import load_or_report, run_or_report, run_parser
+from mff_ds.engine.cli import load_or_report, run_or_report, run_parser, stopped
 from mff_ds.engine.recipe import RecipeError
 
 DEFAULT_CONFIGS = {"finetune": "finetune_vit-b_100e", "linprobe": "linprobe_vit-b_90e"}  # shipped recipes
@@ -42,6 +42,9 @@ def train_main(task: str, argv=None, doc: str = "") -> int:
         return _feature_probes(recipe, a.probe, a.pool, out)
     s, code = run_or_report(lambda: run(recipe, out, max_steps=a.max_steps, resume=a.resume))
     if s is None:
+        return code
+    code = stopped(s, out)
+    if code is not None:
         return code
     if int(os.environ.get("RANK", "0")) == 0 and s["best_top1"] is not None:
         print(f"done: step {s['step']}/{s['total_steps']}; best top-1 {s['best_top1']:.2f} top-5 {s['best_top5']:.2f} "

@@ -1,10 +1,10 @@
-"""Fine-tune / linear-probe loop on the pretraining engine, and evaluation of a classifier file.
+"""Fine-tune / linear probe: the classification task on the shared loop (mff_ds.engine.trainer.fit), and the
+evaluation of a classifier file.
 
-Reused from mff_ds.engine: distributed init, the merged DeepSpeed config, `build_deepspeed_engine` (AdamW),
-the warmup + cosine schedule `lr_at` / `set_lr` (per-group `lr_scale` = layer decay), checkpoints (completion
-marker, atomic `latest`, keep-last-K, RNG state, exact mid-epoch resume, compatibility check) and the
-MetricsLogger (metrics.jsonl + TensorBoard). Own parts: timm Mixup/CutMix + soft-target losses, LARS (timm),
-evaluation (top-1/top-5) after every epoch and the best classifier kept as `best.safetensors`.
+The loop gives it everything a training run needs (distributed start-up, the DeepSpeed config, warmup + cosine lr
+with per-group `lr_scale` = layer decay, checkpoints with exact mid-epoch resume, non-finite checks, metrics, stop
+signals). The task adds: timm Mixup/CutMix + soft-target losses, LARS (timm), evaluation (top-1/top-5) after every
+epoch and the best classifier kept as `best.safetensors`.
 
 LARS computes one trust ratio per parameter, so the linear probe runs DeepSpeed in fp32 with ZeRO 0 (ZeRO and
 DeepSpeed's 16-bit optimizers flatten parameters); on CUDA the frozen encoder still runs under bf16/fp16
@@ -12,38 +12,24 @@ autocast when the recipe's precision asks for it.
 """
 import copy
 import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from mff_ds.common import DTYPES, seed_everything, write_json
+from mff_ds.common import DTYPES, write_json
 from mff_ds.engine import checkpoint as ckpt
 from mff_ds.engine import logging as mlog
 from mff_ds.engine.distributed import device_for, init_distributed
-from mff_ds.engine.optim import build_deepspeed_engine, build_ds_config, lr_at, precision_of, schedule_steps, set_lr
+from mff_ds.engine.optim import build_deepspeed_engine, build_ds_config, precision_of
 from mff_ds.engine.recipe import RecipeError
-from mff_ds.engine.rundir import owns_output_dir
-from mff_ds.engine.trainer import NonFiniteLossError, check_resume
+from mff_ds.engine.trainer import Task, fit
 
 from . import data as edata
 from . import metrics
 from . import models as emodels
-from mff_ds.engine.recipe import save_recipe
-
 from .recipe import EvalRecipe, check
-
-
-@dataclass
-class Position:
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0
-    best_top1: float = -1.0
-    best_epoch: int = -1
-    history: list = field(default_factory=list)
 
 
 def _criterion(recipe: EvalRecipe, num_classes: int):
@@ -115,193 +101,136 @@ def _ds_config(recipe: EvalRecipe, world: int, device):
     return cfg, autocast
 
 
-@owns_output_dir
-def run(recipe: EvalRecipe, output_dir: str, max_steps: Optional[int] = None, resume: str = "auto",
-        quiet: bool = False) -> dict:
-    """Train the classifier of `recipe` (continuing from a checkpoint under output_dir when resume='auto'),
-    evaluate after every epoch; returns a summary with the best and last top-1/top-5."""
-    from deepspeed.utils import logger as ds_logger
-    ds_logger.setLevel(os.environ.get("MFF_DS_LOG_LEVEL", "WARNING"))
-    env = init_distributed()
-    world, rank, is_main = env.world_size, env.rank, env.rank == 0
-    problems = check(recipe, world)
-    if problems:
-        raise RecipeError(problems)
-    device = device_for(env.local_rank)
-    ds_config, autocast = _ds_config(recipe, world, device)
-    precision = precision_of(ds_config)
-    dtype = DTYPES[precision]
-    zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-    ckpt_root = os.path.join(output_dir, "checkpoints")
-    found = ckpt.find(output_dir, resume)
-    if found:
-        check_resume(found[2], recipe, world, zero_stage, found[0], found[1])
-    if is_main:
-        os.makedirs(output_dir, exist_ok=True)
-        save_recipe(recipe, os.path.join(output_dir, "recipe.yaml"))
-        write_json(os.path.join(output_dir, "ds_config.json"), ds_config)
+@dataclass
+class ClassifierOutput:
+    loss: torch.Tensor
+    logits: torch.Tensor
 
-    # model (identical on every rank), then data
-    seed_everything(recipe.seed)
-    encoder_sd, cfg = emodels.load_encoder(recipe.init.checkpoint, recipe.init.format, recipe.model)
-    img_size = recipe.data.img_size or cfg.img_size
-    A = recipe.grad_accum(world)
-    train_loader, classes = edata.build_train_loader(
-        recipe.data, edata.train_transform(recipe.task, img_size, recipe.augment),
-        micro_batch=recipe.batch.micro_batch, rank=rank, world=world, seed=recipe.seed)
-    val_loader, val_classes = edata.build_val_loader(recipe.data, edata.val_transform(img_size, recipe.augment),
-                                                     batch=recipe.eval_batch, rank=rank, world=world)
+
+class ClassifyTask(Task):
+    """Fine-tune or linear probe on the shared loop: timm augmentation and Mixup/CutMix, soft-target losses,
+    layer decay or LARS, top-1/top-5 after every epoch, the best classifier kept as `best.safetensors`."""
+
+    def __init__(self, recipe: EvalRecipe, quiet: bool = False):
+        super().__init__(recipe)
+        self.quiet = quiet
+        self.best_top1, self.best_epoch, self.history = -1.0, -1, []
+
+    def check(self, world):
+        return check(self.recipe, world)
+
+    def ds_config(self, world, device):
+        cfg, self.autocast = _ds_config(self.recipe, world, device)
+        return cfg
+
+    def build(self, run):
+        """Encoder + head (identical on every rank) and the train / val loaders."""
+        r = self.recipe
+        encoder_sd, cfg = emodels.load_encoder(r.init.checkpoint, r.init.format, r.model)
+        img_size = r.data.img_size or cfg.img_size
+        train_loader, classes = edata.build_train_loader(
+            r.data, edata.train_transform(r.task, img_size, r.augment), micro_batch=r.batch.micro_batch,
+            rank=run.rank, world=run.world, seed=r.seed)
+        self.val_loader, val_classes = edata.build_val_loader(r.data, edata.val_transform(img_size, r.augment),
+                                                              batch=r.eval_batch, rank=run.rank, world=run.world)
+        self.num_classes = _num_classes(r, classes, val_classes)
+        self.classes, self.vit = classes, dict(emodels.vit_kwargs(cfg), img_size=img_size)
+        if r.task == "finetune":
+            model = emodels.build_finetune_model(encoder_sd, cfg, self.num_classes, r.head.drop_path,
+                                                 r.head.init_std, img_size)
+        else:
+            model = emodels.build_linprobe_model(encoder_sd, cfg, self.num_classes, r.head.init_std, img_size)
+            model.autocast_dtype = self.autocast
+        self.device = run.device
+        self.input_dtype = run.dtype if r.task == "finetune" else torch.float32  # LARS probes run in fp32
+        return model, train_loader
+
+    def build_engine(self, run, model):
+        engine, optimizer = _build_engine(model, self.recipe, run.ds_config, run.device)
+        self.mixup, self.criterion = _criterion(self.recipe, self.num_classes)  # draws from the per-rank RNG later
+        return engine, optimizer
+
+    def forward(self, engine, images, target):
+        images = images.to(self.device, non_blocking=True)
+        target = target.to(self.device, non_blocking=True)
+        if self.mixup is not None:
+            images, target = self.mixup(images, target)
+        logits = engine(images.to(self.input_dtype))
+        return ClassifierOutput(self.criterion(logits.float(), target), logits)
+
+    def state_dict(self):
+        return {"best_top1": self.best_top1, "best_epoch": self.best_epoch, "history": self.history}
+
+    def load_state_dict(self, state):
+        self.best_top1, self.best_epoch = state.get("best_top1", -1.0), state.get("best_epoch", -1)
+        self.history = list(state.get("history", []))
+
+    def end_epoch(self, run, epoch):
+        """Evaluate; checkpoint every `checkpoint.every_epochs`, at the last epoch and at the run's last step;
+        keep the best classifier (its fp32 weights from that checkpoint when there is one)."""
+        r, engine = self.recipe, run.engine
+        _average_bn_stats(engine.module, run.world)
+        engine.eval()
+        res = metrics.evaluate(lambda x: engine(x), self.val_loader, run.device, self.input_dtype)
+        engine.train()
+        res["epoch"] = epoch
+        new_best = res["top1"] > self.best_top1
+        if new_best:
+            self.best_top1, self.best_epoch = res["top1"], epoch
+        self.history.append(res)
+        run.logger.log(run.pos.step, dict(res, best_top1=self.best_top1))
+        if run.is_main and not self.quiet:
+            run.bar.write(f"epoch {epoch}: top1 {res['top1']:.2f}  top5 {res['top5']:.2f}  val_loss "
+                          f"{res['val_loss']:.4f}  (best {self.best_top1:.2f} @ epoch {self.best_epoch})")
+        every, tag = r.checkpoint.every_epochs, None
+        if (every and run.pos.epoch % every == 0) or run.pos.epoch == r.schedule.epochs or run.pos.step == run.stop_step:
+            tag = f"global_step{run.pos.step}"
+            run.save()
+        if new_best and run.is_main:
+            sd = (ckpt.fp32_state_dict(engine, run.ckpt_root, tag) if tag else
+                  {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()})
+            emodels.save_classifier(sd, self.best_path(run), r.task, self.vit, self.num_classes,
+                                    {"epoch": epoch, "top1": res["top1"], "top5": res["top5"],
+                                     "classes": self.classes, "recipe": r.name})
+
+    def best_path(self, run):
+        return os.path.join(run.output_dir, "best.safetensors")
+
+    def finish(self, run, stopped_by):
+        """results.json (best and last top-1/top-5, the per-epoch history) and the table."""
+        last = self.history[-1] if self.history else {}
+        best = next((h for h in self.history if h["epoch"] == self.best_epoch), {})
+        best_path = self.best_path(run)
+        summary = {"task": self.recipe.task, "step": run.pos.step, "total_steps": run.total_steps,
+                   "epochs_done": run.pos.epoch, "best_top1": best.get("top1"), "best_top5": best.get("top5"),
+                   "best_epoch": self.best_epoch, "last_top1": last.get("top1"), "last_top5": last.get("top5"),
+                   "history": self.history, "best_path": best_path if os.path.exists(best_path) else None,
+                   "output_dir": run.output_dir}
+        if run.is_main:
+            write_json(os.path.join(run.output_dir, "results.json"), summary)
+            if not self.quiet and self.history:
+                print(metrics.table([dict(h, name=f"epoch {h['epoch']}") for h in self.history],
+                                    ("name", "top1", "top5", "val_loss")))
+        return summary
+
+
+def _num_classes(recipe: EvalRecipe, classes, val_classes) -> int:
     if classes and val_classes and classes != val_classes:
         raise ValueError(f"data: train classes {classes[:5]}... and val classes {val_classes[:5]}... differ; "
                          f"expected the same class folders")
-    num_classes = recipe.data.num_classes or (len(classes) if classes else None)
-    if num_classes is None:
+    n = recipe.data.num_classes or (len(classes) if classes else None)
+    if n is None:
         raise RecipeError(["data.num_classes: expected the number of classes for shard datasets, got None"])
-    if classes and num_classes != len(classes):
-        raise RecipeError([f"data.num_classes: the ImageFolder has {len(classes)} classes, got {num_classes}"])
-    vit = dict(emodels.vit_kwargs(cfg), img_size=img_size)
-    if recipe.task == "finetune":
-        model = emodels.build_finetune_model(encoder_sd, cfg, num_classes, recipe.head.drop_path,
-                                             recipe.head.init_std, img_size)
-    else:
-        model = emodels.build_linprobe_model(encoder_sd, cfg, num_classes, recipe.head.init_std, img_size)
-        model.autocast_dtype = autocast
-    engine, optimizer = _build_engine(model, recipe, ds_config, device)
-    seed_everything(recipe.seed + rank)
-    mixup, criterion = _criterion(recipe, num_classes)
+    if classes and n != len(classes):
+        raise RecipeError([f"data.num_classes: the ImageFolder has {len(classes)} classes, got {n}"])
+    return n
 
-    steps_per_epoch, total_steps, warmup_steps, stop_step = schedule_steps(recipe, len(train_loader), A, max_steps)
-    peak_lr = recipe.lr()
-    meta_base = {"recipe_hash": recipe.compat_hash(), "compat": recipe.compat_dict(), "recipe": recipe.to_dict(),
-                 "world_size": world,
-                 "zero_stage": zero_stage, "precision": precision, "name": recipe.name, "task": recipe.task}
-    pos = Position()
-    if found:
-        client = ckpt.load(engine, found[0], found[1])
-        for k in ("step", "epoch", "batch", "best_top1", "best_epoch", "history"):
-            setattr(pos, k, client[k])
-        rng = client.get("rng") or []
-        if len(rng) == world:
-            ckpt.set_rng_state(rng[rank])
 
-    def save():
-        from mff_ds.engine.distributed import all_gather_object
-        client = {"step": pos.step, "epoch": pos.epoch, "batch": pos.batch, "best_top1": pos.best_top1,
-                  "best_epoch": pos.best_epoch, "history": pos.history, "rng": all_gather_object(ckpt.rng_state())}
-        return ckpt.save(engine, ckpt_root, pos.step, client, dict(meta_base, epoch=pos.epoch, batch=pos.batch),
-                         recipe.checkpoint.keep_last)
-
-    logger = mlog.MetricsLogger(output_dir, is_main, recipe.logging.tensorboard)
-    bar = mlog.progress_bar(is_main and recipe.logging.progress_bar and not quiet, stop_step, pos.step)
-    if is_main and found and not quiet:
-        bar.write(f"resumed from {found[0]}/{found[1]} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
-    best_path = os.path.join(output_dir, "best.safetensors")
-    per_epoch = steps_per_epoch * A
-    loss_sum, n_micro = torch.zeros((), device=device), 0
-    t_mark, steps_mark, last_saved = time.time(), pos.step, (pos.step if found else -1)
-    forward = lambda x: engine(x)
-
-    def end_of_epoch():
-        nonlocal last_saved
-        _average_bn_stats(engine.module, world)
-        engine.eval()
-        res = metrics.evaluate(forward, val_loader, device, dtype if recipe.task == "finetune" else torch.float32)
-        engine.train()
-        res["epoch"] = pos.epoch
-        new_best = res["top1"] > pos.best_top1
-        if new_best:
-            pos.best_top1, pos.best_epoch = res["top1"], pos.epoch
-        pos.history.append(res)
-        logger.log(pos.step, dict(res, best_top1=pos.best_top1))
-        if is_main and not quiet:
-            bar.write(f"epoch {pos.epoch}: top1 {res['top1']:.2f}  top5 {res['top5']:.2f}  val_loss "
-                      f"{res['val_loss']:.4f}  (best {pos.best_top1:.2f} @ epoch {pos.best_epoch})")
-        last_epoch = pos.epoch + 1 == recipe.schedule.epochs
-        pos.epoch, pos.batch = pos.epoch + 1, 0
-        every = recipe.checkpoint.every_epochs
-        tag = None
-        if (every and pos.epoch % every == 0) or last_epoch or pos.step == stop_step:
-            tag = f"global_step{pos.step}"
-            save()
-            last_saved = pos.step
-        if new_best and is_main:
-            sd = (ckpt.fp32_state_dict(engine, ckpt_root, tag) if tag else
-                  {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()})
-            emodels.save_classifier(sd, best_path, recipe.task, vit, num_classes,
-                                    {"epoch": res["epoch"], "top1": res["top1"], "top5": res["top5"],
-                                     "classes": classes, "recipe": recipe.name})
-
-    engine.train()
-    try:
-        while pos.step < stop_step:
-            train_loader.set_epoch(pos.epoch, skip_batches=pos.batch)
-            for images, target in train_loader:
-                if pos.batch >= per_epoch or pos.step >= stop_step:
-                    break
-                if pos.batch % A == 0:
-                    set_lr(optimizer, lr_at(pos.step, total_steps, warmup_steps, peak_lr, recipe.optim.min_lr,
-                                            recipe.schedule.warmup_start_factor))
-                images = images.to(device, non_blocking=True)
-                target = target.to(device, non_blocking=True)
-                if mixup is not None:
-                    images, target = mixup(images, target)
-                logits = engine(images.to(dtype if recipe.task == "finetune" else torch.float32))
-                loss = criterion(logits.float(), target)
-                engine.backward(loss)
-                engine.step()
-                loss_sum += loss.detach().float()
-                n_micro += 1
-                pos.batch += 1
-                if pos.batch % A:
-                    continue
-                pos.step += 1
-                bar.update(1)
-                if pos.step % recipe.logging.every_steps == 0 or pos.step == stop_step:
-                    mean_loss = loss_sum.clone()
-                    if dist.is_initialized() and world > 1:
-                        dist.all_reduce(mean_loss)
-                    mean_loss = mean_loss.item() / (n_micro * world)
-                    if not torch.isfinite(torch.tensor(mean_loss)):
-                        raise NonFiniteLossError(f"loss became NaN/Inf by optimizer step {pos.step}; lower "
-                                                 f"optim.base_lr or use fp32/bf16, then rerun with --resume auto")
-                    g = optimizer.param_groups[0]
-                    lr = g["lr"] / g.get("lr_scale", 1.0)
-                    ips = (pos.step - steps_mark) * recipe.batch.global_batch / max(time.time() - t_mark, 1e-9)
-                    logger.log(pos.step, {"loss": mean_loss, "lr": lr, "epoch": pos.epoch, "images_per_s": ips,
-                                          **mlog.memory_gb(device)})
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-                    loss_sum.zero_()
-                    n_micro = 0
-                    t_mark, steps_mark = time.time(), pos.step
-                if pos.batch >= per_epoch:
-                    end_of_epoch()
-                    t_mark = time.time()
-                    break
-                if pos.step >= stop_step:  # before the loader draws (and augments) another batch
-                    break
-            else:
-                if pos.batch < per_epoch and pos.step < stop_step:  # the loader ran dry early
-                    pos.batch = per_epoch
-                    end_of_epoch()
-        if last_saved != pos.step:
-            save()
-        if dist.is_initialized():
-            dist.barrier()
-    finally:
-        bar.close()
-        logger.close()
-    last = pos.history[-1] if pos.history else {}
-    best = next((h for h in pos.history if h["epoch"] == pos.best_epoch), {})
-    summary = {"task": recipe.task, "step": pos.step, "total_steps": total_steps, "epochs_done": pos.epoch,
-               "best_top1": best.get("top1"), "best_top5": best.get("top5"), "best_epoch": pos.best_epoch,
-               "last_top1": last.get("top1"), "last_top5": last.get("top5"), "history": pos.history,
-               "best_path": best_path if os.path.exists(best_path) else None, "output_dir": output_dir}
-    if is_main:
-        write_json(os.path.join(output_dir, "results.json"), summary)
-        if not quiet and pos.history:
-            print(metrics.table([dict(h, name=f"epoch {h['epoch']}") for h in pos.history],
-                                ("name", "top1", "top5", "val_loss")))
-    return summary
+def run(recipe: EvalRecipe, output_dir: str, max_steps: Optional[int] = None, resume: str = "auto",
+        quiet: bool = False) -> dict:
+    """Train the classifier of `recipe` (continuing from a checkpoint under output_dir when resume='auto'),
+    evaluating after every epoch; returns the summary written to results.json (the loop's entries too)."""
+    return fit(ClassifyTask(recipe, quiet), output_dir, max_steps=max_steps, resume=resume)
 
 
 def evaluate_checkpoint(path: str, val_path: str, *, img_size: Optional[int] = None, batch: int = 128,
