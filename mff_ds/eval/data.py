@@ -127,13 +127,14 @@ class _FileSet(torch.utils.data.Dataset):
         try:
             if not isinstance(data, bytes):  # the source's reason (e.g. "cannot read: ...")
                 raise OSError(data)
-            return self.transform(_pil(data)), label
+            image = _pil(data)
         except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
             why = "not an image" if isinstance(e, Image.UnidentifiedImageError) else e
             if not self.skip_unreadable:
                 raise ValueError(f"{name}: unreadable image ({why})") from e
             print(f"warning: skipped unreadable validation image {name}: {why}", file=sys.stderr, flush=True)
             return None
+        return self.transform(image), label
 
 
 class _StreamSet(torch.utils.data.IterableDataset):
