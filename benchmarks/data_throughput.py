@@ -36,7 +36,7 @@ from torchvision import datasets, transforms as T
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from mff_ds.common import write_json  # noqa: E402
-from mff_ds.data import DataConfig, build_loader, normalize  # noqa: E402
+from mff_ds.data import DataConfig, build_loader, make_augment, normalize  # noqa: E402
 from mff_ds.data.demo import photos  # noqa: E402
 
 
@@ -59,13 +59,10 @@ def make_images(root, n, seed=0):
 
 
 def torchvision_loader(root, aug, size, batch, workers):
+    # the PIL pipeline our augmentation reproduces (mae: facebookresearch/mae main_pretrain.py; mff: the mmpretrain
+    # config's, in torchvision transforms)
     norm = [T.ToTensor(), T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])]
-    if aug == "mae":  # facebookresearch/mae main_pretrain.py
-        tf = [T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-              T.RandomHorizontalFlip()]
-    else:  # the MFF reference pipeline (mmpretrain config, torchvision transforms)
-        tf = [T.Resize(size), T.RandomCrop(size, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip()]
-    ds = datasets.ImageFolder(root, transform=T.Compose(tf + norm))
+    ds = datasets.ImageFolder(root, transform=T.Compose([make_augment(aug, size).torchvision()] + norm))
     return DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
                       persistent_workers=workers > 0)
 

@@ -298,14 +298,9 @@ class Inputs:
         self.normalize, self.device = normalize, device
         self.loader = self.it = None
         if args.data and not synthetic:
-            from mff_ds.data import DataConfig, build_loader
-            if args.data == "demo":
-                dc = DataConfig(source="demo", num_workers=args.workers)
-            elif os.path.isdir(args.data):
-                dc = DataConfig(source="imagefolder", path=args.data, num_workers=args.workers)
-            else:
-                dc = DataConfig(source="webdataset", path=args.data, num_workers=args.workers)
-            dc.pin_memory, dc.decode = device.type == "cuda", args.decode
+            from mff_ds.data import DataConfig, build_loader, source_for_path
+            dc = DataConfig(source=source_for_path(args.data), path=args.data, num_workers=args.workers,
+                            pin_memory=device.type == "cuda", decode=args.decode)
             self.loader = build_loader(dc, img_size=img_size, micro_batch=args.micro_batch, rank=0, world_size=1,
                                        seed=args.seed, epoch=0)
             self.epoch = 0

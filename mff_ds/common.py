@@ -1,4 +1,4 @@
-"""What every part of the package shares: atomic file writes, the precision -> dtype map, seeding.
+"""What every part of the package shares: atomic file writes, the precision -> dtype map, seeding, registries.
 
 Kept free of imports from the rest of mff_ds so that data, models, engine, eval, convert and the benchmarks can
 all use it without a cycle.
@@ -59,3 +59,32 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+class Registry:
+    """Implementations of one kind, found by name: `SOURCES = Registry("data source")`, then
+    `@SOURCES.register("lmdb")` on a class (or function) adds it, in order, and `SOURCES.get("lmdb")` returns it.
+    Recipes name entries, so an unknown name is one clear error listing the known ones."""
+
+    def __init__(self, kind: str):
+        self.kind, self._entries = kind, {}
+
+    def register(self, name: str):
+        def add(obj):
+            if name in self._entries:  # two modules claiming a name: the later one would silently win
+                raise ValueError(f"{self.kind}: expected a new name, got {name!r} (already {self._entries[name]!r})")
+            obj.name = name  # the entry knows what recipes call it (for its messages)
+            self._entries[name] = obj
+            return obj
+        return add
+
+    def get(self, name):
+        if name not in self:
+            raise ValueError(f"{self.kind}: expected one of {self.names()}, got {name!r}")
+        return self._entries[name]
+
+    def names(self) -> list:
+        return list(self._entries)
+
+    def __contains__(self, name) -> bool:
+        return isinstance(name, str) and name in self._entries

@@ -462,6 +462,58 @@ def test_synthetic_source():
     assert same(a, stream(load(cfg, world_size=2, micro_batch=8)))
 
 
+# ------------------------------------------------------------------------------------------- source registry
+def test_a_new_source_is_one_class_and_one_registration(monkeypatch, photo):
+    """A source registered here (PNGs made in memory) serves pretraining and evaluation with no other change."""
+    from mff_ds.data.registry import SOURCES, FileSource
+    from mff_ds.eval.data import build_train_loader, train_transform
+    from mff_ds.eval.recipe import AugConfig, EvalData, EvalRecipe, check
+    monkeypatch.setattr(SOURCES, "_entries", dict(SOURCES._entries))  # the registration ends with the test
+
+    @SOURCES.register("pngs")
+    class Pngs(FileSource):
+        classes = ["a", "b", "c"]
+
+        def __init__(self, path=None, **kw):
+            super().__init__(path, **kw)
+            self.images = [png(photo.resize((40, 30), box=(30 * k, 0, 30 * k + 200, 150))) for k in range(12)]
+
+        def __len__(self):
+            return len(self.images)
+
+        def sample(self, i):
+            return f"png{i}", self.images[i], i % 3
+
+    cfg = DataConfig(source="pngs", num_workers=0)
+    batches = stream(load(cfg))
+    assert len(batches) == 3 and sorted(torch.cat([y for _, y in batches]).tolist()) == sorted([0, 1, 2] * 4)
+    assert same(batches[1:], stream(load(cfg, skip_batches=1)))
+    data = EvalData(source="pngs", num_workers=0)
+    assert not [p for p in check(EvalRecipe(data=data, model={"arch": "x"})) if p.startswith("data.")]
+    loader, classes = build_train_loader(data, train_transform("linprobe", S, AugConfig()), micro_batch=4, rank=0,
+                                         world=1, seed=0)
+    loader.set_epoch(0)
+    x, y = next(iter(loader))
+    assert classes == ["a", "b", "c"] and len(loader) == 3 and x.shape == (4, 3, S, S) and set(y.tolist()) <= {0, 1, 2}
+
+
+def test_unknown_source_or_augment_is_one_line_naming_the_registered_ones():
+    from mff_ds.data.registry import SOURCES
+    names = SOURCES.names()
+    assert {"imagefolder", "demo", "digits", "webdataset", "synthetic"} <= set(names)
+    with pytest.raises(ValueError) as e:
+        SOURCES.get("lmdb")
+    assert str(e.value) == f"data source: expected one of {names}, got 'lmdb'"
+    assert f"data.source: expected one of {names}, got 'lmdb'" in DataConfig(source="lmdb").validate()
+    from mff_ds.eval.recipe import EvalData, EvalRecipe, check
+    images = [n for n in names if n != "synthetic"]  # evaluation's transforms need image files
+    assert f"data.source: expected one of {images}, got 'synthetic'" in check(EvalRecipe(data=EvalData("synthetic")))
+    with pytest.raises(ValueError, match=r"^augment: expected one of \['mff', 'mae', 'center'\], got 'rrc'$"):
+        make_augment("rrc", S)
+    with pytest.raises(ValueError, match="data source: expected a new name, got 'demo'"):
+        SOURCES.register("demo")(object)
+
+
 # ------------------------------------------------------------------------------------------------ demo data
 def test_demo_data():
     root = demo.demo_root()

@@ -1,8 +1,10 @@
 """build_loader(): uint8 batches for one rank, equal length on every rank, exact resume, bad-sample accounting.
 
-Workers build whole batches (decode + augment + stack into uint8 (B, 3, S, S)), or with `decode: gpu` read
-the files and draw the augmentation parameters while the main process decodes and augments on the device
-(`decode.py`); the main process restores batch order, counts bad samples and stops the run when their
+The samples come from the source `data.source` names (registry.SOURCES: files by index, shard streams, or
+finished synthetic batches); this module does not know which. Workers build whole batches (decode + augment +
+stack into uint8 (B, 3, S, S)) with the augmentation `data.augment` names (transforms.AUGMENTS), or with
+`decode: gpu` read the files and draw the augmentation parameters while the main process decodes and augments on
+the device (`decode.py`); the main process restores batch order, counts bad samples and stops the run when their
 fraction exceeds `max_bad_fraction`.
 A bad sample is replaced by a copy of a good one of the same batch, so batch b always covers the same stream
 positions: that is what makes `skip_batches` exact (skipped shard samples are read but not decoded).
@@ -12,7 +14,6 @@ import dataclasses
 import functools
 import math
 import multiprocessing as mp
-import os
 import sys
 import time
 import warnings
@@ -21,14 +22,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from . import sources
 from .decode import DECODES, Prefetcher, decode_batch, encode, fill_bad, nvjpeg_ok
+from .registry import SOURCES, Plan, Source
 from .transforms import AUGMENTS, chw, decode_for, make_augment, prepare
 
-SOURCES = ("demo", "imagefolder", "webdataset", "synthetic")
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
-SYNTHETIC_SAMPLES = 1_281_167  # ImageNet-1k train size, the synthetic epoch length unless num_samples is set
 MAX_EXAMPLES = 10
 BAD_LOG_EVERY_S = 30.0  # at most one "skipped" line per process this often (a bad shard can hold thousands)
 
@@ -39,7 +38,7 @@ class BadDataError(RuntimeError):
 
 @dataclasses.dataclass
 class DataConfig:
-    source: str = "demo"                # demo | imagefolder | webdataset | synthetic
+    source: str = "demo"                # a registry.SOURCES name: demo | imagefolder | webdataset | synthetic | ...
     path: str | None = None             # ImageFolder root, or shard path / brace pattern
     augment: str = "mff"                # mff (MFF reference) | mae (RandomResizedCrop 0.2-1) | center (eval)
     num_workers: int = 4
@@ -64,15 +63,14 @@ class DataConfig:
             return isinstance(v, int) and not isinstance(v, bool)
 
         if self.source not in SOURCES:
-            bad("source", f"one of {list(SOURCES)}")
-        if self.source in ("imagefolder", "webdataset") and not (isinstance(self.path, str) and self.path):
-            bad("path", f"a directory or shard pattern for source {self.source!r}")
-        elif self.path is not None and not isinstance(self.path, str):
-            bad("path", "a string or null")
+            bad("source", f"one of {SOURCES.names()}")
+        why = (SOURCES.get(self.source) if self.source in SOURCES else Source).path_problem(self.path)
+        if why:
+            p.append(f"data.path: {why}")
         if self.decode not in DECODES:
             bad("decode", f"one of {list(DECODES)}")
         if self.augment not in AUGMENTS:
-            bad("augment", f"one of {list(AUGMENTS)}")
+            bad("augment", f"one of {AUGMENTS.names()}")
         if not is_int(self.num_workers) or self.num_workers < 0:
             bad("num_workers", "an integer >= 0")
         if not is_int(self.prefetch_factor) or self.prefetch_factor < 1:
@@ -101,51 +99,30 @@ def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=torch.float32)
 
 class _Batches(IterableDataset):
     """Yields (batch_index, images uint8 or decode.Encoded, labels int64, bad [(k, message)], n_samples) for the
-    batches of this worker."""
+    batches of this worker, from the source's samples (or its finished batches)."""
 
-    def __init__(self, cfg, kind, items, img_size, batch, rank, world, seed, nb, last, drop_last, state,
-                 encode_only=False):
-        self.cfg, self.kind, self.items, self.drop_last = cfg, kind, items, drop_last
+    def __init__(self, source, plan, cfg, state, encode_only=False):
+        self.source, self.plan, self.cfg = source, plan, cfg
+        self.state = state  # shared with persistent workers: [epoch, skip_batches]
         self.encode_only = encode_only  # decode: gpu -> ship the files and parameters (decode.Encoded)
-        self.size, self.batch, self.rank, self.world, self.seed = img_size, batch, rank, world, seed
-        self.nb, self.last, self.state = nb, last, state  # state: shared [epoch, skip_batches]
-        self.aug = make_augment(cfg.augment, img_size)
+        self.aug = make_augment(cfg.augment, plan.size)
 
-    def _len(self, b):
-        return self.last if b == self.nb - 1 else self.batch
+    seed = property(lambda self: self.plan.seed)  # the Loader's generator
+    size = property(lambda self: self.plan.size)  # device decoding (_decode_item)
 
     def __iter__(self):
         info = get_worker_info()
         w, nw = (info.id, info.num_workers) if info else (0, 1)
         epoch, skip = int(self.state[0]), int(self.state[1])
-        if self.kind == "synthetic":
-            for b in range(skip + w, self.nb, nw):
-                g = torch.Generator().manual_seed(int(np.random.SeedSequence(
-                    [self.seed, epoch, self.rank, b]).generate_state(1)[0]))
-                n = self._len(b)
-                imgs = torch.randint(0, 256, (n, 3, self.size, self.size), dtype=torch.uint8, generator=g)
-                yield b, imgs, torch.full((n,), -1, dtype=torch.int64), [], n
-        elif self.kind == "imagefolder":
-            idx = sources.rank_indices(len(self.items[0]), self.rank, self.world, self.seed, epoch,
-                                       self.drop_last)
-            paths, labels = self.items
-            for b in range(skip + w, self.nb, nw):
-                raw = []
-                for i in idx[b * self.batch:b * self.batch + self._len(b)]:
-                    path = os.fsdecode(paths[i])
-                    raw.append((path, _read(path), int(labels[i])))
-                yield self._make(b, epoch, raw)
-        else:
-            stream = sources.sample_stream(self.items, self.rank, self.world, w, nw, self.seed, epoch,
-                                           self.cfg.resample_shards, self.cfg.shuffle_buffer)
-            for b in range(w, self.nb, nw):
-                raw = [next(stream) for _ in range(self._len(b))]
-                if b >= skip:  # skipped batches are read but not decoded
-                    yield self._make(b, epoch, raw)
+        for b, batch in self.source.batches(self.plan, epoch, skip, w, nw):
+            if self.source.ready:  # finished images: nothing to decode, nothing bad
+                yield b, *batch, [], len(batch[1])
+            else:
+                yield self._make(b, epoch, batch)
 
     def _make(self, b, epoch, raw):
         """-> (b, uint8 images or decode.Encoded, labels, bad [(k, message)], n)."""
-        rng = np.random.default_rng([self.seed, epoch, self.rank, b])
+        rng = np.random.default_rng([self.seed, epoch, self.plan.rank, b])
         n, fast = len(raw), self.cfg.fast_decode
         imgs = None if self.encode_only else torch.empty((n, 3, self.size, self.size), dtype=torch.uint8)
         labels = torch.tensor([label for _, _, label in raw], dtype=torch.int64)
@@ -178,9 +155,9 @@ def _decode_item(ds, device, item):
     return b, imgs, labels, bad, n
 
 
-def decode_device(cfg, kind, device=None):
+def decode_device(cfg, source, device=None):
     """Where batches are decoded: None (in the workers) or a torch.device (decode: gpu, or auto with CUDA)."""
-    if kind == "synthetic" or cfg.decode == "cpu" or (cfg.decode == "auto" and not torch.cuda.is_available()):
+    if source.ready or cfg.decode == "cpu" or (cfg.decode == "auto" and not torch.cuda.is_available()):
         return None
     if device is not None:
         device = torch.device(device)
@@ -191,13 +168,6 @@ def decode_device(cfg, kind, device=None):
         warnings.warn("data.decode=gpu without CUDA: batches are decoded in the main process on the CPU")
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())  # the trainer has set its rank's device
-
-
-def _read(path):
-    try:
-        return sources.read_file(path)
-    except OSError as e:
-        return f"cannot read: {e}"
 
 
 class Loader:
@@ -216,7 +186,7 @@ class Loader:
     def __init__(self, dataset, cfg, num_samples, epoch, skip_batches, device=None):
         self.dataset, self.cfg, self.num_samples, self.device = dataset, cfg, num_samples, device
         self._bad_logged_at, self._bad_unlogged = float("-inf"), 0  # rate limit of the "skipped" lines
-        self.batches_per_epoch, self.micro_batch = dataset.nb, dataset.batch
+        self.batches_per_epoch, self.micro_batch = dataset.plan.batches, dataset.plan.batch
         nw = cfg.num_workers
         # The DataLoader's first iter() draws the workers' base seed from `generator`, by default torch's global
         # one: after a resume restored the RNG states that draw would shift every later random mask. Workers use
@@ -239,7 +209,7 @@ class Loader:
     def __iter__(self):
         self.bad_samples, self.bad_examples, self.seen_samples = 0, [], 0
         self.dataset.state[0], self.dataset.state[1] = self.epoch, self.skip_batches
-        remaining = sum(self.dataset._len(b) for b in range(self.skip_batches, self.batches_per_epoch))
+        remaining = sum(self.dataset.plan.length(b) for b in range(self.skip_batches, self.batches_per_epoch))
         check_after = min(1000, remaining)
         pending, nxt = {}, self.skip_batches
         it = iter(self._dl) if self.cfg.num_workers else iter(self.dataset)
@@ -280,8 +250,8 @@ class Loader:
         if now < self._bad_logged_at + BAD_LOG_EVERY_S:
             return
         more = f" (+{self._bad_unlogged - 1} more since the last such line)" if self._bad_unlogged > 1 else ""
-        print(f"warning: rank {self.dataset.rank}: skipped a bad sample, replaced by a good one of its batch: {bad[0]}"
-              f"{more}; {self.bad_samples} of {self.seen_samples} this epoch", file=sys.stderr, flush=True)
+        print(f"warning: rank {self.dataset.plan.rank}: skipped a bad sample, replaced by a good one of its batch: "
+              f"{bad[0]}{more}; {self.bad_samples} of {self.seen_samples} this epoch", file=sys.stderr, flush=True)
         self._bad_logged_at, self._bad_unlogged = now, 0
 
 
@@ -301,32 +271,8 @@ def build_loader(cfg, *, img_size, micro_batch, rank, world_size, seed, epoch, s
     if problems:
         raise ValueError("invalid data configuration:\n  " + "\n  ".join(problems))
 
-    kind = {"demo": "imagefolder"}.get(cfg.source, cfg.source)
-    if kind == "imagefolder":
-        root = cfg.path
-        if cfg.source == "demo":
-            from .demo import demo_root
-            root = str(demo_root())
-        samples = sources.scan_imagefolder(root)[0]
-        # numpy arrays, not a list of tuples: forked workers would copy every touched page (refcounts)
-        items = (np.array([os.fsencode(p) for p, _ in samples]), np.array([lab for _, lab in samples]))
-        total = len(samples)
-    elif kind == "webdataset":
-        items = sources.expand_shards(cfg.path)
-        if sources.is_remote(items[0]):  # a missing shard or failing command: say so, not "num_samples"
-            sources.check_readable(items[0])
-        total = cfg.num_samples
-        if not total:
-            counts, why = sources.shard_counts(items)
-            if counts is None:
-                raise ValueError(f"data.num_samples: required for shards without {sources.INFO_NAME} ({why}); "
-                                 f"write shards with `python -m mff_ds.data.make_shards`")
-            total = sum(counts)
-        if not cfg.resample_shards:  # fail now rather than in a worker
-            next(sources.worker_passes(items, rank, world_size, 0, max(cfg.num_workers, 1), seed, epoch, False))
-    else:
-        items, total = None, cfg.num_samples or SYNTHETIC_SAMPLES
-
+    source = SOURCES.get(cfg.source)(cfg.path, num_samples=cfg.num_samples)
+    total = len(source)
     per_rank = total // world_size if drop_last else math.ceil(total / world_size)
     nb = per_rank // micro_batch if drop_last else math.ceil(per_rank / micro_batch)
     if nb < 1:
@@ -335,8 +281,9 @@ def build_loader(cfg, *, img_size, micro_batch, rank, world_size, seed, epoch, s
     last = micro_batch if drop_last else per_rank - (nb - 1) * micro_batch
     if cfg.num_workers > nb:
         warnings.warn(f"data.num_workers={cfg.num_workers} > {nb} batches per epoch; extra workers idle")
-    state = mp.RawArray("q", 2)  # shared with persistent workers: [epoch, skip_batches]
-    dev = decode_device(cfg, kind, device)
-    ds = _Batches(cfg, kind, items, img_size, micro_batch, rank, world_size, seed, nb, last, drop_last, state,
-                  encode_only=dev is not None)
+    plan = Plan(rank=rank, world=world_size, seed=seed, batch=micro_batch, batches=nb, last=last,
+                drop_last=drop_last, size=img_size, resample=cfg.resample_shards, shuffle_buffer=cfg.shuffle_buffer)
+    source.check(plan, max(cfg.num_workers, 1), epoch)
+    dev = decode_device(cfg, source, device)
+    ds = _Batches(source, plan, cfg, mp.RawArray("q", 2), encode_only=dev is not None)
     return Loader(ds, cfg, total, epoch, skip_batches, dev)

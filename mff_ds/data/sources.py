@@ -1,4 +1,5 @@
-"""Where samples come from: an ImageFolder tree or WebDataset tar shards, and how an epoch is split.
+"""Reading ImageFolder trees and WebDataset tar shards, and how an epoch is split (the helpers behind the
+registered sources of registry.py).
 
 ImageFolder: one seeded permutation of all files per epoch; rank r takes every world-th index, so every rank
 gets the same count (truncated, or wrapped when drop_last=False, as DistributedSampler does). Batch b of a rank

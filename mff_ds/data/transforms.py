@@ -5,9 +5,11 @@ or 1/8 size in the DCT domain (`fast=True`); everything else (and `fast=False`) 
 converts grayscale, CMYK, palette, alpha and 16-bit images to 8-bit RGB and applies EXIF rotation.
 Anything that cannot be decoded raises `BadImage`; the loader counts and skips it.
 
-Augmentations (the random parameters are drawn as torchvision draws them; resizing uses torch's uint8
-antialiased kernels, which match PIL's to within 1-2 grey levels). `apply(x, p)` takes a (3, H, W) tensor on any
-device, uint8 (the CPU path) or float (the device path, `decode.py`, rounded once at the end by `to_uint8`):
+Augmentations, registered by name in `AUGMENTS` (what `data.augment` names): a class built with the output size S
+whose `sample(w, h, rng)` draws the parameters (as torchvision draws them), `need(p)` says the decoded size they
+need, `apply(x, p)` crops and resizes (torch's uint8 antialiased kernels, which match PIL's to within 1-2 grey
+levels) a (3, H, W) tensor on any device, uint8 (the CPU path) or float (the device path, `decode.py`, rounded
+once at the end by `to_uint8`), and `torchvision()` is the PIL pipeline it reproduces (the benchmarks' baseline):
   "mff"    the MFF reference configs' pipeline (mmpretrain mff_vit-base-p16_*_in1k, reference doc section 3.1,
            what the released checkpoints presumably used; whether the paper used it is unverified):
            Resize(S) short side (bilinear) -> RandomCrop(S, padding=4, reflect) -> hflip
@@ -24,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-AUGMENTS = ("mff", "mae", "center")
+from mff_ds.common import Registry
+
+AUGMENTS = Registry("augment")
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -154,6 +158,7 @@ def _short_side(w, h, size):
     return int(size * w / h), size
 
 
+@AUGMENTS.register("mff")
 class MFFCrop:
     """Resize short side to S (bilinear) -> RandomCrop(S, padding=4, reflect) -> flip(p)."""
 
@@ -181,7 +186,13 @@ class MFFCrop:
         x = x[:, top:top + s, left:left + s]
         return x.flip(-1) if flip else x
 
+    def torchvision(self):
+        from torchvision import transforms as T
+        return T.Compose([T.Resize(self.size), T.RandomCrop(self.size, padding=self.pad, padding_mode="reflect"),
+                          T.RandomHorizontalFlip(self.flip)])
 
+
+@AUGMENTS.register("mae")
 class MAECrop:
     """RandomResizedCrop(S, scale, ratio, bicubic) -> flip(p); parameters drawn as torchvision does."""
 
@@ -220,7 +231,13 @@ class MAECrop:
         x = _resize(x[:, t:b, l:r], self.size, self.size, "bicubic")
         return x.flip(-1) if flip else x
 
+    def torchvision(self):
+        from torchvision import transforms as T
+        return T.Compose([T.RandomResizedCrop(self.size, self.scale, self.ratio, T.InterpolationMode.BICUBIC),
+                          T.RandomHorizontalFlip(self.flip)])
 
+
+@AUGMENTS.register("center")
 class CenterCrop:
     """Resize short side to S/0.875 (bicubic) -> CenterCrop(S) (the usual evaluation transform)."""
 
@@ -239,13 +256,14 @@ class CenterCrop:
         t, l = int(round((nh - self.size) / 2)), int(round((nw - self.size) / 2))
         return x[:, t:t + self.size, l:l + self.size]
 
+    def torchvision(self):
+        from torchvision import transforms as T
+        return T.Compose([T.Resize(self.resize, T.InterpolationMode.BICUBIC), T.CenterCrop(self.size)])
+
 
 def make_augment(name, size):
-    """'mff' | 'mae' | 'center' -> augmentation object for output size `size`."""
-    table = {"mff": MFFCrop, "mae": MAECrop, "center": CenterCrop}
-    if name not in table:
-        raise ValueError(f"augment: expected one of {list(AUGMENTS)}, got {name!r}")
-    return table[name](size)
+    """A registered augmentation name ('mff' | 'mae' | 'center' | ...) -> its object for output size `size`."""
+    return AUGMENTS.get(name)(size)
 
 
 def prepare(data, aug, rng, fast=True):

@@ -126,7 +126,8 @@ class Recipe(RecipeMethods):
         d = self.to_dict()
         # speed only; `decode` (cpu | gpu) draws the same crops and flips, its resize rounds pixels differently
         data = {k: v for k, v in d["data"].items() if k not in ("pin_memory", "prefetch_factor", "decode")}
-        if data.get("source") != "webdataset":  # shards are split among the workers: there it picks the samples
+        from mff_ds.data import SOURCES  # here: it imports torch (see load_recipe)
+        if not SOURCES.get(data["source"]).workers_pick_samples:  # shards: split among the workers
             data.pop("num_workers", None)
         return {"model": dict(self.model_config().to_dict(), arch=self.model.get("arch")),
                 "data": data, "seed": d["seed"], "precision": d["precision"],

@@ -100,11 +100,12 @@ def load_images(data, img_size: int, batch: int = 256) -> Tuple[Tuple[torch.Tens
     from .recipe import AugConfig
     tf = edata.val_transform(img_size, AugConfig(val_crop_pct=1.0))
     out = []
-    for path in edata.dataset_paths(data):
-        loader, _ = edata.build_val_loader(data, tf, batch=batch, rank=0, world=1, path=path)
+    for split in ("train", "val"):
+        source = edata.open_source(data, split)
+        loader, _ = edata.source_loader(data, source, tf, batch=batch, rank=0, world=1)
         parts = [b for b in loader if b is not None]
         if not parts:
-            raise ValueError(f"{path}: expected readable images, got none")
+            raise ValueError(f"{source}: expected readable images, got none")
         out.append((torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])))
     return tuple(out)
 

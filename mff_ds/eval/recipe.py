@@ -21,7 +21,7 @@ class InitConfig:
 
 @dataclass
 class EvalData:
-    source: Literal["imagefolder", "webdataset", "digits"] = "imagefolder"  # digits: the bundled demo set
+    source: str = "imagefolder"               # a mff_ds.data.SOURCES name that gives images (digits: the demo set)
     train_path: Optional[str] = None          # ImageFolder root or shard pattern
     val_path: Optional[str] = None
     train_samples: Optional[int] = None       # webdataset without _info.json
@@ -118,10 +118,15 @@ def check(r: EvalRecipe, world_size: Optional[int] = None) -> List[str]:
     if not r.name or "/" in r.name:
         p.append(f"name: expected a non-empty name without '/', got {r.name!r}")
     d = r.data
-    if d.source in ("imagefolder", "webdataset"):
+    from mff_ds.data import SOURCES  # here: it imports torch, which the recipe modules do not at import
+    images = [name for name in SOURCES.names() if not SOURCES.get(name).ready]  # evaluation transforms images
+    if d.source not in images:
+        p.append(f"data.source: expected one of {images}, got {d.source!r}")
+    else:
         for k in ("train_path", "val_path"):
-            if not getattr(d, k):
-                p.append(f"data.{k}: expected a directory or shard pattern for source {d.source!r}, got None")
+            why = SOURCES.get(d.source).path_problem(getattr(d, k))
+            if why:
+                p.append(f"data.{k}: {why}")
     if d.num_classes is not None and d.num_classes < 2:
         p.append(f"data.num_classes: expected >= 2 or null, got {d.num_classes}")
     if d.img_size is not None and d.img_size <= 0:
