@@ -9,7 +9,6 @@ We patch `torch.load` rather than set TORCH_FORCE_WEIGHTS_ONLY_LOAD because the 
 by child processes and can be overridden by the user's environment; the patch is scoped to the `with` block.
 """
 import contextlib
-import pickle
 import re
 import threading
 

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from mff_ds.common import DTYPES, write_json
+from mff_ds.data import source_for_path
 from mff_ds.engine import checkpoint as ckpt
 from mff_ds.engine import logging as mlog
 from mff_ds.engine.distributed import device_for, init_distributed
@@ -246,8 +247,7 @@ def evaluate_checkpoint(path: str, val_path: str, *, img_size: Optional[int] = N
     if size != meta["vit"]["img_size"]:
         raise ValueError(f"--img-size: the classifier was built for {meta['vit']['img_size']} px, got {size}")
     aug = AugConfig(val_crop_pct=crop_pct, val_interpolation=interpolation)
-    d = EvalData(source="imagefolder" if os.path.isdir(val_path) else "webdataset", val_path=val_path,
-                 num_workers=num_workers)
+    d = EvalData(source=source_for_path(val_path), val_path=val_path, num_workers=num_workers)
     loader, classes = edata.build_val_loader(d, edata.val_transform(size, aug), batch=batch, rank=env.rank,
                                              world=env.world_size)
     if classes and len(classes) != meta["num_classes"]:
