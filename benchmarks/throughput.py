@@ -170,7 +170,7 @@ def build_ours(cfg, args, device, precision, world_size=1):
     """Our pretraining path: recipe -> DeepSpeed config (ZeRO-2 unless --zero-stage) -> build_deepspeed_engine.
     One optimizer step per micro batch on every rank (global batch = micro batch x world size)."""
     from mff_ds.engine.optim import build_deepspeed_engine, build_ds_config, precision_of
-    from mff_ds.engine.recipe import from_dict
+    from mff_ds.pretrain.recipe import from_dict
 
     m = args.micro_batch
     if args.engine == "plain":
@@ -517,7 +517,7 @@ def main(argv=None) -> dict:
     from deepspeed.utils import logger as ds_logger
     ds_logger.setLevel(os.environ["MFF_DS_LOG_LEVEL"])
     from mff_ds.engine.distributed import init_distributed
-    from mff_ds.engine.logging import peak_tflops
+    from mff_ds.models.flops import peak_tflops
     if not cuda:
         os.environ.setdefault("LOCAL_RANK", "0")
     init_distributed()

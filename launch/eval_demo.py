@@ -33,7 +33,7 @@ LEVELS = {"MFF": "[1, 3, 5]", "MAE": "[5]"}
 
 def pretrain_recipe(name: str = "MFF", seed: int = 0, epochs=None):
     from mff_ds.data.demo import digits_root
-    from mff_ds.engine.recipe import load_recipe
+    from mff_ds.pretrain.recipe import load_recipe
     extra = [f"schedule.epochs={epochs}", f"schedule.warmup_epochs={epochs / 10}"] if epochs else []
     return load_recipe("configs/pretrain_digits_demo.yaml",
                        [f"name=pretrain_digits_{name.lower()}", f"seed={seed}",

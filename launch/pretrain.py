@@ -17,7 +17,7 @@ from mff_ds.engine import signals  # noqa: E402
 if __name__ == "__main__":
     signals.catch()  # before torch is imported: SIGUSR1/SIGTERM/SIGINT during start-up save at the first check
 
-from mff_ds.pretrain import main  # noqa: E402
+from mff_ds.pretrain.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(doc=__doc__))

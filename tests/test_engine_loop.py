@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from mff_ds.engine.recipe import from_dict
+from mff_ds.pretrain.recipe import from_dict
 from mff_ds.engine.trainer import Task, fit
 
 

@@ -16,7 +16,7 @@ TINY = tiny_recipe(schedule={"epochs": 3}, checkpoint={"every_steps": 4, "keep_l
 SCRIPT = """
 import sys, torch
 sys.path.insert(0, {repo!r})
-from mff_ds.engine.recipe import load_recipe
+from mff_ds.pretrain.recipe import load_recipe
 from mff_ds.engine.trainer import NonFiniteLossError, fit
 from mff_ds.pretrain import PretrainTask
 recipe = load_recipe({cfg!r}, sys.argv[2:], world_size=1)

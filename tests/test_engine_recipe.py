@@ -10,7 +10,8 @@ import yaml
 
 from mff_ds.engine import distributed as D
 from mff_ds.engine.optim import build_ds_config, lr_at, set_lr
-from mff_ds.engine.recipe import RecipeError, load_recipe
+from mff_ds.engine.recipe import RecipeError
+from mff_ds.pretrain.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ["demo", "mff_vit-b_300e", "mff_vit-b_800e", "mae_vit-b_300e", "mff_vit-s_300e", "mff_vit-l_800e"]

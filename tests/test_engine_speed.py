@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from mff_ds.engine.optim import MULTI_RANK_BUCKET, build_deepspeed_engine, build_ds_config, grad_norm  # noqa: E402
-from mff_ds.engine.recipe import from_dict  # noqa: E402
+from mff_ds.pretrain.recipe import from_dict  # noqa: E402
 from mff_ds.models import build_model  # noqa: E402
 from conftest import tiny_recipe  # noqa: E402
 
@@ -116,7 +116,7 @@ SYNCS = """
 import json, sys
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {bench!r})
 from host_syncs import SyncCounter
-from mff_ds.engine.recipe import load_recipe
+from mff_ds.pretrain.recipe import load_recipe
 from mff_ds.engine.trainer import fit
 from mff_ds.pretrain import PretrainTask
 marks = []
@@ -163,7 +163,7 @@ import json, sys
 import torch._inductor.config as ic
 ic.fallback_random = True  # inductor's own RNG would draw other masks than eager; the comparison needs the same
 sys.path.insert(0, {repo!r})
-from mff_ds.engine.recipe import load_recipe
+from mff_ds.pretrain.recipe import load_recipe
 from mff_ds.pretrain import train
 recipe = load_recipe(sys.argv[2], sys.argv[3:], world_size=1)
 print("SUMMARY", json.dumps(train(recipe, sys.argv[1], resume="none")))

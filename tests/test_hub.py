@@ -12,6 +12,7 @@ import torch
 from conftest import REPO
 from mff_ds import convert, hub
 from mff_ds.engine import checkpoint
+from mff_ds.pretrain.export import export
 from mff_ds.models import build_model
 from test_convert import perturbed, same_state
 
@@ -171,7 +172,7 @@ def test_cli_folders(tmp_path):
 def test_end_of_run_export_writes_the_timm_folder(tmp_path):
     model = perturbed(build_model({**DECODER, **TIMM_SIZES["vit_b_2blocks"]}))
     engine = SimpleNamespace(module=model, zero_optimization_stage=lambda: 0, bfloat16_enabled=lambda: False)
-    paths = checkpoint.export(engine, str(tmp_path / "ckpt"), "global_step1", str(tmp_path), {"step": 1})
+    paths = export(engine, str(tmp_path / "ckpt"), "global_step1", str(tmp_path), {"step": 1})
     assert paths[-1] == str(tmp_path / "encoder_timm")
     vit = timm.create_model(f"local-dir:{paths[-1]}", pretrained=True)
     assert all(torch.equal(v, vit.state_dict()[k]) for k, v in convert.to_timm(model).items())

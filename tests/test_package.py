@@ -45,7 +45,7 @@ def test_installed_package_ships_configs_and_recipes(installed, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "mff_vit-b_300e" in p.stdout  # the shipped recipes are listed by name
     code = ("import mff_ds, torch\n"
-            "from mff_ds.engine.recipe import load_recipe\n"
+            "from mff_ds.pretrain.recipe import load_recipe\n"
             "from mff_ds.engine.optim import build_ds_config\n"
             "r = load_recipe('mff_vit-b_300e', world_size=8)\n"
             "print(mff_ds.__file__, build_ds_config(r, 8, torch.device('cpu'))['zero_optimization']['stage'])")

@@ -1,9 +1,4 @@
-"""Training engine on DeepSpeed: recipe, launcher environment, optimizer/schedule, the one loop, checkpoints, logging.
-
-    from mff_ds.engine import load_recipe
-    from mff_ds.pretrain import train             # the pretraining task on the loop (engine.trainer.fit)
-    train(load_recipe("demo"), "runs/demo")
-"""
-from .recipe import Recipe, RecipeError, load_recipe
-
-__all__ = ["Recipe", "RecipeError", "load_recipe"]
+"""The generic training engine on DeepSpeed: one loop for any task (`trainer.fit`), the shared recipe sections
+(`recipe`), optimizer / schedule / DeepSpeed config (`optim`), checkpoints, metrics, signals, the run directory.
+It depends on torch, DeepSpeed, `mff_ds.common` and itself only (import contracts in pyproject.toml); the
+pretraining task is `mff_ds.pretrain`, the classification tasks `mff_ds.eval`."""

@@ -1,5 +1,5 @@
 """Checkpoints: DeepSpeed save/load with client state, a completion marker, an atomic `latest`, keep-last-K,
-and the end-of-run exports (consolidated fp32 model, timm encoder file and folder).
+and the consolidated fp32 weights of a checkpoint (what a task exports at the end).
 
 DeepSpeed's own `latest` file is written by rank 0 with a plain open('w') before the other ranks finish their
 ZeRO shards, so a kill can leave it pointing at a half-written checkpoint. We save with save_latest=False;
@@ -318,7 +318,7 @@ def universal_command(root: str, tag: str) -> str:
             f"  # then: --resume {src}_universal --set deepspeed.load_universal=true")
 
 
-# ------------------------------------------------------------------ exports
+# ------------------------------------------------------------------ consolidated weights
 def fp32_state_dict(engine, root: str, tag: str) -> dict:
     """Consolidated fp32 weights of the checkpoint (ZeRO partitions merged), on CPU."""
     stage = engine.zero_optimization_stage()
@@ -332,19 +332,3 @@ def fp32_state_dict(engine, root: str, tag: str) -> dict:
             if stage > 0:
                 raise
     return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
-
-
-def export(engine, root: str, tag: str, out_dir: str, meta: dict) -> List[str]:
-    """Rank 0: model_fp32.safetensors (our model file: `mff_ds.convert.load_model` reads it),
-    encoder_timm.safetensors (strict-loads into the matching timm ViT) and the folder encoder_timm/
-    (`timm.create_model("local-dir:.../encoder_timm", pretrained=True)`)."""
-    from mff_ds.convert import FORMAT, save_file, to_timm
-    from mff_ds.hub import to_timm_dir
-    sd = fp32_state_dict(engine, root, tag)
-    cfg = engine.module.cfg.to_dict()
-    model_path = os.path.join(out_dir, "model_fp32.safetensors")
-    save_file(sd, model_path, {**meta, "format": FORMAT, "model_config": cfg})
-    timm_path = os.path.join(out_dir, "encoder_timm.safetensors")
-    save_file(to_timm(sd), timm_path, {**meta, "model_config": cfg})
-    timm_dir = str(to_timm_dir(sd, engine.module.cfg, os.path.join(out_dir, "encoder_timm")))
-    return [model_path, timm_path, timm_dir]

@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .recipe import Recipe, RecipeError, _deep_update, resolve_path
+from .recipe import RecipeError, _deep_update, resolve_path
 
 PRECISION_FILES = {"fp32": "ds_configs/fp32.json", "bf16": "ds_configs/bf16.json", "fp16": "ds_configs/fp16.json"}
 
@@ -101,7 +101,7 @@ def _set_defaults(cfg: dict, defaults: dict) -> None:
             cfg.setdefault(k, v)
 
 
-def build_ds_config(recipe: Recipe, world_size: int, device: torch.device) -> dict:
+def build_ds_config(recipe, world_size: int, device: torch.device) -> dict:
     """The merged DeepSpeed config for this recipe, world size and device."""
     precision = resolve_precision(recipe.precision, device)
     if precision == "fp16" and device.type != "cuda":

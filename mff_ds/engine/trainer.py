@@ -19,7 +19,7 @@ import torch.distributed as dist
 from mff_ds.common import DTYPES, seed_everything, write_json
 
 from . import checkpoint as ckpt
-from . import logging as mlog
+from . import metrics
 from .distributed import all_gather_object, device_for, init_distributed
 from .optim import (build_deepspeed_engine, build_ds_config, grad_norm, lr_at, norm_is_ours, precision_of,
                     schedule_steps, set_lr)
@@ -228,8 +228,8 @@ class Run:
 
     def _start_metrics(self, found):
         r = self.recipe
-        self.logger = mlog.MetricsLogger(self.output_dir, self.is_main, r.logging.tensorboard)
-        self.bar = mlog.progress_bar(self.is_main and r.logging.progress_bar and not self.task.quiet, self.stop_step,
+        self.logger = metrics.MetricsLogger(self.output_dir, self.is_main, r.logging.tensorboard)
+        self.bar = metrics.progress_bar(self.is_main and r.logging.progress_bar and not self.task.quiet, self.stop_step,
                                      self.pos.step)
         if self.is_main and found and not self.task.quiet:
             self.bar.write(f"resumed from {found[0]}/{found[1]} at step {self.pos.step} (epoch {self.pos.epoch}, "
@@ -365,7 +365,7 @@ class Run:
             m["grad_norm"] = float(gn)
         if hasattr(self.loader, "bad_samples"):
             m["data/bad_samples"] = self.loader.bad_samples  # this rank, this epoch (skipped files)
-        m.update(mlog.memory_gb(self.device))
+        m.update(metrics.memory_gb(self.device))
         m.update(self.task.log_extras(self, out, m))
         self.logger.log(step, m)
         self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")

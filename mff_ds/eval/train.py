@@ -21,7 +21,7 @@ import torch.distributed as dist
 from mff_ds.common import DTYPES, write_json
 from mff_ds.data import source_for_path
 from mff_ds.engine import checkpoint as ckpt
-from mff_ds.engine import logging as mlog
+from mff_ds.engine.metrics import MetricsLogger
 from mff_ds.engine.distributed import device_for, init_distributed
 from mff_ds.engine.optim import build_deepspeed_engine, build_ds_config, precision_of
 from mff_ds.engine.recipe import RecipeError
@@ -255,7 +255,7 @@ def evaluate_checkpoint(path: str, val_path: str, *, img_size: Optional[int] = N
     res = metrics.evaluate(model, loader, device)
     res.update(checkpoint=str(path), task=meta.get("task"))
     if output_dir and env.rank == 0:
-        logger = mlog.MetricsLogger(output_dir, True, tensorboard=False)
+        logger = MetricsLogger(output_dir, True, tensorboard=False)
         logger.log(0, res)
         logger.close()
     return res

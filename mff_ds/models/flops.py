@@ -1,4 +1,4 @@
-"""Analytic FLOP count of one MAE/MFF training step per image (for MFU).
+"""Analytic FLOP count of one MAE/MFF training step per image, and the devices' peak throughput (for MFU).
 
 Counted: matmuls and the attention products (2 FLOPs per multiply-add); LayerNorm, softmax, GELU, adds and
 the loss are ignored (< 1% for ViT-B). With N_e = 1 + len_keep encoder tokens, N_d = 1 + L decoder tokens:
@@ -11,7 +11,27 @@ the loss are ignored (< 1% for ViT-B). With N_e = 1 + len_keep encoder tokens, N
 Training = forward + backward, backward = 2× forward except the patch embedding, whose input needs no
 gradient (1×): train = 3·fwd − patch_embed. Blocks after the last fused level are not run and not counted.
 """
+from typing import Optional
+
+import torch
+
 from .archs import ModelConfig
+
+# Dense peak TFLOP/s per device for the 16-bit tensor cores (fp32 runs use the same figure: MFU is then low).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0,
+               "L4": 121.0, "B200": 2250.0, "GH200": 989.0, "MI300X": 1307.0, "MI250": 362.0}
+
+
+def peak_tflops(device: torch.device, override: Optional[float] = None) -> Optional[float]:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if key in name:
+            return PEAK_TFLOPS[key]
+    return None
 
 
 def _block(n: int, dim: int, hidden: int) -> float:
