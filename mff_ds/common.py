@@ -1,4 +1,5 @@
-"""What every part of the package shares: atomic file writes, the precision -> dtype map, seeding, registries.
+"""What every part of the package shares: the user-error base, atomic file writes, the precision -> dtype map,
+seeding, registries.
 
 Kept free of imports from the rest of mff_ds so that data, models, engine, eval, convert and the benchmarks can
 all use it without a cycle.
@@ -11,6 +12,12 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+class UserError(ValueError):
+    """Bad input or state the user can fix (a recipe, data, a checkpoint refused, a file they named that is missing):
+    the command lines print it as one line and exit 2. Anything else is a bug and keeps its traceback (exit 1).
+    A ValueError, so callers that catch ValueError around user input keep working."""
+
 
 # The recipe's `precision:` names (DeepSpeed's fp32 / bf16 / fp16 modes) and the torch dtypes they compute in.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
