@@ -169,6 +169,7 @@ class Trainer:
 def build_ours(cfg, args, device, precision, world_size=1):
     """Our pretraining path: recipe -> DeepSpeed config (ZeRO-2 unless --zero-stage) -> build_deepspeed_engine.
     One optimizer step per micro batch on every rank (global batch = micro batch x world size)."""
+    from mff_ds.engine import ds_compat
     from mff_ds.engine.optim import build_deepspeed_engine, build_ds_config, precision_of
     from mff_ds.pretrain.recipe import from_dict
 
@@ -192,7 +193,7 @@ def build_ours(cfg, args, device, precision, world_size=1):
     engine, opt = build_deepspeed_engine(model, groups, ds_config, lr=recipe.lr(), betas=recipe.optim.betas,
                                          eps=recipe.optim.eps, device=device)
     if stock:
-        del engine.optimizer._update_model_bit16_weights  # DeepSpeed's own per-step view refresh again
+        ds_compat.restore_view_refresh(engine.optimizer)  # DeepSpeed's own per-step view refresh again
     if args.compile:
         engine.compile(compile_kwargs={"mode": args.compile_mode})
 

@@ -2,7 +2,7 @@
 seeding, registries.
 
 Kept free of imports from the rest of mff_ds so that data, models, engine, eval, convert and the benchmarks can
-all use it without a cycle.
+all use it without a cycle, and free of a torch import at import time.
 """
 import json
 import os
@@ -11,7 +11,6 @@ import tempfile
 from typing import Callable
 
 import numpy as np
-import torch
 
 class UserError(ValueError):
     """Bad input or state the user can fix (a recipe, data, a checkpoint refused, a file they named that is missing):
@@ -19,8 +18,15 @@ class UserError(ValueError):
     A ValueError, so callers that catch ValueError around user input keep working."""
 
 
-# The recipe's `precision:` names (DeepSpeed's fp32 / bf16 / fp16 modes) and the torch dtypes they compute in.
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def __getattr__(name):
+    """DTYPES: the recipe's `precision:` names (DeepSpeed's fp32 / bf16 / fp16 modes) -> the torch dtypes they
+    compute in. Built on first use: this module is imported before torch (signal handlers, recipes, --help)."""
+    if name == "DTYPES":
+        import torch
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def atomic_write(path, write: Callable[[str], None], *, fsync: bool = False) -> None:
@@ -63,6 +69,7 @@ def write_json(path, obj, *, indent: int = 2, fsync: bool = False) -> None:
 
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's global generators (all devices)."""
+    import torch
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

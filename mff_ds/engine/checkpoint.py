@@ -29,10 +29,15 @@ import torch
 
 from mff_ds.common import write_json, write_text
 
+from . import ds_compat
 from .distributed import all_gather_object, barrier
 from .safe_load import CheckpointError, weights_only_loads  # noqa: F401 (CheckpointError: re-exported)
 
 MARKER = "mff_complete.json"
+# The completion marker's layout. 2: it records `format_version` and `parameter_alignment`, and the task's state is
+# the client state's "task" entry. 1 (no format_version: mff-ds 0.1.0 before 2026-12-02) is read through
+# `migrate`; a marker without a `compat` record is older still and refused.
+FORMAT_VERSION = 2
 TAG_RE = re.compile(r"^global_step(\d+)$")
 
 
@@ -131,29 +136,18 @@ def _write_error(path: str, e: Exception) -> str:
     return f"{path}: {why}: {e}"
 
 
-@contextlib.contextmanager
-def _write_errors_recorded(engine, errors: list):
-    """DeepSpeed writes every file through `checkpoint_engine.save(state_dict, path)` and then meets the other ranks
-    in a barrier: an exception on one rank would leave the others waiting there until the collective timeout. Here
-    an error is recorded instead (the caller gathers them), and files are written through a Python file object,
-    which keeps the errno (ENOSPC, EACCES) that torch's own writer turns into 'unexpected pos'."""
-    ce = engine.checkpoint_engine
-
+def _recording_writer(engine, errors: list):
+    """DeepSpeed writes every file and then meets the other ranks in a barrier: an exception on one rank would leave
+    the others waiting there until the collective timeout. This writer records the error instead (the caller gathers
+    them), and writes through a Python file object, which keeps the errno (ENOSPC, EACCES) that torch's own writer
+    turns into 'unexpected pos'."""
     def save(state_dict, path):
         try:
             with open(path, "wb") as f:
-                torch.save(state_dict, f, _use_new_zipfile_serialization=getattr(ce, "zipfile_serialization", True))
+                torch.save(state_dict, f, _use_new_zipfile_serialization=ds_compat.zipfile_serialization(engine))
         except (OSError, RuntimeError) as e:
             errors.append(_write_error(path, e))
-
-    if type(ce).__name__ != "TorchCheckpointEngine":  # another engine writes its own way: errors raise as they are
-        yield
-        return
-    ce.save = save
-    try:
-        yield
-    finally:
-        del ce.save
+    return ds_compat.checkpoint_writes_through(engine, save)
 
 
 def _raise_if_failed(errors: list, root: str, tag_dir: str) -> None:
@@ -180,7 +174,7 @@ def save(engine, root: str, step: int, client_state: dict, meta: dict, keep_last
         except OSError as e:
             errors.append(_write_error(root, e))
     _raise_if_failed(errors, root, tag_dir)
-    with _write_errors_recorded(engine, errors):
+    with _recording_writer(engine, errors):
         engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
     _raise_if_failed(errors, root, tag_dir)  # every rank's files are on disk, or every rank raises
     files = file_digests(tag_dir)
@@ -218,33 +212,49 @@ def find(output_dir: str, resume: str) -> Optional[Tuple[str, str, dict]]:
     else:
         path = os.path.abspath(resume)
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"--resume: expected 'auto', 'none', 'fresh' or a checkpoint directory, "
+            raise CheckpointError(f"--resume: expected 'auto', 'none', 'fresh' or a checkpoint directory, "
                                     f"got {resume!r}")
         if os.path.isfile(os.path.join(path, MARKER)):
             meta, reason = verified_meta(path)
             if reason:
                 raise CheckpointError(f"--resume {resume}: checkpoint {path} is damaged: {reason}")
-            return os.path.dirname(path), os.path.basename(path), meta
+            return os.path.dirname(path), os.path.basename(path), migrate(meta, path)
         if os.path.isdir(os.path.join(path, "zero")):  # a ds_to_universal output
-            meta = _meta_from_states(path)
+            meta = migrate(_meta_from_states(path), path)
             return os.path.dirname(path), os.path.basename(path), dict(meta, universal=True)
         root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
     tags = complete_tags(root)
     if not tags:
         if resume != "auto":
-            raise FileNotFoundError(f"--resume: no complete checkpoint (with {MARKER}) under {root}")
+            raise CheckpointError(f"--resume: no complete checkpoint (with {MARKER}) under {root}")
         return None
     failures = []
     for _, tag in reversed(tags):  # newest first
         meta, reason = verified_meta(os.path.join(root, tag))
         if meta is not None:
-            return root, tag, meta
+            return root, tag, migrate(meta, os.path.join(root, tag))
         failures.append(f"{tag}: {reason}")
         if _rank_world()[0] == 0:
             print(f"warning: checkpoint {os.path.join(root, tag)} is damaged, not resuming from it: {reason}; "
                   f"trying the next older complete one", file=sys.stderr, flush=True)
     raise CheckpointError(f"no complete checkpoint under {root} is intact ({'; '.join(failures)}). Restore the "
                           f"files, or start afresh with --resume fresh (moves them aside).")
+
+
+def migrate(meta: dict, where: str) -> dict:
+    """A completion marker of a format this version reads -> the current layout; anything else refused."""
+    version = meta.get("format_version", 1)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {where} has format {version}, newer than this mff-ds reads "
+                              f"({FORMAT_VERSION}); upgrade mff-ds to resume it")
+    if "compat" not in meta:
+        raise CheckpointError(f"checkpoint {where} was written by an mff-ds older than checkpoint format 1 (its "
+                              f"{MARKER} has no compat record) and cannot be resumed; start afresh with --resume "
+                              f"fresh, or take its weights with `python -m mff_ds.convert`")
+    if version == 1:  # a pretraining marker without the key was written unaligned; a fine-tune one (it names its
+        # task) with the aligned default. Its client state is migrated in load().
+        meta = dict(meta, parameter_alignment=meta.get("parameter_alignment", "task" in meta))
+    return dict(meta, format_version=FORMAT_VERSION)
 
 
 def _meta_from_states(tag_dir: str) -> dict:
@@ -261,16 +271,10 @@ def load(engine, root: str, tag: str) -> dict:
                                               load_lr_scheduler_states=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(root, tag)}")
-    return client or {}
-
-
-def universal_info() -> dict:
-    """The client-state entry DeepSpeed's ds_to_universal requires (plain data parallel: just the version)."""
-    try:
-        from deepspeed.checkpoint import constants as c
-        return {c.UNIVERSAL_CHECKPOINT_INFO: {c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-    except (ImportError, AttributeError):
-        return {}
+    client = client or {}
+    if "task" not in client:  # format 1 fine-tune checkpoints kept the task's state at the top level
+        client["task"] = dict(client)
+    return client
 
 
 def needs_universal(meta: dict, world_size: int, zero_stage: int) -> bool:
@@ -284,21 +288,15 @@ def to_universal(root: str, tag: str, meta: dict) -> Tuple[str, str, dict]:
     """Collective. Rank 0 converts <root>/<tag> with DeepSpeed's ds_to_universal (in this process, so its loads are
     weights-only too) into the sibling <tag>_universal: written under a temporary name and renamed, so it exists only
     when complete, and later runs reuse it. Returns (root, universal tag, meta) for loading with load_universal."""
-    import argparse
     import io
     src, dst = os.path.join(root, tag), os.path.join(root, f"{tag}_universal")
     err = None
     if _rank_world()[0] == 0 and not os.path.isdir(dst):
-        from deepspeed.checkpoint import ds_to_universal
         tmp = f"{dst}.tmp{os.getpid()}"
-        workers = max(1, min(4, (os.cpu_count() or 1) // 2))
-        args = argparse.Namespace(input_folder=src, output_folder=tmp, num_extract_workers=workers,
-                                  num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
-                                  inject_missing_state=False)
         log = io.StringIO()
         try:
             with weights_only_loads(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                ds_to_universal.main(args)
+                ds_compat.ds_to_universal(src, tmp, workers=max(1, min(4, (os.cpu_count() or 1) // 2)))
             os.rename(tmp, dst)
             print(f"checkpoint {src} was saved by {meta.get('world_size')} rank(s); converted it for this world size "
                   f"to {dst} (DeepSpeed universal checkpoint)", flush=True)

@@ -41,16 +41,15 @@ def load_or_report(load: Callable, args, overrides) -> Optional[object]:
 
 
 def run_or_report(run: Callable[[], dict]):
-    """run() -> (its summary, 0), or (None, exit code) after one line for bad input or state: 3 for a non-finite
-    loss, 2 otherwise (ValueError: data / model settings)."""
-    from mff_ds.data import BadDataError
-    from .checkpoint import CheckpointError
-    from .rundir import RunDirError
-    from .trainer import IncompatibleCheckpointError, NonFiniteLossError
+    """run() -> (its summary, 0), or (None, exit code) after one line for a user error (mff_ds.common.UserError:
+    a recipe, data, checkpoint or run-directory refusal): 3 for a non-finite loss, 2 otherwise. Anything else is a
+    bug: it propagates with its traceback (exit 1)."""
+    from mff_ds.common import UserError
+
+    from .trainer import NonFiniteLossError
     try:
         return run(), 0
-    except (RecipeError, IncompatibleCheckpointError, CheckpointError, RunDirError, NonFiniteLossError, BadDataError,
-            FileNotFoundError, ValueError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return None, 3 if isinstance(e, NonFiniteLossError) else 2
 

@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from . import ds_compat
 from .recipe import RecipeError, _deep_update, resolve_path
 
 PRECISION_FILES = {"fp32": "ds_configs/fp32.json", "bf16": "ds_configs/bf16.json", "fp16": "ds_configs/fp16.json"}
@@ -162,30 +163,8 @@ def build_deepspeed_engine(model: torch.nn.Module, param_groups: List[dict], ds_
     model.to(device)
     optimizer = build_optimizer(param_groups, lr, betas, eps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=copy.deepcopy(ds_config))
-    _skip_view_refresh_while_intact(engine.optimizer)
+    ds_compat.skip_view_refresh_while_intact(engine.optimizer)
     return engine, optimizer
-
-
-def _skip_view_refresh_while_intact(zero_optimizer) -> None:
-    """DeepSpeed's ZeRO-1/2 step() ends by re-pointing every parameter at its slice of the flat 16-bit buffer
-    (`_update_model_bit16_weights`, "TODO: we probably don't need this?" upstream): an unflatten and a .data
-    assignment per parameter, every step, though the all-gather already wrote the new weights into those very
-    slices. Skip it while each group's buffer and its first and last parameters are where they were; whenever
-    DeepSpeed replaces a buffer (checkpoint load, offload/reload) the original runs and the layout is re-read."""
-    original = getattr(zero_optimizer, "_update_model_bit16_weights", None)
-    flats, groups = getattr(zero_optimizer, "bit16_groups_flat", None), getattr(zero_optimizer, "bit16_groups", None)
-    if original is None or flats is None or groups is None:
-        return  # ZeRO-0 / BF16_Optimizer: no per-step refresh to skip
-
-    def layout(i):
-        return flats[i].data_ptr(), groups[i][0].data_ptr(), groups[i][-1].data_ptr()
-    seen = {i: layout(i) for i in range(len(groups))}
-
-    def refresh(i):
-        if seen.get(i) != layout(i):
-            original(i)
-            seen[i] = layout(i)
-    zero_optimizer._update_model_bit16_weights = refresh
 
 
 def norm_is_ours(ds_config: dict, precision: str) -> bool:
@@ -202,7 +181,7 @@ def grad_norm(engine) -> torch.Tensor:
     Call it after the backward of the step's last micro-batch and before engine.step(), on the same steps on
     every rank (it is a collective under ZeRO-2). ZeRO-2 holds each rank's reduced partition of the gradients
     by then; DeepSpeed's own norm routine over them is used, as DeepSpeed would on every step."""
-    opt = engine.optimizer
-    if hasattr(opt, "scaled_global_norm"):  # ZeRO-1/2
-        return opt.scaled_global_norm() / opt.loss_scale
+    norm = ds_compat.zero_grad_norm(engine.optimizer)
+    if norm is not None:  # ZeRO-1/2
+        return norm
     return torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None])

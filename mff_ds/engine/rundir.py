@@ -21,6 +21,8 @@ import threading
 import time
 from typing import Optional
 
+from mff_ds.common import UserError
+
 LOCK_NAME = ".mff_lock"
 HEARTBEAT_S = 30.0
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "model_fp32.safetensors", "encoder_timm.safetensors",
@@ -28,7 +30,7 @@ RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "model_fp32.safetensors", "encode
 _held = set()  # lock paths this process holds: a lock naming our own PID but not listed here is a leftover
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError):
     """The output directory cannot be used by this run; the message says why and what to do."""
 
 

@@ -14,8 +14,10 @@ import threading
 
 import torch
 
+from mff_ds.common import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError):
     """A checkpoint that cannot be used: unsafe, damaged, unverifiable or unwritable; the message says which."""
 
 
@@ -31,11 +33,9 @@ def allowlist() -> list:
     """The non-tensor classes found in DeepSpeed 0.19 checkpoints (ZeRO 0-3, fp32/bf16/fp16, universal) and in our
     client state (numpy's RNG state array). Listed with `torch.serialization.get_unsafe_globals_in_checkpoint`."""
     import numpy as np
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler,
-            np.ndarray, np.dtype, type(np.dtype(np.uint32)), np._core.multiarray._reconstruct]
+
+    from .ds_compat import checkpoint_classes
+    return [*checkpoint_classes(), np.ndarray, np.dtype, type(np.dtype(np.uint32)), np._core.multiarray._reconstruct]
 
 
 def unreadable(path, err: Exception) -> CheckpointError:

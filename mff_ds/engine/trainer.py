@@ -1,26 +1,29 @@
 """The one training loop, on a DeepSpeed engine, for every task: pretraining, fine-tuning, linear probing.
 
-The loop knows only "a batch in, an output with `.loss` out". A `Task` builds the model, its data and its
-engine, turns a batch into an output, adds its metrics, acts after a step and at the end of an epoch, and
-finishes (exports, results). The loop owns what every task needs alike: distributed start-up, the DeepSpeed
-config, resume (compatibility, universal conversion, exact data and RNG position), the lr from the
-optimizer-step index, backward / step, the non-finite-loss check (stop or roll back), metrics on logging steps
-only (the only host synchronisation), checkpoints, stop signals and the progress bar.
+The loop knows only "a batch in, an output with `.loss` out". A `Task` builds the model, its data and its engine,
+turns a batch into an output, adds its metrics, acts after a step and at the end of an epoch, and finishes
+(exports, results). Its hooks see the run through a `RunView`. The loop owns what every task needs alike:
+distributed start-up, the DeepSpeed config, resume (compatibility, universal conversion, exact data and RNG
+position), the lr from the optimizer-step index, the non-finite-loss check and the rollback, metrics on logging
+steps only (the only host synchronisation), checkpoints, stop signals and the progress bar.
+
+Read `train_step` top to bottom for one micro-batch and, on an accumulation boundary, everything after it.
 """
 import os
 import sys
 import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from mff_ds.common import DTYPES, seed_everything, write_json
+from mff_ds.common import DTYPES, UserError, seed_everything, write_json
 
 from . import checkpoint as ckpt
-from . import metrics
+from . import ds_compat
 from .distributed import all_gather_object, device_for, init_distributed
+from .metrics import MetricsLogger, memory_gb, progress_bar
 from .optim import (build_deepspeed_engine, build_ds_config, grad_norm, lr_at, norm_is_ours, precision_of,
                     schedule_steps, set_lr)
 from .recipe import RecipeError, resume_differences, save_recipe
@@ -30,17 +33,70 @@ from .signals import StopOnSignal
 NEVER = 2**62
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError):
+    """The loss became NaN/Inf and the run could not roll back (the CLIs exit 3)."""
+
+
+class IncompatibleCheckpointError(UserError):
     pass
 
 
-class IncompatibleCheckpointError(RuntimeError):
-    pass
+@dataclass
+class Position:
+    """Where the run is: optimizer steps done, epoch, micro-batches of this epoch consumed on each rank."""
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    rollbacks: int = 0
+
+
+@dataclass(eq=False)
+class RunView:
+    """What a task's hooks see of the run, and all they may use.
+
+    rank, world: this process and the number of processes; device, dtype, precision: where and in what the model
+    computes; output_dir, ckpt_root (= output_dir/checkpoints); ds_config: the merged DeepSpeed config; engine: the
+    DeepSpeed engine (None until built); step (optimizer steps done) and epoch: kept current by the loop;
+    stop_step: the run's last step (max_steps, or the step a stop signal asked for); total_steps: of the schedule.
+    save() -> the checkpoint directory of this step (collective: call it on every rank); log(metrics) writes a
+    metrics line at this step, image(tag, picture) a TensorBoard image (rank 0 only); say(line) prints on rank 0
+    unless the task is quiet."""
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype
+    precision: str
+    output_dir: str
+    ds_config: dict
+    pos: Position = field(default_factory=Position, repr=False)
+    engine: Any = None
+    stop_step: int = 0
+    total_steps: int = 0
+    save: Callable[[], str] = None
+    log: Callable[[dict], None] = None
+    image: Callable[[str, torch.Tensor], None] = None
+    say: Callable[[str], None] = None
+
+    @property
+    def step(self) -> int:
+        return self.pos.step
+
+    @property
+    def epoch(self) -> int:
+        return self.pos.epoch
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ckpt_root(self) -> str:
+        return os.path.join(self.output_dir, "checkpoints")
 
 
 class Task:
-    """The hooks `fit` calls. `recipe` needs the shared sections (seed, batch, optim, schedule, deepspeed,
-    checkpoint, logging) and `lr()`, `grad_accum(world)`, `compat_hash()`, `compat_dict()`, `to_dict()`."""
+    """The hooks `fit` calls. `recipe` has the shared sections (mff_ds.engine.recipe: seed, batch, optim, schedule,
+    deepspeed, checkpoint, logging) and `lr()`, `grad_accum(world)`, `compat_hash()`, `compat_dict()`, `to_dict()`."""
     quiet = False  # no progress bar or console lines (the loop's and the task's)
 
     def __init__(self, recipe):
@@ -53,7 +109,7 @@ class Task:
     def ds_config(self, world: int, device) -> dict:
         return build_ds_config(self.recipe, world, device)
 
-    def build(self, run: "Run"):
+    def build(self, run: RunView):
         """-> (model, training loader) on the seeded global RNG. The loader has len() (micro-batches per epoch
         on this rank), set_epoch(epoch, skip_batches) and yields (images, labels)."""
         raise NotImplementedError
@@ -62,7 +118,7 @@ class Task:
         return [{"params": [p for p in model.parameters() if p.requires_grad],
                  "weight_decay": self.recipe.optim.weight_decay}]
 
-    def build_engine(self, run: "Run", model):
+    def build_engine(self, run: RunView, model):
         """-> (DeepSpeed engine, base optimizer): AdamW over param_groups(); compiled when the recipe asks."""
         o = self.recipe.optim
         engine, optimizer = build_deepspeed_engine(model, self.param_groups(model), run.ds_config, lr=self.recipe.lr(),
@@ -75,15 +131,15 @@ class Task:
         """A batch as the loader yields it -> an output with `.loss` (a scalar tensor on the device)."""
         raise NotImplementedError
 
-    def log_extras(self, run: "Run", out, metrics: dict) -> dict:
+    def log_extras(self, run: RunView, out, metrics: dict) -> dict:
         """More metrics for a logging step (the loop's are in `metrics`)."""
         return {}
 
-    def after_step(self, run: "Run", out) -> None:
+    def after_step(self, run: RunView, out) -> None:
         """After each optimizer step's logging, before its checkpoint; not timed as training."""
 
-    def end_epoch(self, run: "Run", epoch: int) -> None:
-        """Epoch `epoch` is done (run.pos is already at the next one); may call run.save(). Not timed."""
+    def end_epoch(self, run: RunView, epoch: int) -> None:
+        """Epoch `epoch` is done (run.epoch is already the next one); may call run.save(). Not timed."""
 
     def state_dict(self) -> dict:
         """The task's own state, saved in every checkpoint."""
@@ -92,18 +148,47 @@ class Task:
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    def finish(self, run: "Run", stopped_by: Optional[str]) -> dict:
+    def finish(self, run: RunView, stopped_by: Optional[str]) -> dict:
         """After the final checkpoint, every rank -> entries for the summary."""
         return {}
 
 
-@dataclass
-class Position:
-    """Where the run is: optimizer steps done, epoch, micro-batches of this epoch consumed on each rank."""
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0
-    rollbacks: int = 0
+def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+class LossMeter:
+    """The loss of every micro-batch since the last logging step, summed on the device (no host sync), and the
+    first optimizer step whose loss was not finite."""
+
+    def __init__(self, device):
+        self.sum, self.n = torch.zeros((), device=device), 0
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach().float()
+        self.sum += loss
+        self.n += 1
+        self.first_bad = torch.where(~torch.isfinite(loss) & (self.first_bad < 0), step, self.first_bad)
+
+    def first_nonfinite(self) -> Optional[int]:
+        """Collective (one host sync): the first step with a NaN/Inf loss on any rank since the last call, or None."""
+        s = torch.where(self.first_bad < 0, torch.full_like(self.first_bad, NEVER), self.first_bad)
+        at = int(_all_reduce(s, dist.ReduceOp.MIN).item())
+        self.first_bad.fill_(-1)
+        return None if at >= NEVER else at
+
+    def mean(self, world: int) -> float:
+        """Collective (one host sync): the mean loss over the interval and all ranks; the interval restarts."""
+        m = (_all_reduce(self.sum.clone()) / (self.n * world)).item()
+        self.reset()
+        return m
+
+    def reset(self) -> None:
+        self.sum.zero_()
+        self.n = 0
 
 
 def check_resume(meta: dict, recipe, world_size: int, zero_stage: int, root: str, tag: str) -> bool:
@@ -132,14 +217,11 @@ def check_resume(meta: dict, recipe, world_size: int, zero_stage: int, root: str
     return universal
 
 
-def keep_flat_layout(meta: dict, ds_config: dict, zero_stage: int, where: str, is_main: bool) -> None:
-    """A ZeRO-1/2 checkpoint can only be loaded with the flat-buffer layout it was saved with: a pretraining one
-    written without parameter_alignment (older markers do not record it) is resumed without it, with a warning.
-    Fine-tune markers that do not record it were written with the aligned default."""
+def same_flat_layout(meta: dict, ds_config: dict, zero_stage: int, where: str, is_main: bool) -> None:
+    """A ZeRO-1/2 checkpoint loads only into the flat-buffer layout it was saved with: resume one saved without
+    parameter_alignment without it, with a warning (a fresh run aligns every weight)."""
     zero = ds_config.setdefault("zero_optimization", {})
-    if "parameter_alignment" not in meta and "task" in meta:
-        return
-    saved = bool(meta.get("parameter_alignment", False))
+    saved = bool(meta["parameter_alignment"])
     if zero_stage in (1, 2) and saved != bool(zero.get("parameter_alignment")):
         zero["parameter_alignment"] = saved
         if is_main:
@@ -148,272 +230,264 @@ def keep_flat_layout(meta: dict, ds_config: dict, zero_stage: int, where: str, i
                   flush=True)
 
 
-def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t
+@dataclass(eq=False)
+class Loop:
+    """The loop's own state (the hooks see `view`): engine, data, schedule, position, metrics, console."""
+    task: Task
+    view: RunView
+    engine: Any
+    optimizer: Any
+    loader: Any
+    accum: int
+    per_epoch: int          # micro-batches per epoch on each rank that make whole optimizer steps
+    warmup_steps: int
+    meta: dict              # what every checkpoint marker of this run records
+    logger: MetricsLogger = None
+    bar: Any = None
+    loss: LossMeter = None
+    own_norm: bool = False  # the loop, not DeepSpeed, takes the grad norm (on logging steps)
+    norm: Any = None        # this logging step's grad norm (own_norm)
+    last_saved: int = -1
+    t_mark: float = 0.0     # images/s counts training only: hooks and checkpoints move the mark
+    steps_mark: int = 0
+    first_loss: Optional[float] = None
+    last_loss: Optional[float] = None
 
+    @property
+    def pos(self) -> Position:
+        return self.view.pos
 
-def _loss_scale(engine) -> float:
-    for name in ("cur_scale", "loss_scale"):
-        v = getattr(engine.optimizer, name, None)
-        if isinstance(v, (int, float, torch.Tensor)):
-            return float(v)
-    return 1.0
-
-
-class Run:
-    """One fit(): what the hooks read (recipe, device, dtype, engine, optimizer, loader, pos, stop_step, logger,
-    bar, output_dir, is_main, ...) and the loop's steps between batches."""
-
-    def __init__(self, task: Task, output_dir: str, max_steps: Optional[int], resume: str):
-        from deepspeed.utils import logger as ds_logger
-        ds_logger.setLevel(os.environ.get("MFF_DS_LOG_LEVEL", "WARNING"))
-        self.task, self.recipe, self.output_dir = task, task.recipe, output_dir
-        env = init_distributed()
-        self.world, self.rank, self.is_main = env.world_size, env.rank, env.rank == 0
-        problems = task.check(self.world)
-        if problems:
-            raise RecipeError(problems)
-        self.device = device_for(env.local_rank)
-        self.ds_config = task.ds_config(self.world, self.device)
-        self.precision = precision_of(self.ds_config)
-        self.dtype = DTYPES[self.precision]
-        self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
-        self.ckpt_root = os.path.join(output_dir, "checkpoints")
-        found = self._resume_target(resume)
-        if self.is_main:
-            os.makedirs(output_dir, exist_ok=True)
-            save_recipe(self.recipe, os.path.join(output_dir, "recipe.yaml"))
-            write_json(os.path.join(output_dir, "ds_config.json"), self.ds_config)
-        self._build(max_steps)
-        self.pos = Position()
-        if found:
-            self.restore(found[0], found[1])
-        self.last_saved = self.pos.step if found else -1
-        self._start_metrics(found)
-
-    def _resume_target(self, resume: str):
-        """The checkpoint to resume (converted to universal when saved by another world size), checked before
-        any heavy work."""
-        found = ckpt.find(self.output_dir, resume)
-        if found and ckpt.needs_universal(found[2], self.world, self.zero_stage):
-            found = ckpt.to_universal(*found)  # converted once, then loaded as universal
-        if found:
-            root, tag, meta = found
-            if check_resume(meta, self.recipe, self.world, self.zero_stage, root, tag):
-                self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
-            else:
-                keep_flat_layout(meta, self.ds_config, self.zero_stage, os.path.join(root, tag), self.is_main)
-        return found
-
-    def _build(self, max_steps):
-        """Model and data (identical init on every rank), engine, then per-rank randomness (masks, mixup) as the
-        reference (diff_rank_seed); the schedule from the loader's length."""
-        r = self.recipe
-        seed_everything(r.seed)
-        model, self.loader = self.task.build(self)
-        self.accum = r.grad_accum(self.world)
-        (self.steps_per_epoch, self.total_steps, self.warmup_steps,
-         self.stop_step) = schedule_steps(r, len(self.loader), self.accum, max_steps)
-        self.per_epoch = self.steps_per_epoch * self.accum
-        self.engine, self.optimizer = self.task.build_engine(self, model)
-        seed_everything(r.seed + self.rank)
-        self.meta_base = {"recipe_hash": r.compat_hash(), "compat": r.compat_dict(), "recipe": r.to_dict(),
-                          "world_size": self.world, "zero_stage": self.zero_stage, "precision": self.precision,
-                          "name": r.name, "parameter_alignment": bool(
-                              self.ds_config.get("zero_optimization", {}).get("parameter_alignment"))}
-        if getattr(r, "task", None):
-            self.meta_base["task"] = r.task
-
-    def _start_metrics(self, found):
-        r = self.recipe
-        self.logger = metrics.MetricsLogger(self.output_dir, self.is_main, r.logging.tensorboard)
-        self.bar = metrics.progress_bar(self.is_main and r.logging.progress_bar and not self.task.quiet, self.stop_step,
-                                     self.pos.step)
-        if self.is_main and found and not self.task.quiet:
-            self.bar.write(f"resumed from {found[0]}/{found[1]} at step {self.pos.step} (epoch {self.pos.epoch}, "
-                           f"batch {self.pos.batch})")
-        self.loss_sum, self.n_micro = torch.zeros((), device=self.device), 0
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first step with a bad loss
-        self.t_mark, self.steps_mark, self.first_loss, self.last_loss = time.time(), self.pos.step, None, None
-        self.own_norm, self.own_gn = norm_is_ours(self.ds_config, self.precision), None
-
-    # ------------------------------------------------------------------ checkpoints
-    def save(self) -> str:
-        """A checkpoint of this step (collective): weights, optimizer, data position, every rank's RNG, task state."""
-        p, mb = self.pos, self.recipe.batch.micro_batch
-        client = {"step": p.step, "epoch": p.epoch, "batch": p.batch, "rng": all_gather_object(ckpt.rng_state()),
-                  "samples": p.batch * mb * self.world,  # of this epoch, all ranks
-                  "task": self.task.state_dict(), "mff_meta": dict(self.meta_base, step=p.step),
-                  **ckpt.universal_info()}
-        meta = dict(self.meta_base, epoch=p.epoch, batch=p.batch)
-        self.last_saved = p.step
-        return ckpt.save(self.engine, self.ckpt_root, p.step, client, meta, self.recipe.checkpoint.keep_last)
-
-    def restore(self, root: str, tag: str, rollback: bool = False) -> None:
-        """Load a checkpoint; a rollback keeps the data position (the bad stretch is skipped) and reseeds."""
-        client = ckpt.load(self.engine, root, tag)
-        p = self.pos
-        p.step = int(client["step"])
-        self.task.load_state_dict(client.get("task", client))  # older fine-tune checkpoints: at the top level
-        rng = client.get("rng") or []
-        if rollback or len(rng) != self.world:
-            seed_everything(self.recipe.seed + self.rank + 7919 * (p.step + 1) + p.rollbacks)
-        else:
-            ckpt.set_rng_state(rng[self.rank])
-        if rollback:
-            return
-        p.epoch, p.batch = int(client["epoch"]), int(client["batch"])
-        per_batch = self.recipe.batch.micro_batch * self.world
-        if client.get("samples") is not None and int(client["samples"]) != p.batch * per_batch:
-            p.batch = int(client["samples"]) // per_batch  # another world size / micro batch (universal)
-        if p.batch >= self.per_epoch:  # saved at the end of an epoch
-            p.epoch, p.batch = p.epoch + 1, 0
-
-    # ------------------------------------------------------------------ between batches
-    def set_lr(self) -> None:
-        r = self.recipe
-        set_lr(self.optimizer, lr_at(self.pos.step, self.total_steps, self.warmup_steps, r.lr(), r.optim.min_lr,
-                                     r.schedule.warmup_start_factor))
+    def lr(self, step: int) -> float:
+        r = self.task.recipe
+        return lr_at(step, self.view.total_steps, self.warmup_steps, r.lr(), r.optim.min_lr,
+                     r.schedule.warmup_start_factor)
 
     def is_log_step(self, step: int) -> bool:
-        return step % self.recipe.logging.every_steps == 0 or step == self.stop_step
+        return step % self.task.recipe.logging.every_steps == 0 or step == self.view.stop_step
 
-    def before_step(self) -> None:
-        """After the step's last backward: the grad norm on logging steps where DeepSpeed does not take it."""
-        if self.own_norm and (self.pos.batch + 1) % self.accum == 0 and self.is_log_step(self.pos.step + 1):
-            self.own_gn = grad_norm(self.engine)
+    def is_ckpt_step(self, step: int) -> bool:
+        every = getattr(self.task.recipe.checkpoint, "every_steps", 0)  # eval recipes checkpoint per epoch
+        return bool(every and step % every == 0) or step == self.view.stop_step
 
-    def count(self, loss: torch.Tensor) -> None:
-        """A micro-batch is done: its loss is summed on the device (no sync), a non-finite one remembered."""
-        loss = loss.detach().float()
-        self.loss_sum += loss
-        self.n_micro += 1
-        self.first_bad = torch.where(~torch.isfinite(loss) & (self.first_bad < 0), self.pos.step, self.first_bad)
-        self.pos.batch += 1
 
-    def step_done(self, out, stopper: StopOnSignal) -> bool:
-        """An optimizer step is done: stop signal, non-finite check, log, task hook, epoch end, checkpoint.
-        Returns True when the loop leaves this epoch's loader (epoch done, or the run's last step)."""
-        p = self.pos
-        p.step += 1
-        self.bar.update(1)
-        if stopper.requested(p.step, self.device):  # collective
-            self.stop_step = p.step  # log, checkpoint and leave at this step
-        every = getattr(self.recipe.checkpoint, "every_steps", 0)
-        epoch_done = p.batch >= self.per_epoch
-        is_log = self.is_log_step(p.step)
-        is_ckpt = (every and p.step % every == 0) or p.step == self.stop_step
-        rolled_back = (is_log or is_ckpt or epoch_done) and self.rolled_back()
-        if is_log and not rolled_back:
-            self.log(out)
-        t = time.time()
-        if not rolled_back:
-            self.task.after_step(self, out)
-        if epoch_done:
-            self.end_epoch()
-        if is_ckpt and not rolled_back and self.last_saved != p.step:
-            self.save()
-        self.t_mark += time.time() - t  # images/s counts training only
-        return epoch_done or p.step >= self.stop_step
+def train_step(s: Loop, images, labels, stopper: StopOnSignal) -> bool:
+    """One micro-batch and, at the end of an optimizer step, everything after it. Returns True when the loop
+    leaves this epoch's loader (the epoch is done, or the run's last step)."""
+    p, v, task = s.pos, s.view, s.task
+    boundary = (p.batch + 1) % s.accum == 0  # this micro-batch ends an optimizer step
+    log_step = boundary and s.is_log_step(p.step + 1)
+    if p.batch % s.accum == 0:
+        set_lr(s.optimizer, s.lr(p.step))
+    out = task.forward(s.engine, images, labels)
+    s.engine.backward(out.loss)
+    if log_step and s.own_norm:  # after the last backward, before step(): ZeRO-2 holds the reduced gradients
+        s.norm = grad_norm(s.engine)
+    s.engine.step()  # DeepSpeed steps the optimizer only at the boundary
+    s.loss.add(out.loss, p.step)
+    p.batch += 1
+    if not boundary:
+        return False
+    p.step += 1
+    s.bar.update(1)
+    if stopper.requested(p.step, v.device):  # collective; every rank stops at this step
+        v.stop_step = p.step
+    epoch_done = p.batch >= s.per_epoch
+    log_step, ckpt_step = s.is_log_step(p.step), s.is_ckpt_step(p.step)
+    bad_at = s.loss.first_nonfinite() if log_step or ckpt_step or epoch_done else None  # collective
+    if bad_at is not None:
+        roll_back(s, bad_at)  # raises NonFiniteLossError when it may not
+    if bad_at is None and log_step:
+        log(s, out)
+    t = time.time()
+    if bad_at is None:
+        task.after_step(v, out)
+    if epoch_done:
+        end_epoch(s)
+    if bad_at is None and ckpt_step and s.last_saved != p.step:
+        save(s)
+    s.t_mark += time.time() - t
+    return epoch_done or p.step >= v.stop_step
 
-    def end_epoch(self) -> None:
-        p = self.pos
-        p.epoch, p.batch = p.epoch + 1, 0
-        self.task.end_epoch(self, p.epoch - 1)
 
-    def rolled_back(self) -> bool:
-        """Collective. False when every loss since the last check was finite; True after rolling back to the
-        last checkpoint (on_nonfinite: rollback); raises NonFiniteLossError otherwise."""
-        s = torch.where(self.first_bad < 0, torch.full_like(self.first_bad, NEVER), self.first_bad)
-        at = int(_all_reduce(s, dist.ReduceOp.MIN).item())
-        self.first_bad.fill_(-1)
-        if at >= NEVER:
-            return False
-        r, last = self.recipe, ckpt.complete_tags(self.ckpt_root)
-        lr = lr_at(at, self.total_steps, self.warmup_steps, r.lr(), r.optim.min_lr, r.schedule.warmup_start_factor)
-        msg = (f"loss became NaN/Inf at optimizer step {at + 1} (lr {lr:.3g}, precision {self.precision}); no "
-               f"checkpoint was written after it.")
-        if getattr(r, "on_nonfinite", "stop") == "rollback" and last and self.pos.rollbacks < r.max_rollbacks:
-            self.pos.rollbacks += 1
-            self.restore(self.ckpt_root, last[-1][1], rollback=True)
-            self.loss_sum.zero_()
-            self.n_micro = 0
-            self.t_mark, self.steps_mark, self.bar.n = time.time(), self.pos.step, self.pos.step
-            if self.is_main:
-                self.bar.write(f"{msg} Rolled back to {last[-1][1]} (rollback {self.pos.rollbacks}/{r.max_rollbacks}); "
-                               f"the data stream continues past the bad batches.")
-            return True
-        hint = f"Last complete checkpoint: {os.path.join(self.ckpt_root, last[-1][1])}." if last else "No checkpoint yet."
+def end_epoch(s: Loop) -> None:
+    s.pos.epoch, s.pos.batch = s.pos.epoch + 1, 0
+    s.task.end_epoch(s.view, s.pos.epoch - 1)
+
+
+def log(s: Loop, out) -> None:
+    """A logging step's metrics (the interval's mean loss: the one host sync)."""
+    v, eng, r = s.view, s.engine, s.task.recipe
+    mean_loss = s.loss.mean(v.world)
+    ips = (v.step - s.steps_mark) * r.batch.global_batch / max(time.time() - s.t_mark, 1e-9)
+    g = s.optimizer.param_groups[0]
+    lr = g["lr"] / g.get("lr_scale", 1.0)
+    m = {"loss": mean_loss, "lr": lr, "loss_scale": ds_compat.loss_scale(eng), "skipped_steps": int(eng.skipped_steps),
+         "epoch": v.epoch, "images_per_s": ips}
+    gn = eng.get_global_grad_norm()
+    gn = s.norm if gn is None else gn
+    if gn is not None:
+        m["grad_norm"] = float(gn)
+    s.norm = None
+    if hasattr(s.loader, "bad_samples"):
+        m["data/bad_samples"] = s.loader.bad_samples  # this rank, this epoch (skipped files)
+    m.update(memory_gb(v.device))
+    m.update(s.task.log_extras(v, out, m))
+    s.logger.log(v.step, m)
+    s.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+    s.first_loss = mean_loss if s.first_loss is None else s.first_loss
+    s.last_loss = mean_loss
+    s.t_mark, s.steps_mark = time.time(), v.step
+
+
+def roll_back(s: Loop, at: int) -> None:
+    """The loss was not finite at step `at`: back to the last checkpoint (on_nonfinite: rollback; the data stream
+    continues past the bad batches), or NonFiniteLossError."""
+    r, v = s.task.recipe, s.view
+    last = ckpt.complete_tags(v.ckpt_root)
+    msg = (f"loss became NaN/Inf at optimizer step {at + 1} (lr {s.lr(at):.3g}, precision {v.precision}); no "
+           f"checkpoint was written after it.")
+    if getattr(r, "on_nonfinite", "stop") != "rollback" or not last or s.pos.rollbacks >= r.max_rollbacks:
+        hint = f"Last complete checkpoint: {os.path.join(v.ckpt_root, last[-1][1])}." if last else "No checkpoint yet."
         raise NonFiniteLossError(f"{msg} {hint} Lower optim.base_lr, use bf16, enable optim.grad_clip"
                                  + (", or set on_nonfinite: rollback" if hasattr(r, "on_nonfinite") else "")
                                  + "; then rerun with --resume auto.")
+    s.pos.rollbacks += 1
+    restore(s, v.ckpt_root, last[-1][1], rollback=True)
+    s.loss.reset()
+    s.t_mark, s.steps_mark, s.bar.n = time.time(), v.step, v.step
+    if v.is_main:  # a warning: printed for quiet tasks too
+        s.bar.write(f"{msg} Rolled back to {last[-1][1]} (rollback {s.pos.rollbacks}/{r.max_rollbacks}); the data "
+                    f"stream continues past the bad batches.")
 
-    def log(self, out) -> None:
-        """The logging step's metrics (one host sync: the mean loss over the interval and all ranks)."""
-        step, eng = self.pos.step, self.engine
-        mean_loss = (_all_reduce(self.loss_sum.clone()) / (self.n_micro * self.world)).item()
-        ips = (step - self.steps_mark) * self.recipe.batch.global_batch / max(time.time() - self.t_mark, 1e-9)
-        g = self.optimizer.param_groups[0]
-        lr = g["lr"] / g.get("lr_scale", 1.0)
-        m = {"loss": mean_loss, "lr": lr, "loss_scale": _loss_scale(eng), "skipped_steps": int(eng.skipped_steps),
-             "epoch": self.pos.epoch, "images_per_s": ips}
-        gn = eng.get_global_grad_norm()
-        gn = self.own_gn if gn is None else gn
-        if gn is not None:
-            m["grad_norm"] = float(gn)
-        if hasattr(self.loader, "bad_samples"):
-            m["data/bad_samples"] = self.loader.bad_samples  # this rank, this epoch (skipped files)
-        m.update(metrics.memory_gb(self.device))
-        m.update(self.task.log_extras(self, out, m))
-        self.logger.log(step, m)
-        self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
-        self.first_loss = mean_loss if self.first_loss is None else self.first_loss
-        self.last_loss = mean_loss
-        self.loss_sum.zero_()
-        self.n_micro = 0
-        self.t_mark, self.steps_mark = time.time(), step
 
-    def finish(self, stopped_by: Optional[str]) -> dict:
-        if self.last_saved != self.pos.step:
-            self.save()
-        summary = {"step": self.pos.step, "total_steps": self.total_steps, "first_loss": self.first_loss,
-                   "last_loss": self.last_loss, "output_dir": self.output_dir, "rollbacks": self.pos.rollbacks,
-                   "stopped_by": stopped_by}
-        summary.update(self.task.finish(self, stopped_by))
-        if dist.is_initialized():
-            dist.barrier()
-        return summary
+def save(s: Loop) -> str:
+    """A checkpoint of this step (collective): weights, optimizer, data position, every rank's RNG, task state."""
+    p, v = s.pos, s.view
+    client = {"step": p.step, "epoch": p.epoch, "batch": p.batch, "rng": all_gather_object(ckpt.rng_state()),
+              "samples": p.batch * s.task.recipe.batch.micro_batch * v.world,  # of this epoch, all ranks
+              "task": s.task.state_dict(), "mff_meta": dict(s.meta, step=p.step), **ds_compat.universal_info()}
+    s.last_saved = p.step
+    return ckpt.save(s.engine, v.ckpt_root, p.step, client, dict(s.meta, epoch=p.epoch, batch=p.batch),
+                     s.task.recipe.checkpoint.keep_last)
 
-    def close(self) -> None:
-        self.bar.close()
-        self.logger.close()
+
+def restore(s: Loop, root: str, tag: str, rollback: bool = False) -> None:
+    """Load a checkpoint; a rollback keeps the data position (the bad stretch is skipped) and reseeds."""
+    client = ckpt.load(s.engine, root, tag)
+    p, v, r = s.pos, s.view, s.task.recipe
+    p.step = int(client["step"])
+    s.task.load_state_dict(client["task"])
+    rng = client.get("rng") or []
+    if rollback or len(rng) != v.world:
+        seed_everything(r.seed + v.rank + 7919 * (p.step + 1) + p.rollbacks)
+    else:
+        ckpt.set_rng_state(rng[v.rank])
+    if rollback:
+        return
+    p.epoch, p.batch = int(client["epoch"]), int(client["batch"])
+    per_batch = r.batch.micro_batch * v.world
+    if client.get("samples") is not None and int(client["samples"]) != p.batch * per_batch:
+        p.batch = int(client["samples"]) // per_batch  # another world size / micro batch (universal)
+    if p.batch >= s.per_epoch:  # saved at the end of an epoch
+        p.epoch, p.batch = p.epoch + 1, 0
+
+
+def resume_target(task: Task, v: RunView, resume: str):
+    """The checkpoint to resume (converted to universal when saved by another world size), checked before any
+    heavy work; sets the DeepSpeed config's loading options to match it."""
+    zero_stage = int(v.ds_config.get("zero_optimization", {}).get("stage", 0))
+    found = ckpt.find(v.output_dir, resume)
+    if found and ckpt.needs_universal(found[2], v.world, zero_stage):
+        found = ckpt.to_universal(*found)  # converted once, then loaded as universal
+    if found:
+        root, tag, meta = found
+        if check_resume(meta, task.recipe, v.world, zero_stage, root, tag):
+            v.ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        else:
+            same_flat_layout(meta, v.ds_config, zero_stage, os.path.join(root, tag), v.is_main)
+    return found
+
+
+def setup(task: Task, output_dir: str, max_steps: Optional[int], resume: str) -> Loop:
+    """Distributed start-up, the recipe's problems for this world size, the DeepSpeed config, the checkpoint to
+    resume, model / data / engine (identical init on every rank; then per-rank randomness, as the reference's
+    diff_rank_seed), the schedule from the loader's length, and the restored position."""
+    from deepspeed.utils import logger as ds_logger
+    ds_logger.setLevel(os.environ.get("MFF_DS_LOG_LEVEL", "WARNING"))
+    r, env = task.recipe, init_distributed()
+    ds_compat.check_version(env.rank == 0)
+    problems = task.check(env.world_size)
+    if problems:
+        raise RecipeError(problems)
+    device = device_for(env.local_rank)
+    ds_config = task.ds_config(env.world_size, device)
+    precision = precision_of(ds_config)
+    v = RunView(env.rank, env.world_size, device, DTYPES[precision], precision, output_dir, ds_config)
+    found = resume_target(task, v, resume)
+    if v.is_main:
+        os.makedirs(output_dir, exist_ok=True)
+        save_recipe(r, os.path.join(output_dir, "recipe.yaml"))
+        write_json(os.path.join(output_dir, "ds_config.json"), ds_config)
+    seed_everything(r.seed)
+    model, loader = task.build(v)
+    accum = r.grad_accum(v.world)
+    steps_per_epoch, v.total_steps, warmup, v.stop_step = schedule_steps(r, len(loader), accum, max_steps)
+    v.engine, optimizer = task.build_engine(v, model)
+    seed_everything(r.seed + v.rank)
+    zero = ds_config.get("zero_optimization", {})
+    meta = {"format_version": ckpt.FORMAT_VERSION, "recipe_hash": r.compat_hash(), "compat": r.compat_dict(),
+            "recipe": r.to_dict(), "world_size": v.world, "zero_stage": int(zero.get("stage", 0)),
+            "precision": precision, "name": r.name, "parameter_alignment": bool(zero.get("parameter_alignment"))}
+    s = Loop(task, v, v.engine, optimizer, loader, accum, steps_per_epoch * accum, warmup, meta,
+             own_norm=norm_is_ours(ds_config, precision))
+    v.save, v.say = lambda: save(s), (lambda line: s.bar.write(line)) if v.is_main and not task.quiet else print_none
+    if found:
+        restore(s, found[0], found[1])
+    s.last_saved = v.step if found else -1
+    s.logger = MetricsLogger(output_dir, v.is_main, r.logging.tensorboard)
+    v.log, v.image = lambda m: s.logger.log(v.step, m), lambda tag, img: s.logger.image(tag, img, v.step)
+    s.bar = progress_bar(v.is_main and r.logging.progress_bar and not task.quiet, v.stop_step, v.step)
+    if found:
+        v.say(f"resumed from {found[0]}/{found[1]} at step {v.step} (epoch {v.epoch}, batch {s.pos.batch})")
+    s.loss, s.t_mark, s.steps_mark = LossMeter(device), time.time(), v.step
+    return s
+
+
+def print_none(line: str) -> None:
+    """`say` on the ranks (and quiet tasks) that print nothing."""
+
+
+def finish(s: Loop, stopped_by: Optional[str]) -> dict:
+    """The last checkpoint, the summary and the task's entries in it, on every rank."""
+    v = s.view
+    if s.last_saved != v.step:
+        save(s)
+    summary = {"step": v.step, "total_steps": v.total_steps, "first_loss": s.first_loss, "last_loss": s.last_loss,
+               "output_dir": v.output_dir, "rollbacks": s.pos.rollbacks, "stopped_by": stopped_by}
+    summary.update(s.task.finish(v, stopped_by))
+    if dist.is_initialized():
+        dist.barrier()
+    return summary
 
 
 @owns_output_dir  # the output dir is locked for the run; --resume none never mixes two runs
 def fit(task: Task, output_dir: str, max_steps: Optional[int] = None, resume: str = "auto") -> dict:
     """Run (or continue, resume='auto') `task` to its last step or `max_steps`; returns a summary."""
-    run = Run(task, output_dir, max_steps, resume)
-    engine, pos = run.engine, run.pos
+    s = setup(task, output_dir, max_steps, resume)
     stopper = StopOnSignal.install()  # SIGUSR1 (MFF_DS_STOP_SIGNALS): save at the next check and exit
     try:
-        engine.train()
-        while pos.step < run.stop_step:
-            run.loader.set_epoch(pos.epoch, skip_batches=pos.batch)  # reuses the (persistent) workers
-            for images, labels in run.loader:
-                if pos.batch % run.accum == 0:
-                    run.set_lr()
-                out = task.forward(engine, images, labels)
-                engine.backward(out.loss)
-                run.before_step()
-                engine.step()
-                run.count(out.loss)
-                if pos.batch % run.accum == 0 and run.step_done(out, stopper):
+        s.engine.train()
+        while s.pos.step < s.view.stop_step:
+            s.loader.set_epoch(s.pos.epoch, skip_batches=s.pos.batch)  # reuses the (persistent) workers
+            for images, labels in s.loader:
+                if train_step(s, images, labels, stopper):
                     break
             else:  # the loader ran dry before the epoch's last step
-                run.end_epoch()
-        return run.finish(stopper.stopped_by)
+                end_epoch(s)
+        return finish(s, stopper.stopped_by)
     finally:
         stopper.restore()
-        run.close()
+        if s.bar is not None:
+            s.bar.close()
+        if s.logger is not None:
+            s.logger.close()

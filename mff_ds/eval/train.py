@@ -179,13 +179,12 @@ class ClassifyTask(Task):
         if new_best:
             self.best_top1, self.best_epoch = res["top1"], epoch
         self.history.append(res)
-        run.logger.log(run.pos.step, dict(res, best_top1=self.best_top1))
-        if run.is_main and not self.quiet:
-            run.bar.write(f"epoch {epoch}: top1 {res['top1']:.2f}  top5 {res['top5']:.2f}  val_loss "
-                          f"{res['val_loss']:.4f}  (best {self.best_top1:.2f} @ epoch {self.best_epoch})")
+        run.log(dict(res, best_top1=self.best_top1))
+        run.say(f"epoch {epoch}: top1 {res['top1']:.2f}  top5 {res['top5']:.2f}  val_loss "
+                f"{res['val_loss']:.4f}  (best {self.best_top1:.2f} @ epoch {self.best_epoch})")
         every, tag = r.checkpoint.every_epochs, None
-        if (every and run.pos.epoch % every == 0) or run.pos.epoch == r.schedule.epochs or run.pos.step == run.stop_step:
-            tag = f"global_step{run.pos.step}"
+        if (every and run.epoch % every == 0) or run.epoch == r.schedule.epochs or run.step == run.stop_step:
+            tag = f"global_step{run.step}"
             run.save()
         if new_best and run.is_main:
             sd = (ckpt.fp32_state_dict(engine, run.ckpt_root, tag) if tag else
@@ -202,8 +201,8 @@ class ClassifyTask(Task):
         last = self.history[-1] if self.history else {}
         best = next((h for h in self.history if h["epoch"] == self.best_epoch), {})
         best_path = self.best_path(run)
-        summary = {"task": self.recipe.task, "step": run.pos.step, "total_steps": run.total_steps,
-                   "epochs_done": run.pos.epoch, "best_top1": best.get("top1"), "best_top5": best.get("top5"),
+        summary = {"task": self.recipe.task, "step": run.step, "total_steps": run.total_steps,
+                   "epochs_done": run.epoch, "best_top1": best.get("top1"), "best_top5": best.get("top5"),
                    "best_epoch": self.best_epoch, "last_top1": last.get("top1"), "last_top5": last.get("top5"),
                    "history": self.history, "best_path": best_path if os.path.exists(best_path) else None,
                    "output_dir": run.output_dir}

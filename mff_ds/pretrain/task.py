@@ -53,13 +53,13 @@ class PretrainTask(Task):
         return m
 
     def after_step(self, run, out):
-        every, step = self.recipe.logging.image_every_steps, run.pos.step
+        every, step = self.recipe.logging.image_every_steps, run.step
         if not (run.is_main and every and (step % every == 0 or step == run.stop_step)):
             return
         k = self.recipe.logging.num_images
         grid = reconstruction_grid(self.x[:k], out.pred[:k], out.mask[:k], self.cfg.patch_size, self.mean,
                                         self.std, self.cfg.norm_pix_loss)
-        run.logger.image("reconstruction", grid, step)
+        run.image("reconstruction", grid)
         save_png(grid, os.path.join(run.output_dir, f"reconstruction_step{step:07d}.png"))
         save_png(grid, os.path.join(run.output_dir, "reconstruction.png"))
 
@@ -67,8 +67,8 @@ class PretrainTask(Task):
         """Exports (our model file, the timm encoder file and folder) of a run that reached its end."""
         if not (self.recipe.checkpoint.export and run.is_main and not stopped_by):
             return {"exported": []}
-        return {"exported": export(run.engine, run.ckpt_root, f"global_step{run.pos.step}", run.output_dir,
-                                        {"step": run.pos.step, "recipe": self.recipe.name,
+        return {"exported": export(run.engine, run.ckpt_root, f"global_step{run.step}", run.output_dir,
+                                        {"step": run.step, "recipe": self.recipe.name,
                                          "precision": run.precision})}
 
 

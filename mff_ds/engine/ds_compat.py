@@ -1,0 +1,134 @@
+"""Every use of DeepSpeed internals (private attributes and modules, not its documented API), in one place.
+
+Each was read from DeepSpeed TESTED_RANGE. `check_version()` runs at start-up: outside that range it prints one line
+naming the installed and the tested versions, and the patches below are switched off (DeepSpeed then runs as it
+ships: a little slower, and a failed checkpoint write on one rank raises there instead of on every rank) rather
+than applied to code they were not read from. pyproject.toml bounds deepspeed to the same range.
+"""
+import contextlib
+import sys
+from typing import Callable
+
+import torch
+
+TESTED_RANGE = ("0.19.8", "0.20")  # [first tested, first untested): 0.19.8 is what CI and the GPU suite run
+_state = {"checked": False, "on": True}
+
+
+def _version_tuple(v: str) -> tuple:
+    return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in v.split("+")[0].split(".")[:3])
+
+
+def installed() -> str:
+    import deepspeed
+    return deepspeed.__version__
+
+
+def in_tested_range(version: str) -> bool:
+    lo, hi = (_version_tuple(v) for v in TESTED_RANGE)
+    return lo <= _version_tuple(version) < hi
+
+
+def check_version(is_main: bool = True) -> bool:
+    """Once per process: True when the installed DeepSpeed is in TESTED_RANGE; else one line (rank 0) and the
+    patches are off."""
+    if not _state["checked"]:
+        _state["checked"], _state["on"] = True, in_tested_range(installed())
+        if not _state["on"] and is_main:
+            print(f"warning: DeepSpeed {installed()} is outside the range mff-ds was tested with "
+                  f"(>={TESTED_RANGE[0]},<{TESTED_RANGE[1]}); its internal patches are off (the per-step view-refresh "
+                  f"skip, per-rank checkpoint write errors). Install deepspeed=={TESTED_RANGE[0]} for the tested "
+                  f"behaviour.", file=sys.stderr, flush=True)
+    return _state["on"]
+
+
+def skip_view_refresh_while_intact(zero_optimizer) -> bool:
+    """DeepSpeed's ZeRO-1/2 step() ends by re-pointing every parameter at its slice of the flat 16-bit buffer
+    (`_update_model_bit16_weights`, "TODO: we probably don't need this?" upstream): an unflatten and a .data
+    assignment per parameter, every step, though the all-gather already wrote the new weights into those very
+    slices. Skip it while each group's buffer and its first and last parameters are where they were; whenever
+    DeepSpeed replaces a buffer (checkpoint load, offload/reload) the original runs and the layout is re-read.
+    Returns whether the patch is in place (False for ZeRO-0 / BF16_Optimizer: no per-step refresh to skip)."""
+    original = getattr(zero_optimizer, "_update_model_bit16_weights", None)
+    flats, groups = getattr(zero_optimizer, "bit16_groups_flat", None), getattr(zero_optimizer, "bit16_groups", None)
+    if original is None or flats is None or groups is None or not check_version():
+        return False
+
+    def layout(i):
+        return flats[i].data_ptr(), groups[i][0].data_ptr(), groups[i][-1].data_ptr()
+    seen = {i: layout(i) for i in range(len(groups))}
+
+    def refresh(i):
+        if seen.get(i) != layout(i):
+            original(i)
+            seen[i] = layout(i)
+    zero_optimizer._update_model_bit16_weights = refresh
+    return True
+
+
+def restore_view_refresh(zero_optimizer) -> None:
+    """DeepSpeed's own per-step refresh again (the benchmarks' "stock DeepSpeed" trainer)."""
+    zero_optimizer.__dict__.pop("_update_model_bit16_weights", None)
+
+
+def loss_scale(engine) -> float:
+    """The current loss scale of the engine's optimizer wrapper (1.0 where there is none)."""
+    for name in ("cur_scale", "loss_scale"):
+        v = getattr(engine.optimizer, name, None)
+        if isinstance(v, (int, float, torch.Tensor)):
+            return float(v)
+    return 1.0
+
+
+def zero_grad_norm(zero_optimizer):
+    """ZeRO-1/2: the global L2 norm of the reduced, unscaled gradient partitions (DeepSpeed's own routine); None
+    for other optimizers."""
+    if not hasattr(zero_optimizer, "scaled_global_norm"):
+        return None
+    return zero_optimizer.scaled_global_norm() / zero_optimizer.loss_scale
+
+
+@contextlib.contextmanager
+def checkpoint_writes_through(engine, save: Callable[[dict, str], None]):
+    """Within the block, DeepSpeed's TorchCheckpointEngine writes every checkpoint file with `save(state_dict,
+    path)`. Another checkpoint engine (or an untested DeepSpeed) writes its own way."""
+    ce = engine.checkpoint_engine
+    if type(ce).__name__ != "TorchCheckpointEngine" or not check_version():
+        yield
+        return
+    ce.save = save
+    try:
+        yield
+    finally:
+        del ce.save
+
+
+def zipfile_serialization(engine) -> bool:
+    return getattr(engine.checkpoint_engine, "zipfile_serialization", True)
+
+
+def checkpoint_classes() -> list:
+    """The DeepSpeed classes its checkpoints pickle (ZeRO 0-3, fp32/bf16/fp16, universal), for weights-only loads."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
+def universal_info() -> dict:
+    """The client-state entry DeepSpeed's ds_to_universal requires (plain data parallel: just the version)."""
+    try:
+        from deepspeed.checkpoint import constants as c
+        return {c.UNIVERSAL_CHECKPOINT_INFO: {c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    except (ImportError, AttributeError):
+        return {}
+
+
+def ds_to_universal(src: str, dst: str, workers: int) -> None:
+    """DeepSpeed's ds_to_universal command, in this process (so its loads run under our weights-only patch)."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal as tool
+    tool.main(argparse.Namespace(input_folder=src, output_folder=dst, num_extract_workers=workers,
+                                 num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
+                                 inject_missing_state=False))
