@@ -71,7 +71,7 @@ MULTI_RANK_BUCKET = 50_000_000
 
 def engine_defaults(zero_stage: int, world_size: int, grad_clip: float) -> dict:
     """The DeepSpeed settings that decide host work per step, as measured by
-    `benchmarks/throughput.py --device cpu --preset overhead` (docs in README "Engine settings"):
+    `benchmarks/throughput.py --device cpu --preset overhead` (docs in docs/ENGINE.md "Engine settings"):
 
     - parameter_alignment: every weight starts on a 16-byte boundary of ZeRO's flat buffers (without it one
       odd-sized tensor, MFF's 6 fusion logits, shifted 88 weights off alignment and onto slower GEMM kernels).
