@@ -11,10 +11,11 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
+from mff_ds.common import UserError
 from mff_ds.data import BadDataError, BadImage, DataConfig, build_loader, decode_rgb, normalize
 from mff_ds.data import decode as device_decode, demo, sources
 from mff_ds.data.make_shards import convert
-from mff_ds.data.transforms import MAECrop, MFFCrop, _Source, chw, make_augment, process
+from mff_ds.data.transforms import LazyImage, MAECrop, MFFCrop, chw, make_augment, process
 
 S = 32  # output size used throughout (small: fast tests)
 
@@ -108,7 +109,7 @@ def test_validate_names_keys():
         assert any(p.startswith(f"data.{key}:") for p in problems), (key, problems)
     assert "data.augment: expected one of ['mff', 'mae', 'center'], got 'rrc'" in problems
     assert any(p.startswith("data.path:") for p in DataConfig(source="imagefolder").validate())
-    with pytest.raises(ValueError, match="data.augment"):
+    with pytest.raises(UserError, match="data.augment"):
         load(DataConfig(augment="rrc", source="synthetic"))
 
 
@@ -196,10 +197,10 @@ def test_flip_is_mirror(photo):
 def test_reduced_size_decode(photo):
     big = photo.resize((1200, 800), Image.BICUBIC)
     data = jpeg(big)
-    src = _Source(data, fast=True)
-    assert src.size == (1200, 800) and src.decode(150, 100).shape == (100, 150, 3)   # 1/8 in the DCT domain
-    assert src.decode(301, 200).shape == (400, 600, 3)                               # 1/2 (1/4 is too small)
-    pil = _Source(jpeg(big.convert("L")), fast=True)                                 # gray also fast
+    image = LazyImage(data, fast=True)
+    assert image.size == (1200, 800) and image.decode(150, 100).shape == (100, 150, 3)  # 1/8 in the DCT domain
+    assert image.decode(301, 200).shape == (400, 600, 3)                               # 1/2 (1/4 is too small)
+    pil = LazyImage(jpeg(big.convert("L")), fast=True)                               # gray also fast
     assert pil.decode(150, 100).shape == (100, 150, 3)
     for name in ("mff", "mae", "center"):
         aug = make_augment(name, 64)
@@ -305,6 +306,36 @@ def test_imagefolder_determinism_resume_split(folder, decode):
     assert [len(w) for w in wrap] == [4, 4] and [len(torch.cat([y for _, y in stream(w)])) for w in wrap] == [16, 16]
 
 
+def test_cpu_path_runs_process(folder):
+    """Batch b of the CPU path is `process` over its samples in order, with the batch's generator: the function
+    the augmentation tests check is the one the workers run."""
+    loader = load(DataConfig(source="imagefolder", path=str(folder), num_workers=0, augment="mae", decode="cpu"),
+                  rank=1, world_size=2, epoch=1)
+    files = [p for p, _ in sources.scan_imagefolder(str(folder))[0]]
+    idx = sources.rank_indices(len(files), 1, 2, 3, 1, True)
+    aug = make_augment("mae", S)
+    for b, (x, _) in enumerate(stream(loader)):
+        rng = np.random.default_rng([3, 1, 1, b])  # (seed, epoch, rank, batch)
+        assert torch.equal(x, torch.stack([process(sources.read_file(files[i]), aug, rng)
+                                           for i in idx[4 * b:4 * b + 4]]))
+
+
+def test_unusable_data_is_a_user_error(tmp_path, folder, photo):
+    """Data the user named that cannot serve: UserError (the command lines print one line and exit 2)."""
+    def fails(match, path):
+        with pytest.raises(UserError, match=match):
+            load(DataConfig(source="imagefolder", path=str(path), num_workers=0))
+
+    fails(r"data.path: ImageFolder root '\S+nowhere' is not a directory", tmp_path / "nowhere")
+    fails("data.path: no image files", tmp_path)
+    (tmp_path / "c0").mkdir()
+    (tmp_path / "x.jpg").write_bytes(jpeg(photo))
+    fails("mixes image files and class directories", tmp_path)
+    with pytest.raises(UserError, match="31 samples over 8 ranks give 3 per rank, fewer than micro_batch=4"):
+        load(DataConfig(source="imagefolder", path=str(folder)), world_size=8)
+    assert issubclass(BadDataError, UserError)  # too many unreadable files
+
+
 # --------------------------------------------------------------------------------------------- shard streams
 @pytest.mark.parametrize("decode", ["cpu", "gpu"])
 def test_shards_determinism_resume(shards, folder, decode):
@@ -335,17 +366,17 @@ def test_shards_equal_batches_on_uneven_split(shards, nw):
 
 def test_too_few_shards(shards):
     cfg = DataConfig(source="webdataset", path=shards, num_workers=3)
-    with pytest.raises(ValueError, match="5 shards for 2 ranks x 3 workers.*resample_shards"):
+    with pytest.raises(UserError, match="5 shards for 2 ranks x 3 workers.*resample_shards"):
         load(cfg, world_size=2)
     cfg = DataConfig(source="webdataset", path=shards, num_workers=0, resample_shards=True)
     loaders = [load(cfg, rank=r, world_size=8, micro_batch=2) for r in range(8)]
     assert all(len(stream(x)) == len(x) == 1 for x in loaders)
-    with pytest.raises(ValueError, match="expected existing shard files, got 2 of 2 missing"):
+    with pytest.raises(UserError, match="expected existing shard files, got 2 of 2 missing"):
         load(DataConfig(source="webdataset", path=shards.replace("{000000..000004}", "x{0..1}")))
     other = shards.replace("train-{000000..000004}", "other-0")
     if not os.path.exists(other):
         os.link(shards.replace("{000000..000004}", "000000"), other)
-    with pytest.raises(ValueError, match="shard other-0.tar is not listed in .*_info.json"):
+    with pytest.raises(UserError, match="shard other-0.tar is not listed in .*_info.json"):
         load(DataConfig(source="webdataset", path=other))
 
 
@@ -353,7 +384,7 @@ def test_shards_without_info(shards, tmp_path):
     for i in range(2):
         os.link(shards.replace("{000000..000004}", f"{i:06d}"), tmp_path / f"s{i}.tar")
     pattern = str(tmp_path / "s{0..1}.tar")
-    with pytest.raises(ValueError, match="data.num_samples: required"):
+    with pytest.raises(UserError, match="data.num_samples: required"):
         load(DataConfig(source="webdataset", path=pattern))
     loader = load(DataConfig(source="webdataset", path=pattern, num_samples=14, num_workers=0))
     assert len(loader) == 3 and sum(len(y) for _, y in loader) == 12
@@ -379,14 +410,14 @@ def test_pipe_shards(shards, folder, tmp_path):
     for i in range(2):
         os.link(shards.replace("{000000..000004}", f"{i:06d}"), tmp_path / f"s{i}.tar")
     bare = f"pipe:cat {tmp_path}/s{{0..1}}.tar"
-    with pytest.raises(ValueError, match=r"data.num_samples: required .*pipe:cat \S+/_info.json: exit status 1"):
+    with pytest.raises(UserError, match=r"data.num_samples: required .*pipe:cat \S+/_info.json: exit status 1"):
         load(DataConfig(source="webdataset", path=bare))
     assert len(load(DataConfig(source="webdataset", path=bare, num_samples=14, num_workers=0))) == 3
     missing = str(tmp_path / "nowhere" / "train-{000000..000003}.tar")
-    with pytest.raises(ValueError, match=r"data.path: cannot read shard 'pipe:cat \S+nowhere/train-000000.tar' "
+    with pytest.raises(UserError, match=r"data.path: cannot read shard 'pipe:cat \S+nowhere/train-000000.tar' "
                                          r"\(exit status 1: cat: .*No such file"):
         load(DataConfig(source="webdataset", path="pipe:cat " + missing))
-    with pytest.raises(ValueError, match=r"data.path: expected existing shard files, got 4 of 4 missing for .*, e.g. '\S+/train-000000.tar'"):
+    with pytest.raises(UserError, match=r"data.path: expected existing shard files, got 4 of 4 missing for .*, e.g. '\S+/train-000000.tar'"):
         load(DataConfig(source="webdataset", path=missing, num_samples=10))
 
 
@@ -420,7 +451,7 @@ def test_device_decode_routes_odd_files_to_the_cpu_decoder(photo):
     files, _ = odd_files(photo)
     files["rgb.jpg"], files["progressive.jpg"] = jpeg(photo), jpeg(photo, progressive=True)
     for name in ("rgb.jpg", "gray.jpg", "cmyk.jpg", "exif.jpg", "palette.png", "bad_truncated.jpg", "progressive.jpg"):
-        ok = device_decode.nvjpeg_ok(files[name], _Source(files[name], True))
+        ok = device_decode.nvjpeg_ok(files[name], LazyImage(files[name], True))
         assert ok == (name in ("rgb.jpg", "gray.jpg")), name  # the others: the CPU decoder, in the workers
 
 

@@ -1,6 +1,6 @@
 """`data.decode: gpu`: workers read the files, the main process decodes and augments whole batches on the device.
 
-Workers (`encode`): read the bytes, parse the header for the image size and draw the crop and flip parameters
+Workers (`pack_batch`): read the bytes, parse the header for the image size and draw the crop and flip parameters
 exactly as the CPU path does (`transforms.prepare`, same generator, same order: the same seed gives the same
 boxes and flips on either path), and ship the batch's JPEGs as one uint8 tensor (shared memory, not pickled).
 Files nvJPEG should not get (PNG, CMYK or EXIF-rotated JPEGs, truncated files) are decoded and augmented by
@@ -21,13 +21,13 @@ import threading
 
 import torch
 
-from .transforms import _fast_jpeg_size, _Source, chw, decode_for, to_uint8
+from .transforms import LazyImage, _fast_jpeg_size, chw, decode_for, to_uint8
 
 DECODES = ("auto", "cpu", "gpu")
 
 
 @dataclasses.dataclass
-class Encoded:
+class PackedBatch:
     """One batch as the workers ship it for device decoding."""
     data: torch.Tensor   # uint8 (total,): the JPEGs for nvJPEG back to back (nothing for the other samples)
     offsets: list        # n + 1 byte offsets into data
@@ -37,11 +37,11 @@ class Encoded:
     names: list          # sample names, for bad-sample messages
 
 
-def nvjpeg_ok(data, src):
+def nvjpeg_ok(data, image):
     """A sequential YCbCr/gray JPEG without EXIF rotation that ends with its EOI marker. Other files go to the
     CPU decoder: nvJPEG ignores EXIF, does not convert CMYK, decodes a truncated file without an error, and
     decodes progressive files one by one with host-side Huffman decoding in the main process."""
-    jpeg = src.jpeg if src.jpeg is not None else _fast_jpeg_size(data)
+    jpeg = image.jpeg if image.jpeg is not None else _fast_jpeg_size(data)
     return jpeg is not None and data.rstrip(b"\0")[-2:] == b"\xff\xd9" and _sequential(data)
 
 
@@ -62,8 +62,8 @@ def _sequential(data):
     return False
 
 
-def encode(jpegs, done, names, size):
-    """jpegs [(bytes, params) or None], done {k: uint8 (3, S, S)} -> Encoded (worker side)."""
+def pack_batch(jpegs, done, names, size):
+    """jpegs [(bytes, params) or None], done {k: uint8 (3, S, S)} -> PackedBatch (worker side)."""
     files = [j[0] if j else b"" for j in jpegs]
     offsets = [0]
     for f in files:
@@ -71,8 +71,8 @@ def encode(jpegs, done, names, size):
     data = torch.frombuffer(bytearray(b"".join(files)), dtype=torch.uint8) if offsets[-1] else \
         torch.empty(0, dtype=torch.uint8)
     images = torch.stack(list(done.values())) if done else torch.empty((0, 3, size, size), dtype=torch.uint8)
-    return Encoded(data, offsets, [j[1] if j else None for j in jpegs], {k: i for i, k in enumerate(done)},
-                   images, list(names))
+    return PackedBatch(data, offsets, [j[1] if j else None for j in jpegs], {k: i for i, k in enumerate(done)},
+                       images, list(names))
 
 
 def _decode_jpegs(files, device):
@@ -91,28 +91,28 @@ def _decode_jpegs(files, device):
         return out
 
 
-def decode_batch(enc, labels, bad, aug, size, device, fast=True):
-    """Encoded batch -> (uint8 (n, 3, size, size) on `device`, labels, bad [(k, message)]); bad samples are
+def decode_batch(packed, labels, bad, aug, size, device, fast=True):
+    """PackedBatch -> (uint8 (n, 3, size, size) on `device`, labels, bad [(k, message)]); bad samples are
     replaced as on the CPU path (`fill_bad`)."""
-    n = len(enc.params)
-    files = [enc.data[a:b] for a, b in zip(enc.offsets[:-1], enc.offsets[1:])]
-    gpu = [k for k in range(n) if enc.params[k] is not None]
+    n = len(packed.params)
+    files = [packed.data[a:b] for a, b in zip(packed.offsets[:-1], packed.offsets[1:])]
+    gpu = [k for k in range(n) if packed.params[k] is not None]
     decoded = dict(zip(gpu, _decode_jpegs([files[k] for k in gpu], device))) if gpu else {}
     out = torch.empty((n, 3, size, size), dtype=torch.float32, device=device)
-    if enc.done:
-        done = list(enc.done)
-        out[done] = enc.images.to(device).float()
-    bad, good = list(bad), sorted(enc.done)
+    if packed.done:
+        done = list(packed.done)
+        out[done] = packed.images.to(device).float()
+    bad, good = list(bad), sorted(packed.done)
     for k in gpu:
-        p, x = enc.params[k], decoded.get(k)
+        p, x = packed.params[k], decoded.get(k)
         try:
             if x is None:  # the device decoder failed: the CPU path's decoder (names the problem: BadImage)
-                src = _Source(files[k].numpy().tobytes(), fast)
-                x = chw(decode_for(src, aug, p, fast)).to(device)
+                image = LazyImage(files[k].numpy().tobytes(), fast)
+                x = chw(decode_for(image, aug, p, fast)).to(device)
             out[k] = aug.apply(x.float(), p)
             good.append(k)
         except Exception as e:  # never let one file stop the run
-            bad.append((k, f"{enc.names[k]}: {str(e)[:200]}"))
+            bad.append((k, f"{packed.names[k]}: {str(e)[:200]}"))
     imgs = to_uint8(out)
     good.sort()
     fill_bad(imgs, labels, good, bad)

@@ -22,9 +22,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .decode import DECODES, Prefetcher, decode_batch, encode, fill_bad, nvjpeg_ok
+from mff_ds.common import UserError
+
+from .decode import DECODES, Prefetcher, decode_batch, fill_bad, nvjpeg_ok, pack_batch
 from .registry import SOURCES, Plan, Source
-from .transforms import AUGMENTS, chw, decode_for, make_augment, prepare
+from .transforms import AUGMENTS, finish, make_augment, prepare, process
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -32,8 +34,8 @@ MAX_EXAMPLES = 10
 BAD_LOG_EVERY_S = 30.0  # at most one "skipped" line per process this often (a bad shard can hold thousands)
 
 
-class BadDataError(RuntimeError):
-    """Too many unreadable samples."""
+class BadDataError(UserError):
+    """Too many unreadable samples: the data needs fixing (or `max_bad_fraction` raising), not the code."""
 
 
 @dataclasses.dataclass
@@ -98,13 +100,13 @@ def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=torch.float32)
 
 
 class _Batches(IterableDataset):
-    """Yields (batch_index, images uint8 or decode.Encoded, labels int64, bad [(k, message)], n_samples) for the
+    """Yields (batch_index, images uint8 or decode.PackedBatch, labels int64, bad [(k, message)], n_samples) for the
     batches of this worker, from the source's samples (or its finished batches)."""
 
-    def __init__(self, source, plan, cfg, state, encode_only=False):
+    def __init__(self, source, plan, cfg, state, pack=False):
         self.source, self.plan, self.cfg = source, plan, cfg
         self.state = state  # shared with persistent workers: [epoch, skip_batches]
-        self.encode_only = encode_only  # decode: gpu -> ship the files and parameters (decode.Encoded)
+        self.pack = pack  # decode: gpu -> ship the files and parameters (decode.PackedBatch)
         self.aug = make_augment(cfg.augment, plan.size)
 
     seed = property(lambda self: self.plan.seed)  # the Loader's generator
@@ -121,37 +123,36 @@ class _Batches(IterableDataset):
                 yield self._make(b, epoch, batch)
 
     def _make(self, b, epoch, raw):
-        """-> (b, uint8 images or decode.Encoded, labels, bad [(k, message)], n)."""
+        """-> (b, uint8 images or decode.PackedBatch, labels, bad [(k, message)], n)."""
         rng = np.random.default_rng([self.seed, epoch, self.plan.rank, b])
         n, fast = len(raw), self.cfg.fast_decode
-        imgs = None if self.encode_only else torch.empty((n, 3, self.size, self.size), dtype=torch.uint8)
+        imgs = None if self.pack else torch.empty((n, 3, self.size, self.size), dtype=torch.uint8)
         labels = torch.tensor([label for _, _, label in raw], dtype=torch.int64)
         good, bad, jpegs, done = [], [], [None] * n, {}
         for k, (name, data, _) in enumerate(raw):
             try:
                 if not isinstance(data, bytes):  # str: read error or broken shard; None: no image entry
                     raise ValueError(data or "sample has no image entry")
-                src, p = prepare(data, self.aug, rng, fast)  # the same draws on both paths
-                if self.encode_only and nvjpeg_ok(data, src):
-                    jpegs[k] = (data, p)  # decoded on the device
-                    continue
-                img = self.aug.apply(chw(decode_for(src, self.aug, p, fast)), p)
-                if self.encode_only:
-                    done[k] = img
-                else:
-                    imgs[k] = img
+                if not self.pack:  # the CPU path
+                    imgs[k] = process(data, self.aug, rng, fast)
                     good.append(k)
+                    continue
+                image, p = prepare(data, self.aug, rng, fast)  # process's own steps: both paths draw alike
+                if nvjpeg_ok(data, image):
+                    jpegs[k] = (data, p)  # decoded on the device
+                else:
+                    done[k] = finish(image, self.aug, p, fast)
             except Exception as e:  # never let one file kill a worker
                 bad.append((k, f"{name}: {str(e)[:200]}"))
-        if self.encode_only:
-            return b, encode(jpegs, done, [name for name, _, _ in raw], self.size), labels, bad, n
+        if self.pack:
+            return b, pack_batch(jpegs, done, [name for name, _, _ in raw], self.size), labels, bad, n
         fill_bad(imgs, labels, good, bad)
         return b, imgs, labels, bad, n
 
 
 def _decode_item(ds, device, item):
-    b, enc, labels, bad, n = item
-    imgs, labels, bad = decode_batch(enc, labels, bad, ds.aug, ds.size, device, ds.cfg.fast_decode)
+    b, packed, labels, bad, n = item
+    imgs, labels, bad = decode_batch(packed, labels, bad, ds.aug, ds.size, device, ds.cfg.fast_decode)
     return b, imgs, labels, bad, n
 
 
@@ -191,7 +192,7 @@ class Loader:
         # The DataLoader's first iter() draws the workers' base seed from `generator`, by default torch's global
         # one: after a resume restored the RNG states that draw would shift every later random mask. Workers use
         # only explicit (seed, epoch, rank, batch) generators, so a private generator changes nothing else.
-        self._dl = DataLoader(dataset, batch_size=None, num_workers=nw,  # encoded files: nothing to pin
+        self._dl = DataLoader(dataset, batch_size=None, num_workers=nw,  # packed files: nothing to pin
                               pin_memory=cfg.pin_memory and torch.cuda.is_available() and device is None,
                               persistent_workers=nw > 0, prefetch_factor=cfg.prefetch_factor if nw else None,
                               generator=torch.Generator().manual_seed(dataset.seed))
@@ -269,15 +270,15 @@ def build_loader(cfg, *, img_size, micro_batch, rank, world_size, seed, epoch, s
     if not problems and rank >= world_size:
         problems.append(f"rank: expected < world_size={world_size}, got {rank}")
     if problems:
-        raise ValueError("invalid data configuration:\n  " + "\n  ".join(problems))
+        raise UserError("invalid data configuration:\n  " + "\n  ".join(problems))
 
     source = SOURCES.get(cfg.source)(cfg.path, num_samples=cfg.num_samples)
     total = len(source)
     per_rank = total // world_size if drop_last else math.ceil(total / world_size)
     nb = per_rank // micro_batch if drop_last else math.ceil(per_rank / micro_batch)
     if nb < 1:
-        raise ValueError(f"data: {total} samples over {world_size} ranks give {per_rank} per rank, "
-                         f"fewer than micro_batch={micro_batch}: no full batch")
+        raise UserError(f"data: {total} samples over {world_size} ranks give {per_rank} per rank, "
+                        f"fewer than micro_batch={micro_batch}: no full batch")
     last = micro_batch if drop_last else per_rank - (nb - 1) * micro_batch
     if cfg.num_workers > nb:
         warnings.warn(f"data.num_workers={cfg.num_workers} > {nb} batches per epoch; extra workers idle")
@@ -285,5 +286,5 @@ def build_loader(cfg, *, img_size, micro_batch, rank, world_size, seed, epoch, s
                 drop_last=drop_last, size=img_size, resample=cfg.resample_shards, shuffle_buffer=cfg.shuffle_buffer)
     source.check(plan, max(cfg.num_workers, 1), epoch)
     dev = decode_device(cfg, source, device)
-    ds = _Batches(source, plan, cfg, mp.RawArray("q", 2), encode_only=dev is not None)
+    ds = _Batches(source, plan, cfg, mp.RawArray("q", 2), pack=dev is not None)
     return Loader(ds, cfg, total, epoch, skip_batches, dev)

@@ -21,7 +21,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from mff_ds.common import write_json
+from mff_ds.common import UserError, write_json
 
 from .sources import INFO_NAME, scan_imagefolder
 from .transforms import decode_rgb
@@ -70,7 +70,7 @@ def _write_shard(job):
 def convert(src, out, shard_size, split="train", seed=0, shuffle=True, workers=1, progress=True):
     """Convert ImageFolder `src` into shards of `split` under `out`; resumes an interrupted run. -> info dict."""
     if shard_size < 1:
-        raise ValueError(f"--shard-size: expected an integer >= 1, got {shard_size}")
+        raise UserError(f"--shard-size: expected an integer >= 1, got {shard_size}")
     samples, classes = scan_imagefolder(os.path.abspath(src))
     order = np.random.default_rng(seed).permutation(len(samples)) if shuffle else np.arange(len(samples))
     n_shards = math.ceil(len(samples) / shard_size)
@@ -86,8 +86,8 @@ def convert(src, out, shard_size, split="train", seed=0, shuffle=True, workers=1
     params_path = os.path.join(out, ".make_shards", f"{split}.params.json")
     old = read_json(params_path)
     if old is not None and old != params:
-        raise ValueError(f"{out} holds a conversion of split {split!r} with other parameters {old}, "
-                         f"now {params}; delete {os.path.join(out, '.make_shards')} and the shards to restart")
+        raise UserError(f"{out} holds a conversion of split {split!r} with other parameters {old}, "
+                        f"now {params}; delete {os.path.join(out, '.make_shards')} and the shards to restart")
     write_json(params_path, params, indent=1)
 
     def record_path(name):

@@ -15,7 +15,7 @@ import os
 import numpy as np
 import torch
 
-from mff_ds.common import Registry
+from mff_ds.common import Registry, UserError
 
 from . import demo, sources
 
@@ -168,8 +168,8 @@ class WebDataset(StreamSource):
             return self.num_samples
         counts, why = sources.shard_counts(self.urls)
         if counts is None:
-            raise ValueError(f"{self.samples_key}: required for shards without {sources.INFO_NAME} ({why}); "
-                             f"write shards with `python -m mff_ds.data.make_shards`")
+            raise UserError(f"{self.samples_key}: required for shards without {sources.INFO_NAME} ({why}); "
+                            f"write shards with `python -m mff_ds.data.make_shards`")
         return sum(counts)
 
     def check(self, plan, workers, epoch):

@@ -26,6 +26,8 @@ import tempfile
 import numpy as np
 import webdataset as wds
 
+from mff_ds.common import UserError
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 IMG_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "pgm", "gif", "img")
 INFO_NAME = "_info.json"
@@ -38,19 +40,22 @@ def scan_imagefolder(root):
     recursively); image files directly under `root` make an unlabelled set (label -1)."""
     root = os.fspath(root)
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"data.path: ImageFolder root {root!r} is not a directory")
-    entries = sorted(os.scandir(root), key=lambda e: e.name)
+        raise UserError(f"data.path: ImageFolder root {root!r} is not a directory")
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError as e:  # e.g. no permission: the user's to fix, as a missing root is
+        raise UserError(f"data.path: cannot read ImageFolder root {root!r} ({e.strerror})") from None
     classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
     samples = [(e.path, -1) for e in entries if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS)]
     if samples and classes:
-        raise ValueError(f"data.path: {root!r} mixes image files and class directories; use one layout")
+        raise UserError(f"data.path: {root!r} mixes image files and class directories; use one layout")
     for label, c in enumerate(classes):
         for dirpath, dirnames, filenames in sorted(os.walk(os.path.join(root, c), followlinks=True)):
             dirnames.sort()
             samples += [(os.path.join(dirpath, f), label) for f in sorted(filenames)
                         if f.lower().endswith(IMG_EXTENSIONS)]
     if not samples:
-        raise ValueError(f"data.path: no image files ({', '.join(IMG_EXTENSIONS)}) under {root!r}")
+        raise UserError(f"data.path: no image files ({', '.join(IMG_EXTENSIONS)}) under {root!r}")
     return samples, classes
 
 
@@ -74,11 +79,11 @@ def expand_shards(path):
     Local shards must exist; for `pipe:` and remote urls see `check_readable`."""
     urls = [u for u in wds.shardlists.expand_urls(str(path)) if u]
     if not urls:
-        raise ValueError(f"data.path: no shards in {path!r}")
+        raise UserError(f"data.path: no shards in {path!r}")
     missing = [u for u in urls if not is_remote(u) and not os.path.isfile(u)]
     if missing:
-        raise ValueError(f"data.path: expected existing shard files, got {len(missing)} of {len(urls)} missing for "
-                         f"{path!r}, e.g. {missing[0]!r}")
+        raise UserError(f"data.path: expected existing shard files, got {len(missing)} of {len(urls)} missing for "
+                        f"{path!r}, e.g. {missing[0]!r}")
     return urls
 
 
@@ -144,7 +149,7 @@ def check_readable(url):
         except tarfile.HeaderError as e:
             err = f"not a tar file: {e}; first bytes {head[:40]!r}"
     if err:
-        raise ValueError(f"data.path: cannot read shard {url!r} ({err})")
+        raise UserError(f"data.path: cannot read shard {url!r} ({err})")
 
 
 def shard_counts(urls):
@@ -158,19 +163,22 @@ def shard_counts(urls):
         if err or not data:
             return None, f"{where}: {err or 'empty'}"
     elif os.path.exists(where):
-        data = read_file(where)
+        try:
+            data = read_file(where)
+        except OSError as e:
+            raise UserError(f"data.path: cannot read {where} ({e.strerror})") from None
     else:
         return None, f"{where}: does not exist"
     try:
         info = json.loads(data)
         counts = {s["name"]: s["count"] for split in info["splits"].values() for s in split["shards"]}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"data.path: {where} is not an {INFO_NAME} written by make_shards "
-                         f"({type(e).__name__}: {str(e)[:200]})") from None
+        raise UserError(f"data.path: {where} is not an {INFO_NAME} written by make_shards "
+                        f"({type(e).__name__}: {str(e)[:200]})") from None
     try:
         return [counts[os.path.basename(_shard_token(u) or u)] for u in urls], None
     except KeyError as e:
-        raise ValueError(f"data.path: shard {e.args[0]} is not listed in {where}") from None
+        raise UserError(f"data.path: shard {e.args[0]} is not listed in {where}") from None
 
 
 def iter_shard(url):
@@ -205,7 +213,7 @@ def worker_passes(urls, rank, world, worker, num_workers, seed, epoch, resample)
         return
     readers = world * num_workers
     if len(urls) < readers:
-        raise ValueError(
+        raise UserError(
             f"data.path: {len(urls)} shards for {world} ranks x {num_workers} workers = {readers} readers; "
             f"need at least {readers} shards, or set data.resample_shards=true, or lower data.num_workers")
     order = list(urls)
@@ -226,7 +234,7 @@ def sample_stream(urls, rank, world, worker, num_workers, seed, epoch, resample,
         for url in shard_list:
             empty += 1
             if empty > 10 * len(urls) + 10:
-                raise RuntimeError(f"data.path: no samples in the shards, e.g. {url}")
+                raise UserError(f"data.path: no samples in the shards, e.g. {url}")
             for sample in iter_shard(url):
                 n, empty = n + 1, 0
                 buf.append(sample)
@@ -237,4 +245,4 @@ def sample_stream(urls, rank, world, worker, num_workers, seed, epoch, resample,
         rng.shuffle(buf)
         yield from buf
         if n == 0:
-            raise RuntimeError(f"data.path: no samples in the shards {shard_list[:3]}...")
+            raise UserError(f"data.path: no samples in the shards {shard_list[:3]}...")

@@ -37,8 +37,9 @@ class BadImage(Exception):
 
 
 # ----------------------------------------------------------------------------------------------- decoding
-class _Source:
-    """A lazily decoded image: `size` (w, h) after EXIF rotation, `decode(min_w, min_h)` -> RGB uint8 HWC."""
+class LazyImage:
+    """Image bytes whose header is read at once and whose pixels on demand: `size` (w, h) after EXIF rotation,
+    `decode(min_w, min_h)` -> RGB uint8 HWC, at reduced size where the JPEG allows it."""
 
     def __init__(self, data, fast):
         self.data = data
@@ -133,8 +134,8 @@ def to_rgb_array(img):
 
 def decode_rgb(data, fast=True):
     """Decode image bytes to a full-size RGB uint8 (H, W, 3) array (raises BadImage)."""
-    src = _Source(data, fast)
-    return src.decode(*src.size)
+    image = LazyImage(data, fast)
+    return image.decode(*image.size)
 
 
 # ------------------------------------------------------------------------------------------ augmentations
@@ -267,21 +268,29 @@ def make_augment(name, size):
 
 
 def prepare(data, aug, rng, fast=True):
-    """Image bytes -> (lazily decoded source, augmentation parameters drawn from `rng`); raises BadImage when
-    the header cannot be read (then nothing is drawn). Both decode paths start here."""
-    src = _Source(data, fast)
-    return src, aug.sample(*src.size, rng)
+    """Image bytes -> (LazyImage, augmentation parameters drawn from `rng`); raises BadImage when the header
+    cannot be read (then nothing is drawn). Both decode paths start here, so both draw alike."""
+    image = LazyImage(data, fast)
+    return image, aug.sample(*image.size, rng)
+
+
+def finish(image, aug, p, fast=True):
+    """LazyImage and its parameters p -> augmented uint8 (3, S, S) tensor: decoded at the size p needs, then
+    `aug.apply`. The rest of `process`, for the device path's workers, which decide between the two steps."""
+    return aug.apply(chw(decode_for(image, aug, p, fast)), p)
 
 
 def process(data, aug, rng, fast=True):
-    """Image bytes -> augmented uint8 (3, S, S) tensor; raises BadImage for undecodable data."""
-    src, p = prepare(data, aug, rng, fast)
-    return aug.apply(chw(decode_for(src, aug, p, fast)), p)
+    """Image bytes -> augmented uint8 (3, S, S) tensor; raises BadImage for undecodable data. What the CPU
+    path's workers run on every sample."""
+    image, p = prepare(data, aug, rng, fast)
+    return finish(image, aug, p, fast)
 
 
-def decode_for(src, aug, p, fast=True):
-    """The pixels `aug.apply` needs for parameters p: RGB uint8 (H, W, 3), at reduced size when `fast`."""
-    return src.decode(*(aug.need(p) if fast else src.size))
+def decode_for(image, aug, p, fast=True):
+    """The pixels of LazyImage `image` that `aug.apply` needs for parameters p: RGB uint8 (H, W, 3), at reduced
+    size when `fast`."""
+    return image.decode(*(aug.need(p) if fast else image.size))
 
 
 def chw(arr):

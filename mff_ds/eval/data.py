@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Sampler
 
-from mff_ds.common import Registry
+from mff_ds.common import Registry, UserError
 from mff_ds.data import IMAGENET_MEAN, IMAGENET_STD, SOURCES, source_for_path
 from mff_ds.data import sources
 from mff_ds.data.registry import FileSource
@@ -131,7 +131,7 @@ class _FileSet(torch.utils.data.Dataset):
         except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
             why = "not an image" if isinstance(e, Image.UnidentifiedImageError) else e
             if not self.skip_unreadable:
-                raise ValueError(f"{name}: unreadable image ({why})") from e
+                raise UserError(f"{name}: unreadable image ({why})") from e
             print(f"warning: skipped unreadable validation image {name}: {why}", file=sys.stderr, flush=True)
             return None
         return self.transform(image), label
@@ -163,7 +163,7 @@ class _StreamSet(torch.utils.data.IterableDataset):
                 return
             if not isinstance(data, bytes) or label < 0:
                 if not self.train:
-                    raise ValueError(f"{name}: unreadable or unlabelled validation sample ({data if data else 'no image'})")
+                    raise UserError(f"{name}: unreadable or unlabelled validation sample ({data if data else 'no image'})")
                 continue
             yield self.transform(_pil(data)), label
             n += 1
@@ -186,8 +186,8 @@ def build_train_loader(data, transform, *, micro_batch, rank, world, seed):
     if isinstance(source, FileSource):
         sampler = RankSampler(len(source), rank, world, seed, micro_batch)
         if sampler.per_rank == 0:
-            raise ValueError(f"data.train_path: {len(source)} images give no full micro-batch of {micro_batch} on "
-                             f"each of {world} rank(s); expected a larger set or a smaller batch")
+            raise UserError(f"data.train_path: {len(source)} images give no full micro-batch of {micro_batch} on "
+                            f"each of {world} rank(s); expected a larger set or a smaller batch")
         loader = DataLoader(_FileSet(source, transform), batch_size=micro_batch, sampler=sampler, generator=g, **kw)
         return _Loader(loader, sampler, sampler.per_rank // micro_batch, g, seed), source.classes
     per_rank = len(source) // world // micro_batch * micro_batch
