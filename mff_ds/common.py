@@ -18,6 +18,10 @@ class UserError(ValueError):
     A ValueError, so callers that catch ValueError around user input keep working."""
 
 
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named is not there."""
+
+
 
 
 def __getattr__(name):

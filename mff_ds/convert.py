@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .common import atomic_write
+from .common import MissingFileError, UserError, atomic_write
 from .models import ModelConfig, build_model
 from .models.archs import default_out_indices
 
@@ -61,7 +61,7 @@ def _rename(name: str, pairs, what: str, reverse: bool = False) -> str:
         src, dst = (theirs, ours) if reverse else (ours, theirs)
         if name == src or (src.endswith(".") and name.startswith(src)):
             return dst + name[len(src):]
-    raise ValueError(f"no {what} counterpart for key {name!r}")
+    raise UserError(f"no {what} counterpart for key {name!r}")
 
 
 def _to_name(name: str, names, block, what: str) -> str:
@@ -130,7 +130,7 @@ def _join_qkv(sd: dict) -> dict:
             groups.setdefault(k.replace(f".{part}.", ".qkv."), {})[part] = v
     for k, g in groups.items():
         if len(g) != len(_QKV):
-            raise ValueError(f"{k}: expected query, key and value tensors, got only {sorted(g)}")
+            raise UserError(f"{k}: expected query, key and value tensors, got only {sorted(g)}")
         out[k] = torch.cat([g[p] for p in _QKV])
     return out
 
@@ -148,7 +148,7 @@ def _literal(node):
         return {kw.arg: _literal(kw.value) for kw in node.keywords}
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
         return -_literal(node.operand)
-    raise ValueError(f"unsupported config expression {ast.dump(node)[:60]}")
+    raise UserError(f"unsupported config expression {ast.dump(node)[:60]}")
 
 
 def parse_mm_config(text: str) -> dict:
@@ -195,13 +195,13 @@ def infer_config(sd: dict) -> dict:
     """Sizes that the state dict (our names) determines; heads, out_indices and mask ratio it cannot."""
     for k in ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight"):
         if k not in sd:
-            raise ValueError(f"not an MAE/MFF ViT checkpoint: expected key {k!r}, found keys like {sorted(sd)[:5]}")
+            raise UserError(f"not an MAE/MFF ViT checkpoint: expected key {k!r}, found keys like {sorted(sd)[:5]}")
     w = sd["patch_embed.proj.weight"]
     C, in_chans, p = w.shape[0], w.shape[1], w.shape[-1]
     L = sd["pos_embed"].shape[1] - 1
     grid = int(round(L ** 0.5))
     if grid * grid != L:
-        raise ValueError(f"pos_embed: expected a square grid of patches (+1 cls), got {L} patches")
+        raise UserError(f"pos_embed: expected a square grid of patches (+1 cls), got {L} patches")
     cfg = dict(embed_dim=C, in_chans=in_chans, patch_size=p, img_size=grid * p, depth=_count(sd, "blocks."),
                mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / C)
     if "decoder_embed.weight" in sd:
@@ -230,7 +230,7 @@ def _build_and_load(sd: dict, hints: dict, overrides: dict, source: str, strict_
         warnings.warn(f"{source}: no config says {', '.join(k.split('=')[0] for k in guessed)}; "
                       f"using the standard defaults {', '.join(guessed)} (pass them as overrides to change)")
     if len(cfg["out_indices"]) != K:
-        raise ValueError(f"{source}: the checkpoint has {K} fusion level(s) but out_indices is "
+        raise UserError(f"{source}: the checkpoint has {K} fusion level(s) but out_indices is "
                          f"{cfg['out_indices']} ({len(cfg['out_indices'])} levels)")
     model = build_model(cfg)
     load_state_dict_checked(model, sd, source, allow_missing_decoder=not strict_decoder)
@@ -252,7 +252,7 @@ def load_state_dict_checked(model, sd: dict, source: str = "checkpoint", allow_m
             msg.append(f"  missing keys ({len(missing)}): {missing[:8]}")
         if unexpected:
             msg.append(f"  unexpected keys ({len(unexpected)}): {unexpected[:8]}")
-        raise ValueError("\n".join(msg))
+        raise UserError("\n".join(msg))
     model.load_state_dict(sd, strict=not allow_missing_decoder)
     return model
 
@@ -280,7 +280,7 @@ def read_file(path):
     """-> (tensors, metadata) for .safetensors or torch files."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
         try:
@@ -288,7 +288,7 @@ def read_file(path):
                 meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
                 return {k: f.get_tensor(k) for k in f.keys()}, meta
         except (SafetensorError, ValueError) as e:
-            raise ValueError(f"cannot read {path}: expected a .safetensors file, got one that is empty, truncated or "
+            raise UserError(f"cannot read {path}: expected a .safetensors file, got one that is empty, truncated or "
                              f"not safetensors ({e})") from None
     from mff_ds.engine.safe_load import UNREADABLE, unreadable
     try:
@@ -296,7 +296,7 @@ def read_file(path):
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True), {}
     except UNREADABLE as e:
-        raise ValueError(str(unreadable(path, e))) from None
+        raise UserError(str(unreadable(path, e))) from None
 
 
 def save_model(model, path):
@@ -315,7 +315,7 @@ def load_model(path, **overrides):
         sd, cfg = obj, meta.get("model_config")
     else:
         if obj.get("format") != FORMAT:
-            raise ValueError(f"{path}: expected an mff_ds model file (format {FORMAT!r}); for other layouts use "
+            raise UserError(f"{path}: expected an mff_ds model file (format {FORMAT!r}); for other layouts use "
                              f"load_mmpretrain / load_mae")
         sd, cfg = obj["model"], obj["model_config"]
     model = build_model({**cfg, **overrides})
@@ -328,7 +328,7 @@ def load_mmpretrain(path, **overrides):
     obj, st_meta = read_file(path)
     sd_mm = obj.get("state_dict", obj)
     if not any(k.startswith("backbone.") for k in sd_mm):
-        raise ValueError(f"{path}: expected mmpretrain keys starting with 'backbone.', got {sorted(sd_mm)[:5]}")
+        raise UserError(f"{path}: expected mmpretrain keys starting with 'backbone.', got {sorted(sd_mm)[:5]}")
     hints = {}
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else st_meta  # .pth, or safetensors metadata
     cfg_text = meta.get("cfg")
@@ -373,7 +373,7 @@ def timm_name(cfg: ModelConfig) -> str:
         name = f"vit_{size}_patch{cfg.patch_size}_224"
         if (cfg.embed_dim, cfg.depth, cfg.num_heads) == (dim, depth, heads) and timm.is_model(name):
             return name
-    raise ValueError(f"no registered timm ViT with embed {cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads}, "
+    raise UserError(f"no registered timm ViT with embed {cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads}, "
                      f"patch {cfg.patch_size}")
 
 
@@ -412,7 +412,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     try:
         model = _run(a)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (UserError, ImportError) as e:
         print(f"error: {a.command}: {e}", file=sys.stderr)
         return 2
     print(f"{a.command}: {a.src} -> {a.dst} ({model.cfg.depth} blocks, embed {model.cfg.embed_dim}, "

@@ -19,6 +19,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from mff_ds.common import MissingFileError, UserError
+
 from . import convert
 from .models import ModelConfig, build_model
 from .models.vit import LayerNorm
@@ -34,7 +36,7 @@ def _write_dir(out_dir, write, stale=()) -> Path:
     (config.json last); the `stale` names are removed from out_dir first."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: expected a folder to write into (new or existing), got a file")
+        raise UserError(f"{out}: expected a folder to write into (new or existing), got a file")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
@@ -122,18 +124,18 @@ def to_hf(model, out_dir) -> Path:
 def _read_hf_config(folder: Path) -> dict:
     what = "a transformers ViTMAE folder (config.json + model.safetensors)"
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: expected {what}, got no such folder")
+        raise MissingFileError(f"{folder}: expected {what}, got no such folder")
     for name in (CONFIG, WEIGHTS):
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder}: expected {what}, but {name} is missing")
+            raise MissingFileError(f"{folder}: expected {what}, but {name} is missing")
     try:
         hf = json.loads((folder / CONFIG).read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{folder / CONFIG}: expected JSON, got a parse error ({e})") from None
+        raise UserError(f"{folder / CONFIG}: expected JSON, got a parse error ({e})") from None
     if not isinstance(hf, dict) or hf.get("model_type") != "vit_mae":
         given = (f"a timm folder (architecture {hf['architecture']!r})" if isinstance(hf, dict) and "architecture" in hf
                  else f"model_type {hf.get('model_type')!r}" if isinstance(hf, dict) else type(hf).__name__)
-        raise ValueError(f"{folder}: expected {what} with model_type 'vit_mae' in config.json, got {given}")
+        raise UserError(f"{folder}: expected {what} with model_type 'vit_mae' in config.json, got {given}")
     return hf
 
 
@@ -145,14 +147,14 @@ def from_hf(folder, **overrides):
     _read_hf_config(folder)
     c = _transformers().ViTMAEConfig.from_pretrained(str(folder))  # transformers' defaults for absent fields
     if c.hidden_act != "gelu" or not c.qkv_bias:
-        raise ValueError(f"{folder}: expected hidden_act 'gelu' and qkv_bias true (a ViT as ours), got "
+        raise UserError(f"{folder}: expected hidden_act 'gelu' and qkv_bias true (a ViT as ours), got "
                          f"{c.hidden_act!r} and {c.qkv_bias}")
     if c.layer_norm_eps != LN_EPS:
         warnings.warn(f"{folder}: layer_norm_eps is {c.layer_norm_eps}; ours is {LN_EPS} (as MAE and mmpretrain), "
                       f"so outputs differ slightly from the transformers model's")
     size = c.image_size if isinstance(c.image_size, int) else tuple(c.image_size)
     if not isinstance(size, int) and len(set(size)) != 1:
-        raise ValueError(f"{folder}: expected a square image_size, got {c.image_size}")
+        raise UserError(f"{folder}: expected a square image_size, got {c.image_size}")
     tensors = load_file(str(folder / WEIGHTS))
     encoder_only = not any(k.startswith("decoder.") for k in tensors)
     if encoder_only:  # a ViTMAEModel folder: no "vit." prefix, no decoder
@@ -168,7 +170,7 @@ def from_hf(folder, **overrides):
     if (folder / FUSION).is_file():
         fusion, meta = convert.read_file(folder / FUSION)
         if meta.get("format") != FUSION_FORMAT:
-            raise ValueError(f"{folder / FUSION}: expected an mff_ds fusion file (format {FUSION_FORMAT!r}), "
+            raise UserError(f"{folder / FUSION}: expected an mff_ds fusion file (format {FUSION_FORMAT!r}), "
                              f"got format {meta.get('format')!r}")
         cfg["out_indices"] = meta["model_config"]["out_indices"]
         sd.update(fusion)

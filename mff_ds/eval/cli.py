@@ -3,6 +3,7 @@ import argparse
 import os
 import sys
 
+from mff_ds.common import UserError
 from mff_ds.engine.cli import load_or_report, run_or_report, run_parser, stopped
 from mff_ds.engine.recipe import RecipeError
 
@@ -57,7 +58,7 @@ def _feature_probes(recipe, probe: str, pool: str, out: str) -> int:
     from .probes import probe_main
     try:
         res = probe_main(recipe, [p.strip() for p in probe.split(",") if p.strip()], out, pool)
-    except (FileNotFoundError, ValueError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
@@ -88,7 +89,7 @@ def evaluate_main(argv=None, doc: str = "") -> int:
             r = evaluate_checkpoint(path, a.val, img_size=a.img_size, batch=a.batch, crop_pct=a.crop_pct,
                                     interpolation=a.interpolation, num_workers=a.num_workers, num_heads=a.num_heads,
                                     output_dir=a.output_dir)
-        except (FileNotFoundError, ValueError) as e:
+        except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         rows.append(dict(r, name=os.path.basename(os.path.dirname(os.path.abspath(path))) + "/" + os.path.basename(path)))

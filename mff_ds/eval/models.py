@@ -19,6 +19,7 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
 from mff_ds import convert
+from mff_ds.common import UserError
 from mff_ds.models import ModelConfig, build_model
 
 CLASSIFIER_FORMAT = "mff_ds.classifier.v1"
@@ -37,7 +38,7 @@ def detect_format(path) -> str:
         return "mmpretrain"
     if "patch_embed.proj.weight" in keys:
         return "mae"
-    raise ValueError(f"{path}: cannot tell the checkpoint format from keys like {keys[:5]}; expected "
+    raise UserError(f"{path}: cannot tell the checkpoint format from keys like {keys[:5]}; expected "
                      f"--checkpoint-format mff_ds, mmpretrain or mae")
 
 
@@ -46,7 +47,7 @@ def load_pretrained(path, fmt: str = "auto", **overrides):
     fmt = detect_format(path) if fmt == "auto" else fmt
     loaders = {"mmpretrain": convert.load_mmpretrain, "mae": convert.load_mae, "mff_ds": convert.load_model}
     if fmt not in loaders:
-        raise ValueError(f"--checkpoint-format: expected one of auto, {', '.join(loaders)}, got {fmt!r}")
+        raise UserError(f"--checkpoint-format: expected one of auto, {', '.join(loaders)}, got {fmt!r}")
     return loaders[fmt](path, **overrides)
 
 
@@ -93,7 +94,7 @@ def build_finetune_model(encoder_sd: dict, cfg: ModelConfig, num_classes: int, d
     res = model.load_state_dict(sd, strict=False)
     missing = sorted(set(res.missing_keys) - {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"})
     if missing or res.unexpected_keys:
-        raise ValueError(f"encoder does not fit the fine-tune ViT: missing {missing}, unexpected {res.unexpected_keys}")
+        raise UserError(f"encoder does not fit the fine-tune ViT: missing {missing}, unexpected {res.unexpected_keys}")
     trunc_normal_(model.head.weight, std=head_init_std)
     nn.init.zeros_(model.head.bias)
     return model
@@ -152,7 +153,7 @@ def build_classifier(task: str, vit: dict, num_classes: int) -> nn.Module:
         return _vit(vit, num_classes=num_classes, global_pool="avg")
     if task == "linprobe":
         return LinearProbe(_vit(vit, num_classes=0, global_pool="token"), num_classes)
-    raise ValueError(f"task: expected 'finetune' or 'linprobe', got {task!r}")
+    raise UserError(f"task: expected 'finetune' or 'linprobe', got {task!r}")
 
 
 def save_classifier(state_dict: dict, path, task: str, vit: dict, num_classes: int, extra: Optional[dict] = None):
@@ -189,7 +190,7 @@ def classifier_state_from_external(sd: dict) -> Tuple[str, dict]:
         return "linprobe", {(k if k.startswith(("bn.", "head.")) else "encoder." + k): v for k, v in out.items()}
     if "fc_norm.weight" in out:
         return "finetune", out
-    raise ValueError("classifier checkpoint: expected fc_norm.* (fine-tuned, global pool) or a BatchNorm before the "
+    raise UserError("classifier checkpoint: expected fc_norm.* (fine-tuned, global pool) or a BatchNorm before the "
                      f"head (linear probe), got keys like {sorted(out)[:6]}")
 
 

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mff_ds.common import UserError
+
 PROBES = ("knn", "logreg")
 POOLS = ("cls", "avg")
 
@@ -25,7 +27,7 @@ def extract_features(encoder, loader: Iterable, device=torch.device("cpu"), pool
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(N, C) float32 features and (N,) labels of every batch of `loader` through a timm ViT in eval mode."""
     if pool not in POOLS:
-        raise ValueError(f"pool: expected one of {', '.join(POOLS)}, got {pool!r}")
+        raise UserError(f"pool: expected one of {', '.join(POOLS)}, got {pool!r}")
     encoder.eval().to(device)
     feats, labels = [], []
     for batch in loader:
@@ -36,7 +38,7 @@ def extract_features(encoder, loader: Iterable, device=torch.device("cpu"), pool
         feats.append((x[:, 0] if pool == "cls" else x[:, encoder.num_prefix_tokens:].mean(1)).float().cpu())
         labels.append(target.cpu())
     if not feats:
-        raise ValueError("extract_features: expected at least one readable image, got none")
+        raise UserError("extract_features: expected at least one readable image, got none")
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -45,7 +47,7 @@ def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
              k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
     """Top-1 (percent) of the weighted cosine k-NN classifier (DINO's eval_knn)."""
     if k < 1:
-        raise ValueError(f"k: expected a positive integer, got {k}")
+        raise UserError(f"k: expected a positive integer, got {k}")
     k = min(k, len(train_x))
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     tr = F.normalize(train_x.float(), dim=1)  # float32: ImageNet-size feature banks fit in memory
@@ -76,7 +78,7 @@ def logreg_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
 def check_probes(probes: Sequence[str]) -> None:
     bad = [p for p in probes if p not in PROBES]
     if bad or not probes:
-        raise ValueError(f"probe: expected some of {', '.join(PROBES)}, got {', '.join(bad) or 'none'}")
+        raise UserError(f"probe: expected some of {', '.join(PROBES)}, got {', '.join(bad) or 'none'}")
 
 
 def run_probes(train: Tuple[torch.Tensor, torch.Tensor], val: Tuple[torch.Tensor, torch.Tensor],
@@ -105,7 +107,7 @@ def load_images(data, img_size: int, batch: int = 256) -> Tuple[Tuple[torch.Tens
         loader, _ = edata.source_loader(data, source, tf, batch=batch, rank=0, world=1)
         parts = [b for b in loader if b is not None]
         if not parts:
-            raise ValueError(f"{source}: expected readable images, got none")
+            raise UserError(f"{source}: expected readable images, got none")
         out.append((torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])))
     return tuple(out)
 

@@ -18,11 +18,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from mff_ds.common import DTYPES, write_json
+from mff_ds.common import DTYPES, UserError, write_json
 from mff_ds.data import source_for_path
 from mff_ds.engine import checkpoint as ckpt
-from mff_ds.engine.metrics import MetricsLogger
 from mff_ds.engine.distributed import device_for, init_distributed
+from mff_ds.engine.metrics import MetricsLogger
 from mff_ds.engine.optim import build_deepspeed_engine, build_ds_config, precision_of
 from mff_ds.engine.recipe import RecipeError
 from mff_ds.engine.trainer import Task, fit
@@ -216,7 +216,7 @@ class ClassifyTask(Task):
 
 def _num_classes(recipe: EvalRecipe, classes, val_classes) -> int:
     if classes and val_classes and classes != val_classes:
-        raise ValueError(f"data: train classes {classes[:5]}... and val classes {val_classes[:5]}... differ; "
+        raise UserError(f"data: train classes {classes[:5]}... and val classes {val_classes[:5]}... differ; "
                          f"expected the same class folders")
     n = recipe.data.num_classes or (len(classes) if classes else None)
     if n is None:
@@ -244,13 +244,13 @@ def evaluate_checkpoint(path: str, val_path: str, *, img_size: Optional[int] = N
     model.to(device).eval()
     size = img_size or meta["vit"]["img_size"]
     if size != meta["vit"]["img_size"]:
-        raise ValueError(f"--img-size: the classifier was built for {meta['vit']['img_size']} px, got {size}")
+        raise UserError(f"--img-size: the classifier was built for {meta['vit']['img_size']} px, got {size}")
     aug = AugConfig(val_crop_pct=crop_pct, val_interpolation=interpolation)
     d = EvalData(source=source_for_path(val_path), val_path=val_path, num_workers=num_workers)
     loader, classes = edata.build_val_loader(d, edata.val_transform(size, aug), batch=batch, rank=env.rank,
                                              world=env.world_size)
     if classes and len(classes) != meta["num_classes"]:
-        raise ValueError(f"{val_path}: {len(classes)} class folders, the classifier has {meta['num_classes']} classes")
+        raise UserError(f"{val_path}: {len(classes)} class folders, the classifier has {meta['num_classes']} classes")
     res = metrics.evaluate(model, loader, device)
     res.update(checkpoint=str(path), task=meta.get("task"))
     if output_dir and env.rank == 0:
