@@ -1,9 +1,9 @@
 """The fused ops (`torch.library` custom ops) vs a float64 evaluation of their torch references, and opcheck.
 
-Where the op runs: CUDA -> the compiled Triton kernels, in this process; CPU -> the ops' torch formulas in this
-process, and the Triton kernels in the interpreter in a child pytest started with TRITON_INTERPRET=1
+Where the op runs: CUDA -> the compiled Triton kernels, in this process; CPU -> the ops' torch path (the
+references, and their autograd for the backward ops) in this process, and the Triton kernels in the interpreter in a child pytest started with TRITON_INTERPRET=1
 (test_interpreter_run), which reruns these same tests.
-Every buffer a kernel fills is allocated NaN-filled (ints: -1) through the `_dispatch.empty` hook, so an
+Every buffer a kernel fills is allocated NaN-filled (ints: -1) through the `dispatch.empty` hook, so an
 element a kernel forgets to write fails the comparison. Run: pytest tests/test_kernels.py (-s prints the
 max errors per op output and dtype).
 """
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mff_ds import kernels
-from mff_ds.kernels import _dispatch
+from mff_ds.kernels import dispatch
 from mff_ds.kernels.fusion import fused_fusion_layernorm_reference
 from mff_ds.kernels.loss import norm_pix_loss_reference
 from mff_ds.kernels.masking import random_masking_reference, unmask_tokens_reference
@@ -42,7 +42,7 @@ def _poison_empty(*shape, device=None, dtype=None, **kw):
 def report_errors():
     yield
     if MAX_ERR:
-        where = "triton" if CUDA or INTERPRET else "torch formulas of the ops"
+        where = "triton" if CUDA or INTERPRET else "the torch path of the ops"
         print(f"\nmax |{where} - float64 reference| per op output and dtype:")
         for k, v in sorted(MAX_ERR.items()):
             print(f"  {k:45s} {v:.3e}")
@@ -50,7 +50,7 @@ def report_errors():
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setattr(_dispatch, "empty", _poison_empty)
+    monkeypatch.setattr(dispatch, "empty", _poison_empty)
 
 
 def check(name, got, ref, dtype):
@@ -243,7 +243,7 @@ def _op_cases():
         "unmask_tokens_backward": (r(B, L, C, grad=False), ids_restore, keep, torch.bfloat16),
         "fusion_layernorm": (levels, w, lnw, lnb, 1e-6),
         "fusion_layernorm_backward": (r(B, N, C, grad=False), [x.detach() for x in levels], w.detach(),
-                                      lnw.detach(), mean, rstd),
+                                      lnw.detach(), mean, rstd, 1e-6),
         "norm_pix_loss": (pred, images, mask, 5, 1e-6, True),
         "norm_pix_loss_backward": (torch.rand(B, 6, device=DEVICE), pred.detach(), images, mask, 5, 1e-6, False),
     }
