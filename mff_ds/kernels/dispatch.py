@@ -47,17 +47,18 @@ def check_devices(op, **tensors):
 
 def reference_vjp(fn, primals, cotangent):
     """The torch path of a backward op: d(fn)/d(primals) transposed times cotangent, by autograd through the
-    reference fn at detached copies of primals. A custom op's body runs with autograd's dispatch keys excluded
+    reference fn at the primals, detached. A custom op's body runs with autograd's dispatch keys excluded
     (enable_grad alone records nothing there), so this lifts that exclusion around fn; torch.func.vjp would not
-    need it, but its wrapped tensors fail opcheck's schema test. The results are copies because an op's
-    outputs may not alias one another, and autograd's can (stack's backward hands out views of one buffer)."""
+    need it, but its wrapped tensors fail opcheck's schema test. The results are contiguous copies: an op's
+    outputs may not alias one another, as autograd's can (stack's backward hands out views of one buffer),
+    and the fake impls give contiguous ones."""
     exclude = torch._C._dispatch_tls_local_exclude_set()
     for key in _AUTOGRAD_KEYS:
         exclude = exclude.remove(key)
     with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
         xs = [p.detach().requires_grad_() for p in primals]
         grads = torch.autograd.grad(fn(*xs), xs, cotangent, allow_unused=True, materialize_grads=True)
-    return [g.clone() for g in grads]
+    return [g.clone(memory_format=torch.contiguous_format) for g in grads]
 
 
 def block(n):
