@@ -1,9 +1,10 @@
 """The fused ops (`torch.library` custom ops) vs a float64 evaluation of their torch references, and opcheck.
 
-Where the op runs: CUDA -> the compiled Triton kernels, in this process; CPU -> the ops' torch formulas in this
-process, and the Triton kernels in the interpreter in a child pytest started with TRITON_INTERPRET=1
-(test_interpreter_run), which reruns these same tests.
-Every buffer a kernel fills is allocated NaN-filled (ints: -1) through the `_dispatch.empty` hook, so an
+Where the op runs: CUDA -> the compiled Triton kernels, in this process; CPU -> the ops' torch path (the
+references, fusion and loss on float32 copies as the kernels compute, and autograd through them for the
+backward ops) in this process, and the Triton kernels in the interpreter in a child pytest started with
+TRITON_INTERPRET=1 (test_interpreter_run), which reruns these same tests.
+Every buffer a kernel fills is allocated NaN-filled (ints: -1) through the `dispatch.empty` hook, so an
 element a kernel forgets to write fails the comparison. Run: pytest tests/test_kernels.py (-s prints the
 max errors per op output and dtype).
 """
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from mff_ds import kernels
-from mff_ds.kernels import _dispatch
+from mff_ds.kernels import dispatch
 from mff_ds.kernels.fusion import fused_fusion_layernorm_reference
 from mff_ds.kernels.loss import norm_pix_loss_reference
 from mff_ds.kernels.masking import random_masking_reference, unmask_tokens_reference
@@ -42,7 +43,7 @@ def _poison_empty(*shape, device=None, dtype=None, **kw):
 def report_errors():
     yield
     if MAX_ERR:
-        where = "triton" if CUDA or INTERPRET else "torch formulas of the ops"
+        where = "triton" if CUDA or INTERPRET else "the torch path of the ops"
         print(f"\nmax |{where} - float64 reference| per op output and dtype:")
         for k, v in sorted(MAX_ERR.items()):
             print(f"  {k:45s} {v:.3e}")
@@ -50,7 +51,7 @@ def report_errors():
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setattr(_dispatch, "empty", _poison_empty)
+    monkeypatch.setattr(dispatch, "empty", _poison_empty)
 
 
 def check(name, got, ref, dtype):
@@ -243,7 +244,7 @@ def _op_cases():
         "unmask_tokens_backward": (r(B, L, C, grad=False), ids_restore, keep, torch.bfloat16),
         "fusion_layernorm": (levels, w, lnw, lnb, 1e-6),
         "fusion_layernorm_backward": (r(B, N, C, grad=False), [x.detach() for x in levels], w.detach(),
-                                      lnw.detach(), mean, rstd),
+                                      lnw.detach(), mean, rstd, 1e-6),
         "norm_pix_loss": (pred, images, mask, 5, 1e-6, True),
         "norm_pix_loss_backward": (torch.rand(B, 6, device=DEVICE), pred.detach(), images, mask, 5, 1e-6, False),
     }
@@ -317,23 +318,70 @@ def test_gradcheck_references():
         assert torch.autograd.gradcheck(lambda p: norm_pix_loss_reference(p, images, mask, 2, 1e-6, norm), (pred,))
 
 
-def test_bad_inputs_name_expected_and_given():
-    x = torch.randn(2, 4, 8, device=DEVICE)
-    with pytest.raises(ValueError, match=r"pos_embed must be \(1, 4, 8\), got \(1, 5, 8\)"):
-        kernels.random_masking(x, torch.randn(1, 5, 8, device=DEVICE), torch.rand(2, 4, device=DEVICE), 2, impl="triton")
-    with pytest.raises(ValueError, match=r"len_keep must be in \[0, 4\], got 5"):
-        kernels.random_masking(x, torch.randn(1, 4, 8, device=DEVICE), torch.rand(2, 4, device=DEVICE), 5, impl="triton")
-    with pytest.raises(ValueError, match="expected 1 to 8 levels, got 9"):
-        kernels.fused_fusion_layernorm([x] * 9, torch.zeros(9), torch.ones(8), torch.zeros(8), impl="triton")
-    with pytest.raises(ValueError, match="level 1 is"):
-        kernels.fused_fusion_layernorm([x, x[:1]], torch.zeros(2), torch.ones(8), torch.zeros(8), impl="triton")
-    with pytest.raises(ValueError, match="logits must have 2 entries"):
-        kernels.fused_fusion_layernorm([x, x], torch.zeros(3), torch.ones(8), torch.zeros(8), impl="triton")
-    with pytest.raises(ValueError, match=r"pred must be \(1, 4, 12\)"):
-        kernels.norm_pix_loss(torch.randn(1, 4, 13), torch.randn(1, 3, 4, 4), torch.ones(1, 4), 2, impl="triton")
-    with pytest.raises(TypeError, match="pred: expected dtype in"):
-        kernels.norm_pix_loss(torch.randn(1, 4, 12, dtype=torch.float64), torch.randn(1, 3, 4, 4), torch.ones(1, 4),
-                              2, impl="triton")
+def _bad_calls():
+    """name -> (exception, message pattern, call(impl)): a few bad calls of each public op."""
+    d = dict(device=DEVICE)
+    x, pos, noise = torch.randn(2, 4, 8, **d), torch.randn(1, 4, 8, **d), torch.rand(2, 4, **d)
+    ids, kept, mt = torch.argsort(noise, dim=1), torch.randn(2, 3, 8, **d), torch.randn(1, 1, 8, **d)
+    w, b = torch.ones(8, **d), torch.zeros(8, **d)
+    pred, img, mask = torch.randn(1, 4, 12, **d), torch.randn(1, 3, 4, 4, **d), torch.ones(1, 4, **d)
+    masking = kernels.random_masking
+    return {
+        "masking pos_embed shape": (ValueError, r"pos_embed must be \(1, 4, 8\), got \(1, 5, 8\)",
+                                    lambda i: masking(x, torch.randn(1, 5, 8, **d), noise, 2, impl=i)),
+        "masking len_keep": (ValueError, r"len_keep must be in \[0, 4\], got 5",
+                             lambda i: masking(x, pos, noise, 5, impl=i)),
+        "masking noise dtype": (TypeError, "noise must be floating point, got torch.int64",
+                                lambda i: masking(x, pos, ids, 2, impl=i)),
+        "masking tokens dtype": (TypeError, "tokens: expected dtype in",
+                                 lambda i: masking(x.double(), pos, noise, 2, impl=i)),
+        "masking devices": (ValueError, "expected all inputs on one device, got tokens on .*, pos_embed on meta",
+                            lambda i: masking(x, pos.to("meta"), noise, 2, impl=i)),
+        "unmask ids dtype": (TypeError, "ids_restore must be int64, got torch.int32",
+                             lambda i: kernels.unmask_tokens(kept, mt, ids.int(), pos, impl=i)),
+        "unmask mask_token size": (ValueError, r"mask_token must be \(1, 1, 8\), got \(1, 1, 7\)",
+                                   lambda i: kernels.unmask_tokens(kept, mt[..., :7], ids, pos, impl=i)),
+        "unmask ids length": (ValueError, r"ids_restore must be \(2, L >= 3\), got \(2, 2\)",
+                              lambda i: kernels.unmask_tokens(kept, mt, ids[:, :2], pos, impl=i)),
+        "fusion level count": (ValueError, "expected 1 to 8 levels, got 9",
+                               lambda i: kernels.fused_fusion_layernorm([x] * 9, torch.zeros(9, **d), w, b, impl=i)),
+        "fusion level shape": (ValueError, "level 1 is",
+                               lambda i: kernels.fused_fusion_layernorm([x, x[:1]], torch.zeros(2, **d), w, b, impl=i)),
+        "fusion logits count": (ValueError, "logits must have 2 entries",
+                                lambda i: kernels.fused_fusion_layernorm([x, x], torch.zeros(3, **d), w, b, impl=i)),
+        "fusion ln shape": (ValueError, r"weight and bias must be \(8,\) tensors, got \(8,\) and \(7,\)",
+                            lambda i: kernels.fused_fusion_layernorm([x, x], torch.zeros(2, **d), w, b[:7], impl=i)),
+        "loss pred shape": (ValueError, r"pred must be \(1, 4, 12\)",
+                            lambda i: kernels.norm_pix_loss(pred[..., :11], img, mask, 2, impl=i)),
+        "loss pred dtype": (TypeError, "pred: expected dtype in",
+                            lambda i: kernels.norm_pix_loss(pred.double(), img, mask, 2, impl=i)),
+        "loss patch size": (ValueError, "image size 4x4 must be a multiple of patch_size, got 3",
+                            lambda i: kernels.norm_pix_loss(pred, img, mask, 3, impl=i)),
+        "loss mask shape": (ValueError, r"mask must be \(1, 4\), got \(4,\)",
+                            lambda i: kernels.norm_pix_loss(pred, img, mask[0], 2, impl=i)),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_bad_calls()))
+def test_bad_call_fails_alike_for_every_impl(name):
+    """Each public op checks its inputs before it picks an impl, so every impl ("torch": the reference,
+    "triton": the custom op, here on CPU its torch path) refuses a bad call with the same error, naming what
+    was expected and what was given."""
+    exc, match, call = _bad_calls()[name]
+    errors = []
+    for impl in dispatch.IMPLS:
+        with pytest.raises(exc, match=match) as e:
+            call(impl)
+        errors.append(str(e.value))
+    assert errors.count(errors[0]) == len(errors), errors
+
+
+def test_bad_call_other_checks():
+    noise = torch.rand(2, 4, device=DEVICE)
+    with pytest.raises(ValueError, match=r"masking_indices: noise must be \(B, L\), got shape \(8,\)"):
+        kernels.masking_indices(noise.reshape(-1), 2)
+    with pytest.raises(ValueError, match=r"masking_indices: len_keep must be in \[0, 4\], got -1"):
+        kernels.masking_indices(noise, -1)
     with pytest.raises(ValueError, match="kernels impl"):
         kernels.norm_pix_loss(torch.randn(1, 4, 12), torch.randn(1, 3, 4, 4), torch.ones(1, 4), 2, impl="cuda")
 

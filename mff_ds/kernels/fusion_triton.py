@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _dispatch as common
+from . import dispatch
 from .fusion import MAX_LEVELS
 
 
@@ -34,7 +34,7 @@ def _st(ptr, off, val, m, ACTIVE: tl.constexpr):
     tl.store(ptr + off, val.to(ptr.dtype.element_ty), mask=m & ACTIVE)
 
 
-@common.autotune([(2, 4), (1, 4), (1, 8), (4, 8)], key=["C", "K"])
+@dispatch.autotune([(2, 4), (1, 4), (1, 8), (4, 8)], key=["C", "K"])
 @triton.jit
 def _fusion_fwd_kernel(x0, x1, x2, x3, x4, x5, x6, x7, w_ptr, lnw_ptr, lnb_ptr, y_ptr, mean_ptr, rstd_ptr,
                        M, C, eps, K: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr):
@@ -64,7 +64,7 @@ def _fusion_fwd_kernel(x0, x1, x2, x3, x4, x5, x6, x7, w_ptr, lnw_ptr, lnb_ptr, 
     tl.store(rstd_ptr + rows, rstd, mask=rm)
 
 
-@common.autotune([(2, 8), (1, 4), (1, 8), (2, 16)], key=["C", "K"])
+@dispatch.autotune([(2, 8), (1, 4), (1, 8), (2, 16)], key=["C", "K"])
 @triton.jit
 def _fusion_bwd_kernel(x0, x1, x2, x3, x4, x5, x6, x7, d0, d1, d2, d3, d4, d5, d6, d7,
                        w_ptr, lnw_ptr, dy_ptr, mean_ptr, rstd_ptr, part_ptr,
@@ -169,12 +169,12 @@ def fusion_layernorm_fwd(levels, w, weight, bias, eps):
     shape, dev = xs[0].shape, xs[0].device
     C = shape[-1]
     M = xs[0].numel() // C
-    y = common.empty(shape, device=dev, dtype=xs[0].dtype)
-    mean = common.empty(M, device=dev, dtype=torch.float32)
-    rstd = common.empty(M, device=dev, dtype=torch.float32)
-    _fusion_fwd_kernel[common.row_tiles(M)](
+    y = dispatch.empty(shape, device=dev, dtype=xs[0].dtype)
+    mean = dispatch.empty(M, device=dev, dtype=torch.float32)
+    rstd = dispatch.empty(M, device=dev, dtype=torch.float32)
+    _fusion_fwd_kernel[dispatch.row_tiles(M)](
         *xs, *[xs[0]] * (MAX_LEVELS - K), w.float().contiguous(), weight.contiguous(), bias.contiguous(), y, mean,
-        rstd, M, C, eps, K=K, BLOCK=common.block(C))
+        rstd, M, C, eps, K=K, BLOCK=dispatch.block(C))
     return y, mean, rstd
 
 
@@ -185,12 +185,12 @@ def fusion_layernorm_bwd(dy, levels, w, weight, mean, rstd):
     dy = dy.contiguous()
     dev = dy.device
     M, C = mean.numel(), dy.shape[-1]
-    dxs = [common.empty(x.shape, device=dev, dtype=x.dtype) for x in xs]
-    G = common.row_programs(M, dev)
+    dxs = [dispatch.empty(x.shape, device=dev, dtype=x.dtype) for x in xs]
+    G = dispatch.row_programs(M, dev)
     rows = triton.cdiv(M, G)
     G = triton.cdiv(M, rows)
-    part = common.empty(G, 2 * C + K, device=dev, dtype=torch.float32)
+    part = dispatch.empty(G, 2 * C + K, device=dev, dtype=torch.float32)
     pad = MAX_LEVELS - K
     _fusion_bwd_kernel[(G,)](*xs, *[xs[0]] * pad, *dxs, *[dxs[0]] * pad, w.float().contiguous(), weight.contiguous(),
-                             dy, mean, rstd, part, M, C, rows, K=K, BLOCK=common.block(C))
+                             dy, mean, rstd, part, M, C, rows, K=K, BLOCK=dispatch.block(C))
     return dxs, part.sum(0)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _dispatch as common
+from . import dispatch
 
 
 @triton.jit
@@ -44,7 +44,7 @@ def _patches(img_ptr, pred_ptr, mask_ptr, rows, BL, L, GW, H, W, P, eps, pred_sb
 _TILES = [(4, 4), (1, 4), (2, 8), (8, 8)]  # (patches per tile, warps); the first is the interpreter's
 
 
-@common.autotune(_TILES, key=["P", "NORM"])
+@dispatch.autotune(_TILES, key=["P", "NORM"])
 @triton.jit
 def _npl_fwd_kernel(img_ptr, pred_ptr, mask_ptr, loss_ptr, BL, L, GW, H, W, P, eps, pred_sb, pred_sl,
                     PATCH: tl.constexpr, CH: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr):
@@ -54,7 +54,7 @@ def _npl_fwd_kernel(img_ptr, pred_ptr, mask_ptr, loss_ptr, BL, L, GW, H, W, P, e
     tl.store(loss_ptr + rows, tl.sum(d * d, axis=1) / P, mask=rows < BL)
 
 
-@common.autotune(_TILES, key=["P", "NORM"])
+@dispatch.autotune(_TILES, key=["P", "NORM"])
 @triton.jit
 def _npl_bwd_kernel(img_ptr, pred_ptr, mask_ptr, gloss_ptr, dpred_ptr, BL, L, GW, H, W, P, eps, pred_sb, pred_sl,
                     PATCH: tl.constexpr, CH: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr):
@@ -71,21 +71,21 @@ def _npl_bwd_kernel(img_ptr, pred_ptr, mask_ptr, gloss_ptr, dpred_ptr, BL, L, GW
 def _launch(kernel, img, pred, maskf, p, eps, norm, out):
     B, CH, H, W = img.shape
     L, P = pred.shape[1], pred.shape[2]
-    pred, sb, sl = common.rows_in_place(pred)  # the model's is a slice past the cls token: no copy
-    kernel[common.row_tiles(B * L)](
+    pred, sb, sl = dispatch.rows_in_place(pred)  # the model's is a slice past the cls token: no copy
+    kernel[dispatch.row_tiles(B * L)](
         img.contiguous(), pred, maskf.contiguous(), *out, B * L, L, W // p, H, W, P, eps, sb, sl,
-        PATCH=p, CH=CH, NORM=norm, BLOCK=common.block(P))
+        PATCH=p, CH=CH, NORM=norm, BLOCK=dispatch.block(P))
 
 
 def norm_pix_loss_fwd(pred, images, maskf, patch_size, eps, norm_pix):
     """-> per-patch loss (B, L) float32, 0 where maskf == 0."""
-    per_patch = common.empty(maskf.shape, device=pred.device, dtype=torch.float32)
+    per_patch = dispatch.empty(maskf.shape, device=pred.device, dtype=torch.float32)
     _launch(_npl_fwd_kernel, images, pred, maskf, patch_size, eps, norm_pix, (per_patch,))
     return per_patch
 
 
 def norm_pix_loss_bwd(g_loss, pred, images, maskf, patch_size, eps, norm_pix):
     """d(per-patch loss) (B, L) -> d(pred)."""
-    dpred = common.empty(pred.shape, device=pred.device, dtype=pred.dtype)
+    dpred = dispatch.empty(pred.shape, device=pred.device, dtype=pred.dtype)
     _launch(_npl_bwd_kernel, images, pred, maskf, patch_size, eps, norm_pix, (g_loss.float().contiguous(), dpred))
     return dpred

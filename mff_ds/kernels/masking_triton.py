@@ -13,12 +13,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _dispatch as common
+from . import dispatch
 
 _TILES = [(4, 4), (1, 4), (2, 8), (8, 8)]  # (rows per tile, warps); the first is the interpreter's
 
 
-@common.autotune(_TILES, key=["C"])
+@dispatch.autotune(_TILES, key=["C"])
 @triton.jit
 def _mask_fwd_kernel(tok_ptr, pos_ptr, shuffle_ptr, kept_ptr, mask_ptr, restore_ptr, BL, L, C, len_keep,
                      tok_sb, tok_sl, tok_sc, BLOCK: tl.constexpr, R: tl.constexpr):
@@ -38,7 +38,7 @@ def _mask_fwd_kernel(tok_ptr, pos_ptr, shuffle_ptr, kept_ptr, mask_ptr, restore_
              mask=m)
 
 
-@common.autotune(_TILES, key=["C"])
+@dispatch.autotune(_TILES, key=["C"])
 @triton.jit
 def _mask_bwd_kernel(gkept_ptr, restore_ptr, gtok_ptr, BL, L, C, len_keep, gk_sb, gk_sr,
                      BLOCK: tl.constexpr, R: tl.constexpr):
@@ -53,7 +53,7 @@ def _mask_bwd_kernel(gkept_ptr, restore_ptr, gtok_ptr, BL, L, C, len_keep, gk_sb
     tl.store(gtok_ptr + (row * C)[:, None] + cols[None, :], g.to(gtok_ptr.dtype.element_ty), mask=rm[:, None] & cm)
 
 
-@common.autotune(_TILES, key=["D"])
+@dispatch.autotune(_TILES, key=["D"])
 @triton.jit
 def _unmask_fwd_kernel(kept_ptr, mt_ptr, restore_ptr, pos_ptr, out_ptr, BL, L, D, len_keep, kept_sb, kept_sr,
                        BLOCK: tl.constexpr, R: tl.constexpr):
@@ -73,7 +73,7 @@ def _unmask_fwd_kernel(kept_ptr, mt_ptr, restore_ptr, pos_ptr, out_ptr, BL, L, D
              mask=rm[:, None] & cm)
 
 
-@common.autotune(_TILES, key=["D"])
+@dispatch.autotune(_TILES, key=["D"])
 @triton.jit
 def _unmask_bwd_kernel(gout_ptr, restore_ptr, gkept_ptr, gmt_part_ptr, BL, L, D, len_keep, rows_per_prog,
                        go_sb, go_sl, BLOCK: tl.constexpr, R: tl.constexpr):
@@ -99,13 +99,13 @@ def _unmask_bwd_kernel(gout_ptr, restore_ptr, gkept_ptr, gmt_part_ptr, BL, L, D,
 def random_masking_fwd(tokens, pos_embed, noise, len_keep):
     B, L, C = tokens.shape
     ids_shuffle = torch.argsort(noise, dim=1).contiguous()
-    kept = common.empty(B, len_keep, C, device=tokens.device, dtype=torch.result_type(tokens, pos_embed))
-    mask = common.empty(B, L, device=noise.device, dtype=noise.dtype)
-    ids_restore = common.empty(B, L, device=noise.device, dtype=torch.int64)
+    kept = dispatch.empty(B, len_keep, C, device=tokens.device, dtype=torch.result_type(tokens, pos_embed))
+    mask = dispatch.empty(B, L, device=noise.device, dtype=noise.dtype)
+    ids_restore = dispatch.empty(B, L, device=noise.device, dtype=torch.int64)
     # tokens as they come (the model's are a transposed view of the patch-embed output): copying them to
     # contiguous would move all B*L rows twice to gather a quarter of them
-    _mask_fwd_kernel[common.row_tiles(B * L)](tokens, pos_embed.contiguous(), ids_shuffle, kept, mask, ids_restore,
-                                   B * L, L, C, len_keep, *tokens.stride(), BLOCK=common.block(C))
+    _mask_fwd_kernel[dispatch.row_tiles(B * L)](tokens, pos_embed.contiguous(), ids_shuffle, kept, mask, ids_restore,
+                                   B * L, L, C, len_keep, *tokens.stride(), BLOCK=dispatch.block(C))
     return kept, mask, ids_restore, ids_shuffle
 
 
@@ -113,10 +113,10 @@ def random_masking_bwd(g_kept, ids_restore):
     """d(kept) (B, len_keep, C) -> d(tokens + positions) (B, L, C), zeros at removed patches."""
     B, len_keep, C = g_kept.shape
     L = ids_restore.shape[1]
-    g = common.empty(B, L, C, device=g_kept.device, dtype=g_kept.dtype)
-    g_kept, sb, sr = common.rows_in_place(g_kept)  # in the model a slice of the [cls, kept] grad: no copy
-    _mask_bwd_kernel[common.row_tiles(B * L)](g_kept, ids_restore.contiguous(), g, B * L, L, C, len_keep, sb, sr,
-                                   BLOCK=common.block(C))
+    g = dispatch.empty(B, L, C, device=g_kept.device, dtype=g_kept.dtype)
+    g_kept, sb, sr = dispatch.rows_in_place(g_kept)  # in the model a slice of the [cls, kept] grad: no copy
+    _mask_bwd_kernel[dispatch.row_tiles(B * L)](g_kept, ids_restore.contiguous(), g, B * L, L, C, len_keep, sb, sr,
+                                   BLOCK=dispatch.block(C))
     return g
 
 
@@ -124,22 +124,22 @@ def unmask_tokens_fwd(kept, mask_token, ids_restore, pos_embed):
     B, len_keep, D = kept.shape
     L = ids_restore.shape[1]
     mt = mask_token.to(kept.dtype).contiguous()  # the reference casts mask_token to kept's dtype
-    y = common.empty(B, L, D, device=kept.device, dtype=torch.result_type(kept, pos_embed))
-    kept, sb, sr = common.rows_in_place(kept)  # the model's is a slice past the cls token: no copy
-    _unmask_fwd_kernel[common.row_tiles(B * L)](kept, mt, ids_restore.contiguous(), pos_embed.contiguous(), y, B * L, L, D,
-                                     len_keep, sb, sr, BLOCK=common.block(D))
+    y = dispatch.empty(B, L, D, device=kept.device, dtype=torch.result_type(kept, pos_embed))
+    kept, sb, sr = dispatch.rows_in_place(kept)  # the model's is a slice past the cls token: no copy
+    _unmask_fwd_kernel[dispatch.row_tiles(B * L)](kept, mt, ids_restore.contiguous(), pos_embed.contiguous(), y,
+                                                  B * L, L, D, len_keep, sb, sr, BLOCK=dispatch.block(D))
     return y
 
 
 def unmask_tokens_bwd(g_out, ids_restore, len_keep, kept_dtype):
     """d(out) (B, L, D) -> d(kept) (B, len_keep, D) in kept_dtype, d(mask_token) (D,) in float32."""
     B, L, D = g_out.shape
-    G = common.row_programs(B * L, g_out.device)
+    G = dispatch.row_programs(B * L, g_out.device)
     rows = triton.cdiv(B * L, G)
     G = triton.cdiv(B * L, rows)
-    g_kept = common.empty(B, len_keep, D, device=g_out.device, dtype=kept_dtype)
-    part = common.empty(G, D, device=g_out.device, dtype=torch.float32)
-    g_out, sb, sl = common.rows_in_place(g_out)  # in the model a slice of the grad past the cls token: no copy
+    g_kept = dispatch.empty(B, len_keep, D, device=g_out.device, dtype=kept_dtype)
+    part = dispatch.empty(G, D, device=g_out.device, dtype=torch.float32)
+    g_out, sb, sl = dispatch.rows_in_place(g_out)  # in the model a slice of the grad past the cls token: no copy
     _unmask_bwd_kernel[(G,)](g_out, ids_restore.contiguous(), g_kept, part, B * L, L, D, len_keep, rows, sb, sl,
-                             BLOCK=common.block(D))
+                             BLOCK=dispatch.block(D))
     return g_kept, part.sum(0)

@@ -1,16 +1,21 @@
-"""What the fused ops share: which implementation runs, the dtypes the kernels take, the allocation hook.
+"""What the fused ops share: which implementation runs, the input checks, the dtypes the kernels take, the
+torch path's backward, the allocation hook.
 
 impl "auto" = the fused op on CUDA tensors, the plain torch reference elsewhere; "triton" = always the fused op
-(a `torch.library` custom op: Triton on CUDA and under TRITON_INTERPRET=1, torch formulas on other devices, so
-a model with `kernels: triton` runs and compiles anywhere); "torch" = the plain reference.
+(a `torch.library` custom op: Triton on CUDA and under TRITON_INTERPRET=1, the reference on other devices, so
+a model with `kernels: triton` runs and compiles anywhere); "torch" = the plain reference. Every public op
+checks its inputs before it picks one, so each impl refuses a bad call with the same error.
 """
 import os
 
 import torch
 
 IMPLS = ("auto", "triton", "torch")
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the Triton kernels load and store
 empty = torch.empty  # allocation hook for every buffer a kernel fills; tests swap in a NaN-filling one
+# autograd's dispatch keys, which torch excludes while a custom op's body runs (see reference_vjp)
+_AUTOGRAD_KEYS = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
+                  torch._C.DispatchKey.AutogradNestedTensor)
 
 
 def resolve_impl(impl: str, *tensors) -> str:
@@ -23,13 +28,37 @@ def resolve_impl(impl: str, *tensors) -> str:
 
 
 def runs_triton(t: torch.Tensor) -> bool:
-    """Inside a custom op: launch the Triton kernels (CUDA, or the interpreter on CPU) or use torch formulas."""
+    """Inside a custom op: launch the Triton kernels (CUDA, or the interpreter on CPU) or run the reference."""
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def check_dtype(name, t):
-    if t.dtype not in DTYPES:
-        raise TypeError(f"{name}: expected dtype in {DTYPES}, got {t.dtype}")
+    if t.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{name}: expected dtype in {KERNEL_DTYPES}, got {t.dtype}")
+
+
+def check_devices(op, **tensors):
+    """All of one call's tensors on one device (the kernels take one; torch's own error would differ by impl)."""
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"{op}: expected all inputs on one device, got " +
+                         ", ".join(f"{name} on {d}" for name, d in devices.items()))
+
+
+def reference_vjp(fn, primals, cotangent):
+    """The torch path of a backward op: d(fn)/d(primals) transposed times cotangent, by autograd through the
+    reference fn at the primals, detached. A custom op's body runs with autograd's dispatch keys excluded
+    (enable_grad alone records nothing there), so this lifts that exclusion around fn; torch.func.vjp would not
+    need it, but its wrapped tensors fail opcheck's schema test. The results are contiguous copies: an op's
+    outputs may not alias one another, as autograd's can (stack's backward hands out views of one buffer),
+    and the fake impls give contiguous ones."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in _AUTOGRAD_KEYS:
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        xs = [p.detach().requires_grad_() for p in primals]
+        grads = torch.autograd.grad(fn(*xs), xs, cotangent, allow_unused=True, materialize_grads=True)
+    return [g.clone(memory_format=torch.contiguous_format) for g in grads]
 
 
 def block(n):
