@@ -79,8 +79,9 @@ def test_universal_dir_metadata_never_unpickles_code(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="refused to load .*class/function exec,"):
         ckpt.find(str(tmp_path), str(tag))
     assert not (tmp_path / "pwned").exists()
-    torch.save({"mff_meta": {"step": 2}, "rng": torch.zeros(3)}, tag / "mp_rank_00_model_states.pt")
-    assert ckpt.find(str(tmp_path), str(tag))[2] == {"step": 2, "universal": True}  # plain data still loads
+    meta = {"step": 2, "compat": {"seed": 0}, "format_version": ckpt.FORMAT_VERSION}
+    torch.save({"mff_meta": meta, "rng": torch.zeros(3)}, tag / "mp_rank_00_model_states.pt")
+    assert ckpt.find(str(tmp_path), str(tag))[2] == dict(meta, universal=True)  # plain data still loads
 
 
 def test_output_dir_is_locked_and_resume_none_never_mixes_runs(tmp_path):
