@@ -97,7 +97,8 @@ def _explain(e: dict, model) -> str:
         return f"expected {_TYPES[t]}, got {got!r} ({type(got).__name__})"
     if t in _BOUNDS:
         name, op = _BOUNDS[t]
-        return f"expected {op} {ctx[name]}, got {got!r}"
+        bound = ctx[name]  # float fields carry float bounds: '> 0', not '> 0.0'
+        return f"expected {op} {int(bound) if isinstance(bound, float) and bound.is_integer() else bound}, got {got!r}"
     if t == "finite_number":
         return f"expected a finite number, got {got!r}"
     if t == "literal_error":

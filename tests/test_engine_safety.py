@@ -215,7 +215,7 @@ def test_second_sigint_exits_at_once(tmp_path):
 # ------------------------------------------------------------------ one clear line instead of a traceback
 def test_bad_config_files_get_one_line(tmp_path):
     from mff_ds.engine.recipe import RecipeError
-from mff_ds.pretrain.recipe import load_recipe
+    from mff_ds.pretrain.recipe import load_recipe
     (tmp_path / "empty.yaml").write_text("")
     (tmp_path / "binary.yaml").write_bytes(bytes(range(256)))
     cases = {str(tmp_path / "empty.yaml"): "is empty; expected a recipe",   # not silently ViT-B defaults
