@@ -19,7 +19,7 @@ __all__ = ["EvalRecipe", "check", "from_dict", "load_eval_recipe"]
 
 
 def _existing_file(path: Optional[str]) -> Optional[str]:
-    if path is not None and not os.path.isfile(path):
+    if path is not None and not os.path.exists(path):  # a file, or a checkpoint folder
         raise ValueError(f"expected an existing file, got {path!r}")
     return path
 
