@@ -41,10 +41,13 @@ def test_seed_everything_repeats_every_generator():
 
 
 def test_config_problems_are_a_list_naming_each_key():
-    cfg, problems = config_problems({"arch": "mff_vit_tiny_patch16", "img_size": 30, "kernels": "cuda"})
+    cfg, problems = config_problems({"arch": "mff_vit_tiny_patch16", "img_size": 30, "embed_dim": 190})
     assert cfg is None
     assert problems[0] == "model.img_size: expected a multiple of patch_size 16, got 30"
-    assert problems[1].startswith("model.kernels: expected one of")
+    assert problems[1] == "model.embed_dim: expected a multiple of num_heads 3, got 190"
+    cfg, problems = config_problems({"arch": "mff_vit_tiny_patch16", "depth": 0, "kernels": "cuda"})
+    assert problems == ["model.depth: expected > 0, got 0",
+                        "model.kernels: expected one of 'auto', 'triton' or 'torch', got 'cuda'"]
     cfg, problems = config_problems("mae_vit_nano_patch16")
     assert cfg is None and problems[0].startswith("model.arch: unknown architecture 'mae_vit_nano_patch16'")
     cfg, problems = config_problems("mae_vit_tiny_patch16", img_size=32)

@@ -5,6 +5,7 @@ import struct
 import zlib
 
 import numpy as np
+import pydantic
 import pytest
 import torch
 import torchvision.transforms.functional as TF
@@ -16,6 +17,7 @@ from mff_ds.data import BadDataError, BadImage, DataConfig, build_loader, decode
 from mff_ds.data import decode as device_decode, demo, sources
 from mff_ds.data.make_shards import convert
 from mff_ds.data.transforms import LazyImage, MAECrop, MFFCrop, chw, make_augment, process
+from mff_ds.schema import problems_of
 
 S = 32  # output size used throughout (small: fast tests)
 
@@ -100,17 +102,25 @@ def load(cfg, **kw):
 
 
 # ------------------------------------------------------------------------------------------ config, normalize
+def data_problems(**kw):
+    try:
+        DataConfig(**kw)
+    except pydantic.ValidationError as e:
+        return problems_of(e, DataConfig, prefix="data.")
+    return []
+
+
 def test_validate_names_keys():
-    assert DataConfig().validate() == []
-    cfg = DataConfig(source="lmdb", augment="rrc", num_workers=-1, pin_memory="yes", max_bad_fraction=2,
-                     num_samples=0, decode="tpu")
-    problems = cfg.validate()
-    for key in ("source", "augment", "num_workers", "pin_memory", "max_bad_fraction", "num_samples", "decode"):
+    assert data_problems() == []
+    problems = data_problems(source="lmdb", augment="rrc", num_workers=-1, pin_memory="yes", max_bad_fraction=2,
+                             num_samples=0, decode="tpu", shuffle_buffer=float("inf"))
+    for key in ("source", "augment", "num_workers", "pin_memory", "max_bad_fraction", "num_samples", "decode",
+                "shuffle_buffer"):
         assert any(p.startswith(f"data.{key}:") for p in problems), (key, problems)
     assert "data.augment: expected one of ['mff', 'mae', 'center'], got 'rrc'" in problems
-    assert any(p.startswith("data.path:") for p in DataConfig(source="imagefolder").validate())
+    assert any(p.startswith("data.path:") for p in data_problems(source="imagefolder"))
     with pytest.raises(UserError, match="data.augment"):
-        load(DataConfig(augment="rrc", source="synthetic"))
+        load(dict(augment="rrc", source="synthetic"))
 
 
 def test_normalize():
@@ -498,7 +508,7 @@ def test_a_new_source_is_one_class_and_one_registration(monkeypatch, photo):
     """A source registered here (PNGs made in memory) serves pretraining and evaluation with no other change."""
     from mff_ds.data.registry import SOURCES, FileSource
     from mff_ds.eval.data import build_train_loader, train_transform
-    from mff_ds.eval.recipe import AugConfig, EvalData, EvalRecipe, check
+    from mff_ds.eval.recipe import AugConfig, EvalData
     monkeypatch.setattr(SOURCES, "_entries", dict(SOURCES._entries))  # the registration ends with the test
 
     @SOURCES.register("pngs")
@@ -519,8 +529,7 @@ def test_a_new_source_is_one_class_and_one_registration(monkeypatch, photo):
     batches = stream(load(cfg))
     assert len(batches) == 3 and sorted(torch.cat([y for _, y in batches]).tolist()) == sorted([0, 1, 2] * 4)
     assert same(batches[1:], stream(load(cfg, skip_batches=1)))
-    data = EvalData(source="pngs", num_workers=0)
-    assert not [p for p in check(EvalRecipe(data=data, model={"arch": "x"})) if p.startswith("data.")]
+    data = EvalData(source="pngs", num_workers=0)  # an image source: evaluation takes it
     loader, classes = build_train_loader(data, train_transform("linprobe", S, AugConfig()), micro_batch=4, rank=0,
                                          world=1, seed=0)
     loader.set_epoch(0)
@@ -535,10 +544,13 @@ def test_unknown_source_or_augment_is_one_line_naming_the_registered_ones():
     with pytest.raises(ValueError) as e:
         SOURCES.get("lmdb")
     assert str(e.value) == f"data source: expected one of {names}, got 'lmdb'"
-    assert f"data.source: expected one of {names}, got 'lmdb'" in DataConfig(source="lmdb").validate()
-    from mff_ds.eval.recipe import EvalData, EvalRecipe, check
+    assert f"data.source: expected one of {names}, got 'lmdb'" in data_problems(source="lmdb")
+    from mff_ds.engine.recipe import RecipeError
+    from mff_ds.eval.recipe import from_dict
     images = [n for n in names if n != "synthetic"]  # evaluation's transforms need image files
-    assert f"data.source: expected one of {images}, got 'synthetic'" in check(EvalRecipe(data=EvalData("synthetic")))
+    with pytest.raises(RecipeError) as e:
+        from_dict({"model": {"arch": "mae_vit_tiny_patch16"}, "data": {"source": "synthetic"}})
+    assert f"data.source: expected one of {images}, got 'synthetic'" in e.value.problems
     with pytest.raises(ValueError, match=r"^augment: expected one of \['mff', 'mae', 'center'\], got 'rrc'$"):
         make_augment("rrc", S)
     with pytest.raises(ValueError, match="data source: expected a new name, got 'demo'"):

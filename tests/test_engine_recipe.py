@@ -20,18 +20,18 @@ RECIPES = ["demo", "mff_vit-b_300e", "mff_vit-b_800e", "mae_vit-b_300e", "mff_vi
 @pytest.mark.parametrize("name", RECIPES)
 def test_shipped_recipes_validate(name):
     r = load_recipe(str(REPO / "configs" / f"{name}.yaml"), world_size=1 if name == "demo" else 8)
-    assert r.name == name and r.data.validate() == []
+    assert r.name == name and r.data.source in ("demo", "imagefolder")
 
 
 def test_reference_recipe_values():
     r300 = load_recipe(str(REPO / "configs" / "mff_vit-b_300e.yaml"), world_size=8)
     assert r300.lr() == pytest.approx(2.4e-3) and r300.grad_accum(8) == 1 and r300.grad_accum(4) == 2
     assert (r300.optim.betas, r300.optim.weight_decay, r300.schedule.warmup_epochs) == ([0.9, 0.95], 0.05, 40)
-    assert r300.model_config().out_indices == [0, 2, 4, 6, 8, 11] and r300.model_config().mask_ratio == 0.75
+    assert r300.model_cfg().out_indices == [0, 2, 4, 6, 8, 11] and r300.model_cfg().mask_ratio == 0.75
     r800 = load_recipe(str(REPO / "configs" / "mff_vit-b_800e.yaml"), world_size=8)
     assert (r800.schedule.epochs, r800.schedule.warmup_start_factor) == (800, 1e-9)
     mae = load_recipe(str(REPO / "configs" / "mae_vit-b_300e.yaml"), world_size=8)
-    assert mae.model_config().out_indices == [11]
+    assert mae.model_cfg().out_indices == [11]
     d300, dmae = r300.to_dict(), mae.to_dict()
     for d in (d300, dmae):
         d.pop("name"), d.pop("model")
@@ -54,14 +54,14 @@ def test_bad_recipe_lists_every_problem(tmp_path):
     msg = str(e.value)
     expected = ["colour: unknown key", "data.shuffle: unknown key", "logging.verbose: unknown key",
                 "optim.base_lr: expected float, got 'fast'", "model.depht: unknown key",
-                "model.img_size: expected int, got 'big'", "data.num_workers: expected an integer >= 0",
+                "model.img_size: expected int, got 'big'", "data.num_workers: expected >= 0, got -1",
                 "batch.global_batch: 100 cannot be formed", "optim.betas: expected two numbers",
                 "schedule.warmup_epochs: expected in [0, epochs=10], got 20.0", "logging.every_steps: expected >= 1"]
     for item in expected:
         assert item in msg, (item, msg)
     assert len(e.value.problems) == len(expected), msg
     bad.write_text(yaml.safe_dump({
-        "model": {"arch": "mff_vit_tiny_patch16", "depht": 3, "img_size": 30, "patch_size": 8},
+        "model": {"arch": "mff_vit_tiny_patch16", "img_size": 30, "patch_size": 8},
         "data": {"source": "synthetic", "num_workers": -1},
         "batch": {"global_batch": 100, "micro_batch": 16},
         "optim": {"betas": [0.9]}, "schedule": {"epochs": 10, "warmup_epochs": 20},
@@ -72,11 +72,78 @@ def test_bad_recipe_lists_every_problem(tmp_path):
     p = e.value.problems
     want = ["batch.global_batch: 100 cannot be formed from micro_batch 16 x world size 2 = 32",
             "optim.betas:", "schedule.warmup_epochs:", "logging.every_steps:", "deepspeed.config:",
-            "model.depht: unknown key", "model.img_size: expected a multiple of patch_size 8",
+            "model.img_size: expected a multiple of patch_size 8",
             "data.num_workers:"]
     for w in want:
         assert any(x.startswith(w) for x in p), (w, p)
     assert len(p) == len(want), p
+
+
+def test_three_problems_of_different_kinds_are_all_reported():
+    with pytest.raises(RecipeError) as e:  # a wrong type, a batch no world of 8 can form, a negative epoch count
+        load_recipe("demo", ["optim.weight_decay=lots", "batch.global_batch=100", "schedule.epochs=-3"], world_size=8)
+    assert e.value.problems == [
+        "batch.global_batch: 100 cannot be formed from micro_batch 16 x world size 8 = 128 images per micro-step; "
+        "expected a multiple of 128",
+        "optim.weight_decay: expected float, got 'lots' (str)",
+        "schedule.epochs: expected > 0, got -3"], e.value.problems
+
+
+@pytest.mark.parametrize("setting, problem", [
+    ("optim.base_lr=inf", "optim.base_lr: expected a finite number, got 'inf'"),
+    ("optim.base_lr=nan", "optim.base_lr: expected a finite number, got 'nan'"),
+    ("optim.base_lr=.inf", "optim.base_lr: expected a finite number, got inf"),
+    ("seed=-1", "seed: expected >= 0, got -1"),
+    ("seed=4294967296", "seed: expected < 4294967296, got 4294967296"),
+    ("data.max_bad_fraction=1.5", "data.max_bad_fraction: expected <= 1, got 1.5"),
+    ("logging.peak_tflops=0", "logging.peak_tflops: expected > 0, got 0"),
+    ("checkpoint.export=yes please", "checkpoint.export: expected bool, got 'yes please' (str)"),
+    ("batch.micro_batch=true", "batch.micro_batch: expected int, got True (bool)"),
+])
+def test_every_bound_is_checked(setting, problem):
+    with pytest.raises(RecipeError) as e:
+        load_recipe("demo", [setting], world_size=1)
+    assert e.value.problems == [problem]
+
+
+def test_files_the_recipe_reads_must_exist_and_parse(tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text("{zero: 2")
+    with pytest.raises(RecipeError) as e:
+        load_recipe("demo", [f"deepspeed.config={bad}"], world_size=1)
+    assert e.value.problems == [f"deepspeed.config: expected a readable JSON file, got '{bad}' (Expecting property "
+                                f"name enclosed in double quotes: line 1 column 2 (char 1))"]
+    bad.write_text("[1, 2]")
+    with pytest.raises(RecipeError, match=r"deepspeed.config: expected a JSON object, got a list in"):
+        load_recipe("demo", [f"deepspeed.config={bad}"], world_size=1)
+
+
+def test_print_schema_validates_every_shipped_recipe(tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    import json
+    from mff_ds.eval.cli import train_main
+    from mff_ds.pretrain.cli import main
+
+    # PyYAML reads YAML 1.1, where 1.5e-4 (no dot) is a string; YAML 1.2 (editors, CI validators) reads a number,
+    # as the recipe does
+    class Yaml12(yaml.SafeLoader):
+        pass
+    Yaml12.add_implicit_resolver("tag:yaml.org,2002:float", __import__("re").compile(
+        r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789."))
+
+    def schema(run, *argv):
+        out = tmp_path / "schema.json"
+        with open(out, "w") as f, __import__("contextlib").redirect_stdout(f):
+            assert run(["--print-schema", *argv]) == 0
+        return json.loads(out.read_text())
+    pretrain, finetune = schema(main), schema(lambda a: train_main("finetune", a))
+    assert schema(lambda a: train_main("linprobe", a)) == finetune
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        tree = yaml.load(path.read_text(), Yaml12)
+        eval_kind = path.name.startswith(("finetune_", "linprobe_"))
+        jsonschema.validate(tree, finetune if eval_kind else pretrain)
+        with pytest.raises(jsonschema.ValidationError):  # and the schema is not vacuous
+            jsonschema.validate(dict(tree, batch={"micro_batch": 0}), finetune if eval_kind else pretrain)
 
 
 def test_overrides_and_types(tmp_path):
@@ -84,7 +151,7 @@ def test_overrides_and_types(tmp_path):
         "optim.base_lr=1e-3", "batch.micro_batch=8", "model.depth=4", "model.out_indices=[1,3]",
         "deepspeed.overrides.zero_optimization.reduce_bucket_size=1000", "precision=bf16"], world_size=1)
     assert r.optim.base_lr == 1e-3 and isinstance(r.optim.base_lr, float)  # YAML reads 1e-3 as a string
-    assert r.batch.micro_batch == 8 and r.model_config().depth == 4 and r.precision == "bf16"
+    assert r.batch.micro_batch == 8 and r.model_cfg().depth == 4 and r.precision == "bf16"
     assert r.deepspeed.overrides == {"zero_optimization": {"reduce_bucket_size": 1000}}
     with pytest.raises(RecipeError, match="precision: expected one of"):
         load_recipe(str(REPO / "configs" / "demo.yaml"), ["precision=fp8"], world_size=1)

@@ -45,8 +45,8 @@ def engine_for(r, model_over=None, ds_over=None, seed=0):
     for k, v in (ds_over or {}).items():
         ds["zero_optimization"][k] = v
     torch.manual_seed(seed)
-    model = build_model(r.model_config() if not model_over else r.model_config().__class__(
-        **dict(r.model_config().to_dict(), **model_over)))
+    model = build_model(r.model_cfg() if not model_over else r.model_cfg().__class__(
+        **dict(r.model_cfg().to_dict(), **model_over)))
     engine, _ = build_deepspeed_engine(model, model.param_groups(0.05), ds, lr=1e-3, device=torch.device("cpu"))
     return engine
 

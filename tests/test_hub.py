@@ -11,7 +11,6 @@ import torch
 
 from conftest import REPO
 from mff_ds import convert, hub
-from mff_ds.engine import checkpoint
 from mff_ds.pretrain.export import export
 from mff_ds.models import build_model
 from test_convert import perturbed, same_state

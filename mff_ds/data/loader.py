@@ -10,7 +10,6 @@ A bad sample is replaced by a copy of a good one of the same batch, so batch b a
 positions: that is what makes `skip_batches` exact (skipped shard samples are read but not decoded).
 Normalisation happens on the device: `normalize(images.to(device))` (a no-op copy for device-decoded batches).
 """
-import dataclasses
 import functools
 import math
 import multiprocessing as mp
@@ -18,14 +17,19 @@ import sys
 import time
 import warnings
 
+from typing import Literal, Optional
+
 import numpy as np
+import pydantic
 import torch
+from pydantic import field_validator, model_validator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mff_ds.common import UserError
+from mff_ds.schema import Bool, NonNegInt, Probability, Section, fail, int_, problems_of
 
 from .decode import DECODES, Prefetcher, decode_batch, fill_bad, nvjpeg_ok, pack_batch
-from .registry import SOURCES, Plan, Source
+from .registry import SOURCES, Plan
 from .transforms import AUGMENTS, finish, make_augment, prepare, process
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -38,56 +42,41 @@ class BadDataError(UserError):
     """Too many unreadable samples: the data needs fixing (or `max_bad_fraction` raising), not the code."""
 
 
-@dataclasses.dataclass
-class DataConfig:
+class DataConfig(Section):
     source: str = "demo"                # a registry.SOURCES name: demo | imagefolder | webdataset | synthetic | ...
-    path: str | None = None             # ImageFolder root, or shard path / brace pattern
+    path: Optional[str] = None          # ImageFolder root, or shard path / brace pattern
     augment: str = "mff"                # mff (MFF reference) | mae (RandomResizedCrop 0.2-1) | center (eval)
-    num_workers: int = 4
-    prefetch_factor: int = 2
-    pin_memory: bool = True
-    fast_decode: bool = True            # reduced-size JPEG decoding with libjpeg-turbo (CPU decoding)
-    decode: str = "auto"                # gpu: decode + augment batches on the device (nvJPEG) | cpu: in the
+    num_workers: NonNegInt = 4
+    prefetch_factor: int_(ge=1) = 2
+    pin_memory: Bool = True
+    fast_decode: Bool = True            # reduced-size JPEG decoding with libjpeg-turbo (CPU decoding)
+    decode: Literal[DECODES] = "auto"   # gpu: decode + augment batches on the device (nvJPEG) | cpu: in the
                                         # workers | auto: gpu where CUDA exists
-    resample_shards: bool = False       # draw shards with replacement (allows fewer shards than readers)
-    max_bad_fraction: float = 0.01
-    shuffle_buffer: int = 1000          # samples, per worker (webdataset)
-    num_samples: int | None = None      # epoch size for shards without _info.json (and for synthetic)
+    resample_shards: Bool = False       # draw shards with replacement (allows fewer shards than readers)
+    max_bad_fraction: Probability = 0.01
+    shuffle_buffer: NonNegInt = 1000    # samples, per worker (webdataset)
+    num_samples: Optional[int_(ge=1)] = None  # epoch size for shards without _info.json (and for synthetic)
 
-    def validate(self):
-        """-> list of problems, each naming its key ("data.<key>: expected ..., got ...")."""
-        p = []
+    # the registries fill up at import (plugins may add names), so these are checked by name, not as Literals
+    @field_validator("source")
+    @classmethod
+    def _registered_source(cls, v):
+        if v not in SOURCES:
+            raise ValueError(f"expected one of {SOURCES.names()}, got {v!r}")
+        return v
 
-        def bad(key, expected):
-            p.append(f"data.{key}: expected {expected}, got {getattr(self, key)!r}")
+    @field_validator("augment")
+    @classmethod
+    def _registered_augment(cls, v):
+        if v not in AUGMENTS:
+            raise ValueError(f"expected one of {AUGMENTS.names()}, got {v!r}")
+        return v
 
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        if self.source not in SOURCES:
-            bad("source", f"one of {SOURCES.names()}")
-        why = (SOURCES.get(self.source) if self.source in SOURCES else Source).path_problem(self.path)
-        if why:
-            p.append(f"data.path: {why}")
-        if self.decode not in DECODES:
-            bad("decode", f"one of {list(DECODES)}")
-        if self.augment not in AUGMENTS:
-            bad("augment", f"one of {AUGMENTS.names()}")
-        if not is_int(self.num_workers) or self.num_workers < 0:
-            bad("num_workers", "an integer >= 0")
-        if not is_int(self.prefetch_factor) or self.prefetch_factor < 1:
-            bad("prefetch_factor", "an integer >= 1")
-        for key in ("pin_memory", "fast_decode", "resample_shards"):
-            if not isinstance(getattr(self, key), bool):
-                bad(key, "true or false")
-        f = self.max_bad_fraction
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1:
-            bad("max_bad_fraction", "a number in [0, 1]")
-        if not is_int(self.shuffle_buffer) or self.shuffle_buffer < 0:
-            bad("shuffle_buffer", "an integer >= 0")
-        if self.num_samples is not None and (not is_int(self.num_samples) or self.num_samples < 1):
-            bad("num_samples", "null or an integer >= 1")
-        return p
+    @model_validator(mode="after")
+    def _path_suits_the_source(self):
+        why = SOURCES.get(self.source).path_problem(self.path)
+        fail([("path", why)] if why else [])
+        return self
 
 
 def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=torch.float32):
@@ -260,9 +249,12 @@ def build_loader(cfg, *, img_size, micro_batch, rank, world_size, seed, epoch, s
                  drop_last=True, device=None):
     """DataConfig -> Loader for (rank, world_size). Same (seed, epoch, world_size, num_workers) => same stream.
     `device`: where `decode: gpu` decodes (default: the current CUDA device, or the CPU without CUDA)."""
+    problems = []
     if isinstance(cfg, dict):
-        cfg = DataConfig(**cfg)
-    problems = cfg.validate()
+        try:
+            cfg = DataConfig.model_validate(cfg)
+        except pydantic.ValidationError as e:
+            problems = problems_of(e, DataConfig, prefix="data.")
     for key, v, lo in (("img_size", img_size, 1), ("micro_batch", micro_batch, 1), ("world_size", world_size, 1),
                        ("rank", rank, 0), ("skip_batches", skip_batches, 0)):
         if not isinstance(v, int) or v < lo:

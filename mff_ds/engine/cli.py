@@ -1,7 +1,8 @@
 """What the training command lines share: `python -m mff_ds.pretrain` (launch/pretrain.py) and the fine-tune /
-linear-probe ones (mff_ds.eval.cli). Kept free of torch imports: the pretraining CLI installs its signal
-handlers before torch loads."""
+linear-probe ones (mff_ds.eval.cli). Imported after the pretraining CLI has installed its signal handlers (the
+recipe errors derive from mff_ds.common.UserError, which loads torch)."""
 import argparse
+import json
 import os
 import sys
 from typing import Callable, Optional
@@ -23,7 +24,15 @@ def run_parser(doc: str, config: str, set_example: str) -> argparse.ArgumentPars
                    "(refused over another run's outputs), fresh (move those aside to OUTPUT_DIR/previous-<time>/, "
                    "then none), or a checkpoint PATH")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--print-schema", action="store_true",
+                   help="write the JSON Schema of this command's recipes to stdout and exit")
     return p
+
+
+def print_schema(recipe_cls) -> int:
+    """--print-schema: the recipe class's JSON Schema on stdout (editors and CI validate recipes with it)."""
+    print(json.dumps(recipe_cls.model_json_schema(), indent=2))
+    return 0
 
 
 def load_or_report(load: Callable, args, overrides) -> Optional[object]:

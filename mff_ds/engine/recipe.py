@@ -2,15 +2,17 @@
 YAML + `--set a.b=c` reading, path resolution and the resume comparison. The pretraining recipe is
 mff_ds.pretrain.recipe, the fine-tune / linear-probe one mff_ds.eval.recipe."""
 import copy
-import dataclasses
 import hashlib
 import json
 import os
-import typing
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional, Tuple
+from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple
 
 import yaml
+from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from mff_ds.common import UserError
+from mff_ds.schema import (Bool, Float, NonNegFloat, NonNegInt, PosFloat, PosInt, Section, fail, float_, int_,
+                           problems_of)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # configs/ and ds_configs/ sit at the repo root in a checkout; an installed package carries them as package data
@@ -18,7 +20,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A recipe that cannot run; `.problems` lists every problem as 'key: expected ..., got ...'."""
 
     def __init__(self, problems: List[str], source: str = "recipe"):
@@ -26,67 +28,142 @@ class RecipeError(ValueError):
         super().__init__(f"{source} has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
 
 
-@dataclass
-class BatchConfig:
-    global_batch: int = 4096          # images per optimizer step, all ranks together
-    micro_batch: int = 512            # images per forward on one device; accumulation = global / (micro * world)
+class BatchConfig(Section):
+    global_batch: PosInt = 4096       # images per optimizer step, all ranks together
+    micro_batch: PosInt = 512         # images per forward on one device; accumulation = global / (micro * world)
+
+    @model_validator(mode="after")
+    def _fits_the_world(self, info: ValidationInfo):
+        # the world size comes from the launcher, through the validation context (None: not checked)
+        world = (info.context or {}).get("world_size")
+        per_step = self.micro_batch * (world or 1)
+        if world and self.global_batch % per_step:
+            fail([("global_batch", f"{self.global_batch} cannot be formed from micro_batch {self.micro_batch} x "
+                   f"world size {world} = {per_step} images per micro-step; expected a multiple of {per_step}")])
+        return self
 
 
-@dataclass
-class OptimConfig:
-    base_lr: float = 1.5e-4           # lr = base_lr * global_batch / 256
-    min_lr: float = 0.0
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.05
-    decay_fusion_logits: bool = True  # the reference decays the raw fusion logits
-    grad_clip: float = 0.0            # 0 = no clipping (the reference)
+def _betas(v: List[float]) -> List[float]:
+    if len(v) != 2 or not all(0 <= x < 1 for x in v):
+        raise ValueError(f"expected two numbers in [0, 1), got {v}")
+    return v
 
 
-@dataclass
-class ScheduleConfig:
-    epochs: int = 300
-    warmup_epochs: float = 40.0
-    warmup_start_factor: float = 1e-4  # mmengine LinearLR start factor: 1e-4 (300e) / 1e-9 (800e)
+Betas = Annotated[List[Float], AfterValidator(_betas)]
+
+
+class OptimBase(Section):
+    """What every optimizer section has; the pretraining and eval ones add their own keys and defaults."""
+    base_lr: PosFloat = 1.5e-4        # lr = base_lr * global_batch / 256
+    min_lr: NonNegFloat = 0.0         # end of the cosine; at most lr (checked by the recipe, which knows the batch)
+    betas: Betas = [0.9, 0.95]
+    eps: PosFloat = 1e-8
+    weight_decay: NonNegFloat = 0.05
+    grad_clip: NonNegFloat = 0.0      # 0 = no clipping (the reference)
+
+
+class OptimConfig(OptimBase):
+    decay_fusion_logits: Bool = True  # the reference decays the raw fusion logits
+
+
+class ScheduleConfig(Section):
+    epochs: PosInt = 300
+    warmup_epochs: NonNegFloat = 40.0
+    warmup_start_factor: float_(gt=0, le=1) = 1e-4  # mmengine LinearLR start factor: 1e-4 (300e) / 1e-9 (800e)
+
+    @model_validator(mode="after")
+    def _warmup_within_the_run(self):
+        if self.warmup_epochs > self.epochs:
+            fail([("warmup_epochs", f"expected in [0, epochs={self.epochs}], got {self.warmup_epochs}")])
+        return self
 
 
 # torch.compile's modes; the CUDA-graph ones ("reduce-overhead", "max-autotune") are left out: DeepSpeed's
 # gradient hooks and the per-step lr change run outside the graph and would force re-recording.
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+# DeepSpeed config keys the recipe's batch / optim sections set (engine.optim.build_ds_config)
+RESERVED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                    "optimizer", "scheduler", "gradient_clipping")
 
 
-@dataclass
-class DeepSpeedSection:
-    config: str = "ds_configs/zero2.json"   # relative to the repo root or absolute
-    zero_stage: Optional[int] = None        # override zero_optimization.stage
-    load_universal: bool = False            # resume from a ds_to_universal checkpoint (other world size)
-    compile: bool = False                   # torch.compile the model through the engine (engine.compile())
-    compile_mode: str = "default"           # torch.compile mode: default | max-autotune-no-cudagraphs | ...
-    overrides: Dict[str, Any] = field(default_factory=dict)  # deep-merged into the DeepSpeed config
+def _json_object_file(path: str) -> str:
+    """The file must be there and be a JSON object now, not when DeepSpeed starts minutes later."""
+    found = resolve_path(path)
+    try:
+        with open(found) as f:
+            tree = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"expected an existing JSON file, got {path!r}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else str(e)
+        raise ValueError(f"expected a readable JSON file, got {found!r} ({why})") from None
+    if not isinstance(tree, dict):
+        raise ValueError(f"expected a JSON object, got a {type(tree).__name__} in {found!r}")
+    return path
 
 
-@dataclass
-class CheckpointConfig:
-    every_steps: int = 1000           # 0 = only at the end
-    keep_last: int = 3
-    export: bool = True               # consolidated fp32 model + timm encoder at the end
+def _not_reserved(overrides: Dict[str, Any]) -> Dict[str, Any]:
+    fail([(k, "set by the recipe (batch / optim sections), not by overrides")
+          for k in sorted(set(RESERVED_DS_KEYS) & set(overrides))])
+    return overrides
 
 
-@dataclass
-class LoggingConfig:
-    every_steps: int = 50
-    image_every_steps: int = 1000     # reconstruction grid (TensorBoard + PNG); 0 = off
-    num_images: int = 4
-    tensorboard: bool = True
-    progress_bar: bool = True
-    peak_tflops: Optional[float] = None  # per device, for MFU; None = from the device name (CUDA only)
+class DeepSpeedSection(Section):
+    config: Annotated[str, AfterValidator(_json_object_file)] = "ds_configs/zero2.json"  # from the repo root, or absolute
+    zero_stage: Optional[Literal[0, 1, 2]] = None  # override zero_optimization.stage
+    load_universal: Bool = False                   # resume from a ds_to_universal checkpoint (other world size)
+    compile: Bool = False                          # torch.compile the model through the engine (engine.compile())
+    compile_mode: Literal[COMPILE_MODES] = "default"
+    overrides: Annotated[Dict[str, Any], AfterValidator(_not_reserved)] = {}  # deep-merged into the DeepSpeed config
 
 
-class RecipeMethods:
-    """What every recipe kind (pretraining, eval) derives the same way from its batch/optim sections."""
+class CheckpointBase(Section):
+    keep_last: int_(ge=1) = 3
 
-    def to_dict(self) -> dict:
-        return _to_plain(self)
+
+class CheckpointConfig(CheckpointBase):
+    every_steps: NonNegInt = 1000     # 0 = only at the end
+    export: Bool = True               # consolidated fp32 model + timm encoder at the end
+
+
+class LoggingConfig(Section):
+    every_steps: int_(ge=1) = 50
+    image_every_steps: NonNegInt = 1000  # reconstruction grid (TensorBoard + PNG); 0 = off
+    num_images: int_(ge=1) = 4
+    tensorboard: Bool = True
+    progress_bar: Bool = True
+    peak_tflops: Optional[PosFloat] = None  # per device, for MFU; None = from the device name (CUDA only)
+
+
+def _run_name(name: str) -> str:
+    if not name or "/" in name:  # it names the run directory
+        raise ValueError(f"expected a non-empty name without '/', got {name!r}")
+    return name
+
+
+RunName = Annotated[str, AfterValidator(_run_name)]
+
+
+class BaseRecipe(Section):
+    """What every recipe kind (pretraining, eval) has, and derives the same way from its batch/optim sections.
+    Subclasses narrow the section types (their own defaults and keys) and add their own sections."""
+    name: RunName = "run"
+    seed: int_(ge=0, lt=2**32) = 0    # numpy's generators take 32 bits
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    optim: OptimBase = Field(default_factory=OptimBase)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    checkpoint: CheckpointBase = Field(default_factory=CheckpointBase)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @field_validator("optim")
+    @classmethod
+    def _min_lr_below_lr(cls, o, info: ValidationInfo):
+        b = info.data.get("batch")  # absent when the batch section was refused
+        if b is not None and o.min_lr > o.base_lr * b.global_batch / 256:
+            fail([("min_lr", f"expected in [0, lr = base_lr*global_batch/256], got {o.min_lr}")])
+        return o
 
     def grad_accum(self, world_size: int) -> int:
         return self.batch.global_batch // (self.batch.micro_batch * world_size)
@@ -94,8 +171,30 @@ class RecipeMethods:
     def lr(self) -> float:
         return self.optim.base_lr * self.batch.global_batch / 256
 
+    def compat_dict(self) -> dict:
+        """What a resumed run must share with its checkpoint (each kind says)."""
+        raise NotImplementedError
+
     def compat_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.compat_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def validate(cls, tree: dict, world_size: Optional[int] = None, source: str = "recipe"):
+    """Recipe class `cls` from the plain `tree`, or RecipeError listing every problem (world_size: for the batch
+    arithmetic; None = not checked)."""
+    try:
+        return cls.model_validate(tree or {}, context={"world_size": world_size})
+    except ValidationError as e:
+        raise RecipeError(problems_of(e, cls), source) from None
+
+
+def check(recipe: BaseRecipe, world_size: Optional[int] = None) -> List[str]:
+    """The problems of a built recipe for `world_size` (empty = runnable): what the trainer asks before it starts."""
+    try:
+        validate(type(recipe), recipe.to_dict(), world_size)
+    except RecipeError as e:
+        return e.problems
+    return []
 
 
 def diff_settings(old: dict, new: dict, prefix: str = "", only_new: bool = False) -> List[str]:
@@ -119,116 +218,6 @@ def resume_differences(meta: dict, recipe) -> Tuple[List[str], List[str]]:
         incompatible = [] if meta.get("recipe_hash") in (None, recipe.compat_hash()) else ["(recipe hash differs)"]
     compatible = [] if incompatible or "recipe" not in meta else diff_settings(meta["recipe"], recipe.to_dict())
     return incompatible, compatible
-
-
-# ------------------------------------------------------------------ plain <-> dataclass
-def _to_plain(x):
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return {f.name: _to_plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
-    if isinstance(x, dict):
-        return {k: _to_plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_to_plain(v) for v in x]
-    return x
-
-
-def _type_name(t) -> str:
-    origin = typing.get_origin(t)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(t))
-    if origin is typing.Union:
-        return " or ".join(_type_name(a) for a in typing.get_args(t))
-    if origin in (list, List):
-        return f"list of {_type_name(typing.get_args(t)[0])}" if typing.get_args(t) else "list"
-    if origin in (dict, Dict):
-        return "mapping"
-    if dataclasses.is_dataclass(t):
-        return "mapping"
-    return getattr(t, "__name__", str(t)).replace("NoneType", "null")
-
-
-def _coerce(value, t, key: str, problems: List[str]):
-    """value checked/converted to type t; on failure append 'key: expected T, got V' and return None."""
-    origin, args = typing.get_origin(t), typing.get_args(t)
-    bad = lambda: problems.append(f"{key}: expected {_type_name(t)}, got {value!r} ({type(value).__name__})")
-    if t is Any:
-        return value
-    if origin is typing.Union:
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        sub: List[str] = []
-        out = _coerce(value, inner[0], key, sub) if len(inner) == 1 else value
-        if sub:
-            bad()
-        return out
-    if origin is Literal:
-        if value not in args:
-            bad()
-        return value
-    if dataclasses.is_dataclass(t):
-        return _build(t, value, key, problems)
-    if origin in (list, List):
-        if not isinstance(value, (list, tuple)):
-            bad()
-            return None
-        return [_coerce(v, args[0], f"{key}[{i}]", problems) for i, v in enumerate(value)] if args else list(value)
-    if origin in (dict, Dict) or t is dict:
-        if not isinstance(value, dict):
-            bad()
-            return None
-        return dict(value)
-    if t is bool:
-        if not isinstance(value, bool):
-            bad()
-        return value
-    if t is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)  # 4.096e3 from YAML
-            bad()
-        return value
-    if t is float:
-        if isinstance(value, bool):
-            bad()
-            return value
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        bad()
-        return value
-    if t is str:
-        if not isinstance(value, str):
-            bad()
-        return value
-    return value
-
-
-def _build(cls, data, key: str, problems: List[str]):
-    """Build dataclass `cls` from mapping `data`, listing unknown keys and type errors under `key`."""
-    prefix = f"{key}." if key else ""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        problems.append(f"{key or 'recipe'}: expected a mapping, got {data!r} ({type(data).__name__})")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for k in data:
-        if k not in names:
-            problems.append(f"{prefix}{k}: unknown key; expected one of {names}")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in data:
-            n_before = len(problems)
-            v = _coerce(data[f.name], hints[f.name], prefix + f.name, problems)
-            if len(problems) == n_before or dataclasses.is_dataclass(hints[f.name]):  # keep partly-valid sections
-                kwargs[f.name] = v
-    return cls(**kwargs)
 
 
 # ------------------------------------------------------------------ overrides
@@ -293,24 +282,6 @@ def recipe_path(config: str) -> str:
     return resolve_path(config)
 
 
-def schedule_and_deepspeed_problems(s, d) -> List[str]:
-    """Checks shared by every recipe kind: the `schedule:` and `deepspeed:` sections."""
-    p = []
-    if s.epochs <= 0:
-        p.append(f"schedule.epochs: expected a positive integer, got {s.epochs}")
-    if not 0 <= s.warmup_epochs <= max(s.epochs, 0):
-        p.append(f"schedule.warmup_epochs: expected in [0, epochs={s.epochs}], got {s.warmup_epochs}")
-    if not 0 < s.warmup_start_factor <= 1:
-        p.append(f"schedule.warmup_start_factor: expected in (0, 1], got {s.warmup_start_factor}")
-    if not os.path.isfile(resolve_path(d.config)):
-        p.append(f"deepspeed.config: expected an existing JSON file, got {d.config!r}")
-    if d.zero_stage is not None and d.zero_stage not in (0, 1, 2):
-        p.append(f"deepspeed.zero_stage: expected 0, 1 or 2, got {d.zero_stage}")
-    if d.compile_mode not in COMPILE_MODES:
-        p.append(f"deepspeed.compile_mode: expected one of {list(COMPILE_MODES)}, got {d.compile_mode!r}")
-    return p
-
-
 def read_tree(path: Optional[str], overrides: Optional[List[str]] = None) -> Tuple[dict, str]:
     """(YAML tree with `--set` overrides applied, source name). Shared by every recipe kind."""
     tree: dict = {}
@@ -345,7 +316,5 @@ def launcher_world_size() -> int:
 
 def save_recipe(recipe, path: str) -> None:
     """Atomically write a resolved recipe (anything with to_dict()) as YAML."""
-    # imported here: mff_ds.common imports torch, and this module must not, so that launch/pretrain.py installs
-    # its signal handlers before the seconds-long torch import
     from mff_ds.common import write_text
     write_text(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))

@@ -4,7 +4,7 @@ import os
 import sys
 
 from mff_ds.common import UserError
-from mff_ds.engine.cli import load_or_report, run_or_report, run_parser, stopped
+from mff_ds.engine.cli import load_or_report, print_schema, run_or_report, run_parser, stopped
 from mff_ds.engine.recipe import RecipeError
 
 DEFAULT_CONFIGS = {"finetune": "finetune_vit-b_100e", "linprobe": "linprobe_vit-b_90e"}  # shipped recipes
@@ -22,7 +22,9 @@ def train_main(task: str, argv=None, doc: str = "") -> int:
         p.add_argument("--pool", default="cls", choices=["cls", "avg"], help="features of --probe knn/logreg: the "
                        "cls token or the mean patch token, after the final norm")
     a = p.parse_args(argv)
-    from .recipe import load_eval_recipe
+    from .recipe import EvalRecipe, load_eval_recipe
+    if a.print_schema:
+        return print_schema(EvalRecipe)
     overrides = list(a.overrides)
     if a.checkpoint is not None:
         overrides.append(f"init.checkpoint={os.path.abspath(a.checkpoint)}")

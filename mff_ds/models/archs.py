@@ -1,6 +1,9 @@
-"""Model configuration, the named sizes and build_model()."""
-from dataclasses import asdict, dataclass, field, fields
-from typing import List, Optional, Tuple, Union
+"""Model configuration (a validated pydantic model), the named sizes and build_model()."""
+from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Union
+
+from pydantic import AfterValidator, ValidationError, WithJsonSchema, model_validator
+
+from mff_ds.schema import Bool, Int, PosFloat, PosInt, Section, fail, float_, problems_of
 
 # name: (embed_dim, depth, num_heads); MLP ratio 4 everywhere.
 SIZES = {
@@ -21,24 +24,23 @@ def default_out_indices(depth: int, levels: int = 6) -> List[int]:
     return [i * depth // levels for i in range(levels - 1)] + [depth - 1]
 
 
-@dataclass
-class ModelConfig:
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    decoder_embed_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    decoder_mlp_ratio: float = 4.0
-    mask_ratio: float = 0.75
-    out_indices: List[int] = field(default_factory=lambda: [0, 2, 4, 6, 8, 11])  # one entry = plain MAE
-    norm_pix_loss: bool = True
-    kernels: str = "auto"
-    grad_checkpointing: bool = False
+class ModelConfig(Section):
+    img_size: PosInt = 224
+    patch_size: PosInt = 16
+    in_chans: PosInt = 3
+    embed_dim: PosInt = 768
+    depth: PosInt = 12
+    num_heads: PosInt = 12
+    mlp_ratio: PosFloat = 4.0
+    decoder_embed_dim: PosInt = 512
+    decoder_depth: PosInt = 8
+    decoder_num_heads: PosInt = 16
+    decoder_mlp_ratio: PosFloat = 4.0
+    mask_ratio: float_(ge=0, lt=1) = 0.75
+    out_indices: List[Int] = [0, 2, 4, 6, 8, 11]  # one entry = plain MAE
+    norm_pix_loss: Bool = True
+    kernels: Literal[KERNEL_IMPLS] = "torch"  # what every shipped recipe uses; Triton is not yet proven faster
+    grad_checkpointing: Bool = False
 
     @property
     def num_patches(self) -> int:
@@ -53,47 +55,58 @@ class ModelConfig:
         """out_indices with negative entries resolved (depth + idx), in the given order."""
         return [i + self.depth if i < 0 else i for i in self.out_indices]
 
-    def problems(self) -> List[str]:
+    @model_validator(mode="after")
+    def _consistent(self):
         p = []
-        for f in fields(self):
-            v = getattr(self, f.name)
-            want = {int: int, float: (int, float), bool: bool, str: str}.get(f.type)
-            if want and (not isinstance(v, want) or (f.type is not bool and isinstance(v, bool))):
-                p.append(f"model.{f.name}: expected {f.type.__name__}, got {v!r}")
-        if p:
-            return p
-        for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
-                     "decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
-            if getattr(self, name) <= 0:
-                p.append(f"model.{name}: expected a positive integer, got {getattr(self, name)}")
-        if p:
-            return p
         if self.img_size % self.patch_size:
-            p.append(f"model.img_size: expected a multiple of patch_size {self.patch_size}, got {self.img_size}")
-        for dim, heads, what in ((self.embed_dim, self.num_heads, ""), (self.decoder_embed_dim, self.decoder_num_heads, "decoder_")):
+            p.append(("img_size", f"expected a multiple of patch_size {self.patch_size}, got {self.img_size}"))
+        elif self.len_keep < 1:
+            p.append(("mask_ratio", f"keeps no patch of {self.num_patches} (ratio {self.mask_ratio})"))
+        for dim, heads, what in ((self.embed_dim, self.num_heads, ""),
+                                 (self.decoder_embed_dim, self.decoder_num_heads, "decoder_")):
             if dim % heads:
-                p.append(f"model.{what}embed_dim: expected a multiple of {what}num_heads {heads}, got {dim}")
+                p.append((f"{what}embed_dim", f"expected a multiple of {what}num_heads {heads}, got {dim}"))
             if dim % 4:
-                p.append(f"model.{what}embed_dim: expected a multiple of 4 (2-D sin-cos positions), got {dim}")
-        if not 0.0 <= self.mask_ratio < 1.0:
-            p.append(f"model.mask_ratio: expected a value in [0, 1), got {self.mask_ratio}")
-        elif self.img_size % self.patch_size == 0 and self.len_keep < 1:
-            p.append(f"model.mask_ratio: keeps no patch of {self.num_patches} (ratio {self.mask_ratio})")
-        if not isinstance(self.out_indices, list) or not self.out_indices or not all(
-                isinstance(i, int) and not isinstance(i, bool) for i in self.out_indices):
-            p.append(f"model.out_indices: expected a non-empty list of block indices, got {self.out_indices!r}")
-        else:
-            bad = [i for i in self.out_indices if not -self.depth <= i < self.depth]
-            if bad:
-                p.append(f"model.out_indices: expected indices in [{-self.depth}, {self.depth - 1}] for depth {self.depth}, got {bad}")
-            elif len(set(self.levels)) != len(self.levels):
-                p.append(f"model.out_indices: expected distinct blocks, got {self.out_indices}")
-        if self.kernels not in KERNEL_IMPLS:
-            p.append(f"model.kernels: expected one of {list(KERNEL_IMPLS)}, got {self.kernels!r}")
-        return p
+                p.append((f"{what}embed_dim", f"expected a multiple of 4 (2-D sin-cos positions), got {dim}"))
+        bad = [i for i in self.out_indices if not -self.depth <= i < self.depth]
+        if not self.out_indices:
+            p.append(("out_indices", f"expected a non-empty list of block indices, got {self.out_indices!r}"))
+        elif bad:
+            p.append(("out_indices", f"expected indices in [{-self.depth}, {self.depth - 1}] for depth {self.depth}, "
+                                     f"got {bad}"))
+        elif len(set(self.levels)) != len(self.levels):
+            p.append(("out_indices", f"expected distinct blocks, got {self.out_indices}"))
+        fail(p)
+        return self
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+
+class ModelSection(ModelConfig):
+    """A recipe's `model:` section: an architecture name (its sizes) and/or ModelConfig fields over them."""
+    arch: Optional[str] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named_sizes(cls, spec: Any) -> Any:
+        if isinstance(spec, dict) and spec.get("arch") is not None:
+            named = _named_config(spec["arch"])
+            if named is None:
+                fail([("arch", f"unknown architecture {spec['arch']!r}; expected one of {arch_names()} or a dict of "
+                               f"ModelConfig fields")])
+            spec = {**named.to_dict(), **spec}
+        return spec
+
+    def config(self) -> ModelConfig:
+        return ModelConfig.model_validate(self.model_dump(exclude={"arch"}))
+
+
+def _valid_section(spec: Dict[str, Any]) -> Dict[str, Any]:
+    ModelSection.model_validate(spec)
+    return spec
+
+
+# The type of a recipe's `model:` field: checked as a ModelSection, kept as written (recipes save it and hash
+# the resolved ModelConfig)
+ModelSpec = Annotated[Dict[str, Any], AfterValidator(_valid_section), WithJsonSchema(ModelSection.model_json_schema())]
 
 
 def arch_names() -> List[str]:
@@ -114,32 +127,19 @@ def _named_config(name) -> Optional[ModelConfig]:
 
 def config_problems(name_or_config: Union[str, dict, ModelConfig, None] = None,
                     **overrides) -> Tuple[Optional[ModelConfig], List[str]]:
-    """-> (the config, []) or (None, every problem found, each naming its `model.` key): the recipe check lists
-    them with the rest of the recipe's problems, resolve_config raises them."""
+    """-> (the config, []) or (None, every problem found, each naming its `model.` key)."""
     if isinstance(name_or_config, ModelConfig):
-        base = asdict(name_or_config)
+        spec = name_or_config.to_dict()
     elif isinstance(name_or_config, (str, dict)):
         spec = {"arch": name_or_config} if isinstance(name_or_config, str) else dict(name_or_config)
-        arch = spec.pop("arch", None)
-        named = _named_config(arch) if arch else None
-        if arch and named is None:
-            return None, [f"model.arch: unknown architecture {arch!r}; expected one of {arch_names()} or a dict of "
-                          f"ModelConfig fields"]
-        base = {**(asdict(named) if named else {}), **spec}
     elif name_or_config is None:
-        base = {}
+        spec = {}
     else:
         return None, [f"model: expected an arch name, a dict or a ModelConfig, got {type(name_or_config).__name__}"]
-    base.update(overrides)
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = sorted(set(base) - known)
-    if unknown:
-        return None, [f"model: unknown model option(s) {unknown}; expected some of {sorted(known)}"]
-    if "out_indices" in base and isinstance(base["out_indices"], tuple):
-        base["out_indices"] = list(base["out_indices"])
-    cfg = ModelConfig(**base)
-    problems = cfg.problems()
-    return (None, problems) if problems else (cfg, [])
+    try:
+        return ModelSection.model_validate({**spec, **overrides}).config(), []
+    except ValidationError as e:
+        return None, problems_of(e, ModelSection, prefix="model.")
 
 
 def resolve_config(name_or_config: Union[str, dict, ModelConfig, None] = None, **overrides) -> ModelConfig:

@@ -8,13 +8,15 @@
 """
 import os
 
-from mff_ds.engine.cli import load_or_report, run_or_report, run_parser, stopped
+from mff_ds.engine.cli import load_or_report, print_schema, run_or_report, run_parser, stopped
 
-from .recipe import load_recipe
+from .recipe import Recipe, load_recipe
 
 
 def main(argv=None, doc=__doc__) -> int:
     args = run_parser(doc, "demo", "batch.micro_batch=256").parse_args(argv)
+    if args.print_schema:
+        return print_schema(Recipe)
     recipe = load_or_report(load_recipe, args, args.overrides)
     if recipe is None:
         return 2

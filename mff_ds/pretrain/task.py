@@ -24,7 +24,7 @@ class PretrainTask(Task):
 
     def build(self, run):
         r = self.recipe
-        model = build_model(r.model_config())
+        model = build_model(r.model_cfg())
         loader = build_loader(r.data, img_size=model.cfg.img_size, micro_batch=r.batch.micro_batch, rank=run.rank,
                               world_size=run.world, seed=r.seed, epoch=0)
         self.cfg, self.device, self.dtype = model.cfg, run.device, run.dtype
