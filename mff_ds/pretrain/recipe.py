@@ -45,7 +45,9 @@ class Recipe(BaseRecipe):
         data = {k: v for k, v in d["data"].items() if k not in ("pin_memory", "prefetch_factor", "decode")}
         if not SOURCES.get(data["source"]).workers_pick_samples:  # shards: split among the workers
             data.pop("num_workers", None)
-        return {"model": dict(self.model_cfg().to_dict(), arch=self.model.get("arch")),
+        # model.kernels picks an implementation of the same ops (a Triton kernel or the reference), like decode
+        model = {k: v for k, v in self.model_cfg().to_dict().items() if k != "kernels"}
+        return {"model": dict(model, arch=self.model.get("arch")),
                 "data": data, "seed": d["seed"], "precision": d["precision"],
                 "batch.global_batch": d["batch"]["global_batch"], "schedule": d["schedule"],
                 "optim.base_lr": d["optim"]["base_lr"], "optim.min_lr": d["optim"]["min_lr"]}
