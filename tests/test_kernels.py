@@ -197,6 +197,26 @@ def test_fused_fusion_layernorm(dtype, K, B, N, C):
         check(n, a, r, dtype)
 
 
+
+def test_fusion_takes_the_mixed_levels_of_autocast():
+    """Under autocast the projected levels are bf16 and the last one (the residual stream) float32: every impl takes
+    them, promoted like the reference's stack, and gives each level its gradient in its own dtype."""
+    torch.manual_seed(0)
+    f32, bf16 = torch.float32, torch.bfloat16
+    levels = [rand(2, 5, 24, dtype=bf16), rand(2, 5, 24, dtype=bf16), rand(2, 5, 24, dtype=f32)]
+    logits, w, b = (0.5 * torch.randn(3, device=DEVICE)).requires_grad_(), rand(24, dtype=f32), rand(24, dtype=f32)
+    ref = fused_fusion_layernorm_reference(levels, logits, w, b)
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, levels + [logits], g)
+    for impl in dispatch.IMPLS:
+        y = kernels.fused_fusion_layernorm(levels, logits, w, b, impl=impl)
+        assert y.dtype == ref.dtype == torch.float32
+        torch.testing.assert_close(y, ref, **TOL[torch.bfloat16])
+        grads = torch.autograd.grad(y, levels + [logits], g)
+        for a, r in zip(grads, ref_grads):
+            assert a.dtype == r.dtype
+            torch.testing.assert_close(a, r, **TOL[torch.bfloat16])
+
 # ---------------------------------------------------------------------------------------------------- loss
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm_pix", [True, False])

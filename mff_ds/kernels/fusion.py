@@ -5,6 +5,8 @@ softmax weights w (computed outside in torch, which also differentiates it); fus
 Triton kernels. Like them, the op computes in float32: on other devices it runs the reference on float32 copies
 (its backward op differentiates that).
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -33,12 +35,12 @@ def _check(levels, logits, weight, bias):
     K = len(levels)
     if not 1 <= K <= MAX_LEVELS:
         raise ValueError(f"fused_fusion_layernorm: expected 1 to {MAX_LEVELS} levels, got {K}")
-    shape, dtype, device = levels[0].shape, levels[0].dtype, levels[0].device
-    for i, x in enumerate(levels):
-        if x.shape != shape or x.dtype != dtype or x.device != device:
-            raise ValueError(f"fused_fusion_layernorm: level {i} is {tuple(x.shape)} {x.dtype} {x.device}, "
-                             f"expected {tuple(shape)} {dtype} {device} like level 0")
-    dispatch.check_dtype("fused_fusion_layernorm levels", levels[0])
+    shape, device = levels[0].shape, levels[0].device
+    for i, x in enumerate(levels):  # dtypes may differ: under autocast the projected levels are 16-bit, the last
+        if x.shape != shape or x.device != device:  # (the residual stream) float32
+            raise ValueError(f"fused_fusion_layernorm: level {i} is {tuple(x.shape)} on {x.device}, "
+                             f"expected {tuple(shape)} on {device} like level 0")
+        dispatch.check_dtype(f"fused_fusion_layernorm level {i}", x)
     C = shape[-1]
     if logits.numel() != K:
         raise ValueError(f"fused_fusion_layernorm: logits must have {K} entries (one per level), got {logits.numel()}")
@@ -115,5 +117,7 @@ def fused_fusion_layernorm(levels, logits, weight, bias, eps=1e-6, impl="auto"):
     _check(levels, logits, weight, bias)
     if dispatch.resolve_impl(impl, levels[0]) != "triton":
         return fused_fusion_layernorm_reference(levels, logits, weight, bias, eps)
+    dtype = functools.reduce(torch.promote_types, [x.dtype for x in levels])  # as the reference's stack
+    levels = [x.to(dtype) for x in levels]  # the kernel reads every level as one dtype
     w = torch.softmax(logits.reshape(-1).float(), dim=0)
     return _fusion_op(levels, w, weight, bias, float(eps))[0]
