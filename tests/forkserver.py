@@ -77,13 +77,11 @@ def _child(req, fds, close, default_threads):
         code = 0
     except SystemExit as e:
         code = _exit_code(e)
-    except KeyboardInterrupt:  # as python does: the traceback, then death by SIGINT
-        import traceback
-        traceback.print_exc()
+    except KeyboardInterrupt:  # as python does: sys.excepthook (torch.distributed's prefixes [rankN]:), then SIGINT
+        sys.excepthook(*sys.exc_info())
         code = -signal.SIGINT
     except BaseException:
-        import traceback
-        traceback.print_exc()
+        sys.excepthook(*sys.exc_info())
         code = 1
     try:  # what the interpreter does on its way out
         threading._shutdown()
@@ -196,7 +194,19 @@ def _address():
             if line != b"ready\n":
                 raise RuntimeError(f"the test fork server did not start: see {d}/server.log")
             _server = (proc, path)
+            import atexit
+            atexit.register(_stop, proc, d)
         return _server[1]
+
+
+def _stop(proc, folder):
+    proc.stdin.close()  # the server returns on EOF
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    import shutil
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 class Proc:
