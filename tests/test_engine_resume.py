@@ -57,7 +57,7 @@ runpy.run_path({script!r}, run_name="__main__")
 """
 
 
-def launch(tmp: Path, out: Path, *args, nproc=2, crash=None, timeout=120, dump=None, torchrun=False):
+def launch(tmp: Path, out: Path, *args, nproc=2, crash=None, timeout=120, dump=None):
     cfg = tmp / "tiny.yaml"
     cfg.write_text(TINY)
     wrapper = tmp / "run.py"
@@ -65,7 +65,7 @@ def launch(tmp: Path, out: Path, *args, nproc=2, crash=None, timeout=120, dump=N
     env = dict(os.environ, OMP_NUM_THREADS="1", CRASH=crash or "", PYTHONPATH=str(REPO), DUMP=str(dump or ""))
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
     cmd = [sys.executable, *launcher, str(wrapper), "--config", str(cfg), "--output-dir", str(out), *args]
-    return forkserver.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp, torchrun=torchrun)
+    return forkserver.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp)
 
 
 def ok(p):
@@ -128,10 +128,10 @@ def test_resume_is_exact_with_data_workers(tmp_path):
 def test_kill_mid_run_and_mid_save_then_resume_auto(straight, tmp_path):
     out = tmp_path / "out"
     ckpts = out / "checkpoints"
-    p = launch(tmp_path, out, crash="step:6:1", torchrun=True)  # kill -9 rank 1 after step 6
+    p = launch(tmp_path, out, crash="step:6:1")  # kill -9 rank 1 after step 6
     assert p.returncode != 0
     assert (ckpts / "latest").read_text() == "global_step4"
-    p = launch(tmp_path, out, crash="save:8:1", torchrun=True)  # resumes from 4, then rank 1 dies writing its ZeRO shard of 8
+    p = launch(tmp_path, out, crash="save:8:1")  # resumes from 4, then rank 1 dies writing its ZeRO shard of 8
     assert p.returncode != 0
     assert "at step 4" in p.stdout + p.stderr
     assert (ckpts / "global_step8").is_dir() and not (ckpts / "global_step8" / "mff_complete.json").exists()
