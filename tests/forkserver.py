@@ -205,7 +205,8 @@ def _address():
             import tempfile
             d = tempfile.mkdtemp(prefix="mff-forkserver-")
             path = os.path.join(d, "sock")
-            env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+            env = {k: v for k, v in os.environ.items()  # (a child gets its own; these are the server's)
+                   if k not in ("OMP_NUM_THREADS", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
             env["PYTHONPATH"] = os.pathsep.join([REPO, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
             r, w = os.pipe()
             with open(os.path.join(d, "server.log"), "w") as log:
