@@ -1,11 +1,11 @@
 """Checkpoint interop: mmpretrain round trip, timm strict load + equal features, official MAE, CLI."""
-import subprocess
 import sys
 
 import pytest
 import timm
 import torch
 
+import forkserver
 from conftest import REPO, fixture, require_fixtures
 from mff_ds import convert
 from mff_ds.models import build_model
@@ -101,7 +101,7 @@ def test_cli_chain(tmp_path, suffix):
     require_fixtures("tiny64")
     ours = tmp_path / f"ours{suffix}"
     run = lambda *a: convert.main([str(x) for x in a])
-    subprocess.run([sys.executable, "-m", "mff_ds.convert", "from-mmpretrain", fixture("tiny64_ckpt.pth"), ours],
+    forkserver.run([sys.executable, "-m", "mff_ds.convert", "from-mmpretrain", fixture("tiny64_ckpt.pth"), ours],
                    cwd=REPO, check=True, capture_output=True)
     ref = convert.load_mmpretrain(fixture("tiny64_ckpt.pth"))
     assert same_state(convert.load_model(ours), ref)

@@ -1,6 +1,5 @@
 """Pretraining from `pipe:` shards with `data.decode: gpu` (the device path, on the CPU here) resumes exactly."""
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -8,6 +7,7 @@ from safetensors.torch import load_file
 
 from mff_ds.data import demo
 from mff_ds.data.make_shards import convert
+import forkserver
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def pretrain(tmp, out, *args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "launch" / "pretrain.py"), "--config", str(tmp / "pipe.yaml"),
            "--output-dir", str(out), *args]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp)
+    p = forkserver.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p.stdout + p.stderr
 

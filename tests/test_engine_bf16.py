@@ -1,9 +1,9 @@
 """bf16 on CPU (2 ranks over gloo, ZeRO-2) trains a small MFF on the bundled demo photographs: the loss drops."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
+import forkserver
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,7 +18,7 @@ def test_bf16_cpu_loss_decreases_on_demo_data(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "launch" / "pretrain.py"), "--config", str(REPO / "configs" / "demo.yaml"),
            "--output-dir", str(out), *[a for s in sets for a in ("--set", s)]]
-    p = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    p = forkserver.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     ds = json.loads((out / "ds_config.json").read_text())
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["zero_optimization"]["stage"] == 2

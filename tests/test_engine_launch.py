@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forkserver
 from conftest import tiny_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ def test_slurm_environment_only(tmp_path):
     for rank in range(2):
         env = dict(base, OMP_NUM_THREADS="1", SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
                    SLURM_JOB_ID=str(job), SLURM_JOB_NODELIST="127.0.0.1")
-        procs.append(subprocess.Popen([sys.executable, str(REPO / "launch" / "pretrain.py"), "--config",
+        procs.append(forkserver.popen([sys.executable, str(REPO / "launch" / "pretrain.py"), "--config",
                                        str(tmp_path / "tiny.yaml"), "--output-dir", str(tmp_path / "out")],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=120) for p in procs]
@@ -50,7 +51,7 @@ def test_rerun_of_a_finished_run_says_there_is_nothing_to_do(tmp_path):
            "--output-dir", str(tmp_path / "out"), "--max-steps", "2"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
-    first, again = (subprocess.run(cmd, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+    first, again = (forkserver.run(cmd, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                                    timeout=120) for _ in range(2))
     assert first.returncode == again.returncode == 0, again.stderr[-2000:]
     assert "done: step 2/" in first.stdout and "None" not in first.stdout

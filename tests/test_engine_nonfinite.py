@@ -1,10 +1,10 @@
 """A NaN loss stops the run with a clear message and no checkpoint after it, or rolls back when configured."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import forkserver
 from conftest import tiny_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ except NonFiniteLossError as e:
 def run(tmp: Path, *sets):
     (tmp / "tiny.yaml").write_text(TINY)
     (tmp / "run.py").write_text(SCRIPT.format(repo=str(REPO), cfg=str(tmp / "tiny.yaml"), poison=10))
-    p = subprocess.run([sys.executable, str(tmp / "run.py"), str(tmp / "out"), *sets], capture_output=True,
+    p = forkserver.run([sys.executable, str(tmp / "run.py"), str(tmp / "out"), *sets], capture_output=True,
                        text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p.stdout

@@ -1,7 +1,6 @@
 """Exact resume, kill -9 mid-run and mid-save, refusal of incompatible checkpoints (2 CPU ranks over gloo)."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import forkserver
 from conftest import tiny_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def launch(tmp: Path, out: Path, *args, nproc=2, crash=None, timeout=120, dump=N
     env = dict(os.environ, OMP_NUM_THREADS="1", CRASH=crash or "", PYTHONPATH=str(REPO), DUMP=str(dump or ""))
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
     cmd = [sys.executable, *launcher, str(wrapper), "--config", str(cfg), "--output-dir", str(out), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp)
+    return forkserver.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp)
 
 
 def ok(p):

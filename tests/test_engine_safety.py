@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import forkserver
 from conftest import tiny_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,8 +23,8 @@ def pretrain(tmp: Path, out: Path, *args, timeout=120, **popen):
     cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(cfg), "--output-dir", str(out), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     if popen:
-        return subprocess.Popen(cmd, env=env, cwd=tmp, text=True, **popen)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp)
+        return forkserver.popen(cmd, env=env, cwd=tmp, text=True, **popen)
+    return forkserver.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp)
 
 
 def ok(p):
@@ -208,7 +209,7 @@ def test_second_sigint_exits_at_once(tmp_path):
               "os.kill(os.getpid(), signal.SIGINT)\n"
               "time.sleep(30)\n"
               "print('not reached')\n")
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    p = forkserver.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert p.returncode == 130 and p.stdout == "first kept\n", p.stdout + p.stderr
     assert p.stderr.startswith("second SIGINT: exiting now without saving")
 
@@ -246,11 +247,11 @@ def test_convert_and_evaluate_on_files_that_are_not_checkpoints(tmp_path):
     for name in ("empty.pth", "random.pth", "random.safetensors"):
         with pytest.raises(ValueError, match=f"cannot read .*{name}: expected a"):
             convert.read_file(tmp_path / name)
-        p = subprocess.run([sys.executable, "-m", "mff_ds.convert", "to-timm", str(tmp_path / name),
+        p = forkserver.run([sys.executable, "-m", "mff_ds.convert", "to-timm", str(tmp_path / name),
                             str(tmp_path / "x.safetensors")], capture_output=True, text=True, timeout=120,
                            env=dict(os.environ, PYTHONPATH=str(REPO)))
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
-    p = subprocess.run([sys.executable, str(REPO / "launch" / "evaluate.py"), str(tmp_path / "random.pth"), "--val",
+    p = forkserver.run([sys.executable, str(REPO / "launch" / "evaluate.py"), str(tmp_path / "random.pth"), "--val",
                         str(tmp_path)], capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
     assert p.returncode == 2 and error_lines(p) == [l for l in error_lines(p) if l.startswith("error: cannot read")]

@@ -3,7 +3,6 @@ size, every weight 16-byte aligned, the grad norm taken by the trainer on loggin
 independent of depth, and `deepspeed.compile` matching eager."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from mff_ds.engine.optim import MULTI_RANK_BUCKET, build_deepspeed_engine, build_ds_config, grad_norm  # noqa: E402
 from mff_ds.pretrain.recipe import from_dict  # noqa: E402
 from mff_ds.models import build_model  # noqa: E402
+import forkserver
 from conftest import tiny_recipe  # noqa: E402
 
 # odd widths on purpose: 36-d (3 heads), 20-d decoder, 3 fused levels -> 3 fusion logits, 12-element biases
@@ -142,7 +142,7 @@ def syncs_per_iteration(tmp: Path, depth: int, *sets) -> list:
     cfg = tmp / f"d{depth}.yaml"
     cfg.write_text(tiny(depth))
     (tmp / "syncs.py").write_text(SYNCS.format(repo=str(REPO), bench=str(REPO / "benchmarks")))
-    p = subprocess.run([sys.executable, str(tmp / "syncs.py"), str(tmp / f"out{depth}"), str(cfg), *sets],
+    p = forkserver.run([sys.executable, str(tmp / "syncs.py"), str(tmp / f"out{depth}"), str(cfg), *sets],
                        capture_output=True, text=True, timeout=180, env=child_env(1))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     marks = json.loads(next(l for l in p.stdout.splitlines() if l.startswith("MARKS"))[6:])
@@ -177,7 +177,7 @@ def test_compiled_engine_trains_like_eager_with_the_same_checkpoint_keys(tmp_pat
     (tmp_path / "run.py").write_text(COMPILE.format(repo=str(REPO)))
     outs = {}
     for name, sets in (("eager", []), ("compiled", ["deepspeed.compile=true"])):
-        p = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / name), str(cfg),
+        p = forkserver.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / name), str(cfg),
                             "batch.global_batch=8", "data.num_samples=32", *sets],
                            capture_output=True, text=True, timeout=600, env=child_env(2))
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -206,7 +206,7 @@ def test_checkpoint_without_alignment_resumes_with_its_own_layout(tmp_path):
     def launch(*args):
         cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(cfg), "--output-dir", str(out),
                "--set", "precision=bf16", *args]
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=child_env(1))
+        p = forkserver.run(cmd, capture_output=True, text=True, timeout=180, env=child_env(1))
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         return p
     launch("--max-steps", "4", "--set", "deepspeed.overrides.zero_optimization.parameter_alignment=false")

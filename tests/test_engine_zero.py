@@ -4,12 +4,12 @@ with gradient accumulation and clipping, within float32 rounding: 2 CPU ranks ov
 The ZeRO-2 run also uses activation checkpointing, which must not change the numbers either."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 from safetensors.torch import load_file
 
+import forkserver
 from conftest import tiny_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def run(tmp: Path, stage: int) -> Path:
     if stage:  # the tiny model has ~60k parameters: 5 reduce buckets, 3 all-gather buckets
         cmd += ["--set", "deepspeed.overrides.zero_optimization.reduce_bucket_size=12000",
                 "--set", "deepspeed.overrides.zero_optimization.allgather_bucket_size=20000"]
-    p = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=180)
+    p = forkserver.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return out
 

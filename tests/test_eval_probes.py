@@ -2,7 +2,6 @@
 separable set gives 100%, chance-level data does not, and probing an encoder twice gives the same number."""
 import json
 import math
-import subprocess
 import sys
 
 import pytest
@@ -12,6 +11,7 @@ from mff_ds.eval import probes, stats
 from mff_ds.eval.recipe import EvalData
 
 from test_eval import TINY, _imagefolder
+import forkserver
 
 
 # ------------------------------------------------------------------ statistics
@@ -106,12 +106,12 @@ def test_linprobe_cli_runs_the_feature_probes(tmp_path):
                                "data": {"source": "imagefolder", "train_path": _imagefolder(tmp_path / "train"),
                                         "val_path": _imagefolder(tmp_path / "val", seed=1), "num_workers": 0}}))
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "launch/linprobe.py", "--config", str(cfg), "--probe", "knn,logreg",
+    r = forkserver.run([sys.executable, "launch/linprobe.py", "--config", str(cfg), "--probe", "knn,logreg",
                         "--output-dir", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((out / "probes.json").read_text())
     assert set(res["top1"]) == {"knn", "logreg"} and res["pool"] == "cls" and "knn top-1" in r.stdout
-    r = subprocess.run([sys.executable, "launch/linprobe.py", "--config", str(cfg), "--probe", "svm",
+    r = forkserver.run([sys.executable, "launch/linprobe.py", "--config", str(cfg), "--probe", "svm",
                         "--output-dir", str(out)], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "expected some of knn, logreg" in r.stderr
 

@@ -1,7 +1,6 @@
 """Folders other libraries load: timm `local-dir:` (and Hub) folders, transformers ViTMAE folders, both ways.
 Offline: conftest sets HF_HUB_OFFLINE, so any Hub lookup would fail instead of downloading."""
 import json
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -9,6 +8,7 @@ import pytest
 import timm
 import torch
 
+import forkserver
 from conftest import REPO
 from mff_ds import convert, hub
 from mff_ds.pretrain.export import export
@@ -149,7 +149,7 @@ def test_bad_folders_give_one_clear_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: from-hf: ") and want in err, err
     # and from a shell: one line on stderr, no traceback
-    p = subprocess.run([sys.executable, "-m", "mff_ds.convert", "from-hf", str(tmp_path / "timm"), str(tmp_path / "o.pth")],
+    p = forkserver.run([sys.executable, "-m", "mff_ds.convert", "from-hf", str(tmp_path / "timm"), str(tmp_path / "o.pth")],
                        cwd=REPO, capture_output=True, text=True)
     assert p.returncode == 2 and p.stdout == "" and p.stderr.count("\n") == 1, p.stderr
     assert p.stderr.startswith("error: from-hf: ") and "got a timm folder" in p.stderr

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+import forkserver
+
 pytestmark = pytest.mark.system
 
 REPO = Path(__file__).resolve().parents[1]
@@ -297,7 +299,7 @@ def test_killed_rank_ends_the_run_and_is_named(tmp_path):
     cmd = [PY, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}", PRETRAIN,
            "--config", CONFIG, "--output-dir", str(out), "--max-steps", "100000", *TINY]
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, env=base_env(), stdout=f, stderr=subprocess.STDOUT)
+        proc = forkserver.popen(cmd, env=base_env(), stdout=f, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: len(steps_logged(out)) >= 2, 120, "training to start", proc, log)
         ranks = {}
@@ -330,7 +332,7 @@ def test_hung_rank_times_out_instead_of_hanging(tmp_path):
         env = base_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=str(port), MFF_DS_COLLECTIVE_TIMEOUT_S="10")
         with open(logs[-1], "w") as f:
-            procs.append(subprocess.Popen([PY, PRETRAIN, "--config", CONFIG, "--output-dir", str(out),
+            procs.append(forkserver.popen([PY, PRETRAIN, "--config", CONFIG, "--output-dir", str(out),
                                            "--max-steps", "100000", *TINY], env=env, stdout=f,
                                           stderr=subprocess.STDOUT))
     try:
