@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from mff_ds.pretrain.recipe import from_dict
+from mff_ds.engine.recipe import BaseRecipe, CheckpointConfig, OptimConfig, validate
 from mff_ds.engine.trainer import Task, fit
 
 
@@ -44,7 +44,7 @@ class Regression(Task):
         return {"bias": float(run.engine.module.bias.detach())}
 
     def after_step(self, run, out):
-        self.events.append(f"step{run.pos.step}")
+        self.events.append(f"step{run.step}")
 
     def end_epoch(self, run, epoch):
         self.events.append(f"epoch{epoch}")
@@ -60,15 +60,24 @@ class Regression(Task):
         return {"weight": run.engine.module.weight.detach().cpu().clone(), "epochs": list(self.epochs)}
 
 
+class RegressionRecipe(BaseRecipe):
+    """A recipe of the engine's shared sections only: nothing of pretraining."""
+    optim: OptimConfig = OptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    def compat_dict(self):
+        return self.to_dict()
+
+
 def recipe():
     # lr 4.0 * 8 / 256 = 0.125. 4 micro-batches of 4 per epoch, 2 per optimizer step -> 2 steps per epoch, 3 epochs; a checkpoint every step
-    return from_dict({"seed": 7, "precision": "fp32", "deepspeed": {"zero_stage": 0},
-                      "batch": {"global_batch": 8, "micro_batch": 4},
-                      "optim": {"base_lr": 4.0, "weight_decay": 0.0},
-                      "schedule": {"epochs": 3, "warmup_epochs": 0},
-                      "checkpoint": {"every_steps": 1, "keep_last": 2, "export": False},
-                      "logging": {"every_steps": 2, "image_every_steps": 0, "progress_bar": False,
-                                  "tensorboard": False}}, world_size=1, source="test")
+    return validate(RegressionRecipe, {"seed": 7, "precision": "fp32", "deepspeed": {"zero_stage": 0},
+                                       "batch": {"global_batch": 8, "micro_batch": 4},
+                                       "optim": {"base_lr": 4.0, "weight_decay": 0.0},
+                                       "schedule": {"epochs": 3, "warmup_epochs": 0},
+                                       "checkpoint": {"every_steps": 1, "keep_last": 2, "export": False},
+                                       "logging": {"every_steps": 2, "image_every_steps": 0, "progress_bar": False,
+                                                   "tensorboard": False}}, world_size=1, source="test")
 
 
 def test_any_task_runs_on_the_loop_with_its_hooks(tmp_path):

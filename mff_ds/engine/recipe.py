@@ -119,6 +119,7 @@ class DeepSpeedSection(Section):
 
 class CheckpointBase(Section):
     keep_last: int_(ge=1) = 3
+    every_steps: NonNegInt = 0        # a checkpoint every N optimizer steps; 0 = none by step count
 
 
 class CheckpointConfig(CheckpointBase):
@@ -150,6 +151,8 @@ class BaseRecipe(Section):
     name: RunName = "run"
     seed: int_(ge=0, lt=2**32) = 0    # numpy's generators take 32 bits
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    on_nonfinite: Literal["stop", "rollback"] = "stop"  # a NaN/Inf loss: stop, or back to the last checkpoint
+    max_rollbacks: NonNegInt = 3
     batch: BatchConfig = Field(default_factory=BatchConfig)
     optim: OptimBase = Field(default_factory=OptimBase)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)

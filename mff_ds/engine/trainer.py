@@ -68,7 +68,7 @@ class RunView:
     precision: str
     output_dir: str
     ds_config: dict
-    pos: Position = field(default_factory=Position, repr=False)
+    _pos: Position = field(default_factory=Position, repr=False)  # the loop's; hooks read step and epoch
     engine: Any = None
     stop_step: int = 0
     total_steps: int = 0
@@ -79,11 +79,11 @@ class RunView:
 
     @property
     def step(self) -> int:
-        return self.pos.step
+        return self._pos.step
 
     @property
     def epoch(self) -> int:
-        return self.pos.epoch
+        return self._pos.epoch
 
     @property
     def is_main(self) -> bool:
@@ -255,7 +255,7 @@ class Loop:
 
     @property
     def pos(self) -> Position:
-        return self.view.pos
+        return self.view._pos
 
     def lr(self, step: int) -> float:
         r = self.task.recipe
@@ -266,7 +266,7 @@ class Loop:
         return step % self.task.recipe.logging.every_steps == 0 or step == self.view.stop_step
 
     def is_ckpt_step(self, step: int) -> bool:
-        every = getattr(self.task.recipe.checkpoint, "every_steps", 0)  # eval recipes checkpoint per epoch
+        every = self.task.recipe.checkpoint.every_steps
         return bool(every and step % every == 0) or step == self.view.stop_step
 
 
@@ -346,11 +346,10 @@ def roll_back(s: Loop, at: int) -> None:
     last = ckpt.complete_tags(v.ckpt_root)
     msg = (f"loss became NaN/Inf at optimizer step {at + 1} (lr {s.lr(at):.3g}, precision {v.precision}); no "
            f"checkpoint was written after it.")
-    if getattr(r, "on_nonfinite", "stop") != "rollback" or not last or s.pos.rollbacks >= r.max_rollbacks:
+    if r.on_nonfinite != "rollback" or not last or s.pos.rollbacks >= r.max_rollbacks:
         hint = f"Last complete checkpoint: {os.path.join(v.ckpt_root, last[-1][1])}." if last else "No checkpoint yet."
-        raise NonFiniteLossError(f"{msg} {hint} Lower optim.base_lr, use bf16, enable optim.grad_clip"
-                                 + (", or set on_nonfinite: rollback" if hasattr(r, "on_nonfinite") else "")
-                                 + "; then rerun with --resume auto.")
+        raise NonFiniteLossError(f"{msg} {hint} Lower optim.base_lr, use bf16, enable optim.grad_clip, or set "
+                                 f"on_nonfinite: rollback; then rerun with --resume auto.")
     s.pos.rollbacks += 1
     restore(s, v.ckpt_root, last[-1][1], rollback=True)
     s.loss.reset()

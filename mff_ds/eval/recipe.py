@@ -95,7 +95,7 @@ class EvalSchedule(ScheduleConfig):
 
 
 class EvalCheckpoint(CheckpointBase):
-    every_epochs: NonNegInt = 1               # 0 = only at the end
+    every_epochs: NonNegInt = 1               # 0 = only at the end (and every_steps, if set)
     keep_last: int_(ge=1) = 2
 
 

@@ -4,7 +4,7 @@ mff_ds.engine.recipe, plus the `model:` and `data:` sections that mff_ds.models 
 Every problem (unknown key, wrong type, out of range, impossible batch arithmetic, bad model or data option) is
 collected and raised at once as a `RecipeError`, before any work starts.
 """
-from typing import List, Literal, Optional
+from typing import List, Optional
 
 from pydantic import Field, field_validator
 
@@ -12,14 +12,12 @@ from mff_ds.data import SOURCES, DataConfig
 from mff_ds.engine.recipe import (BaseRecipe, CheckpointConfig, OptimConfig, check, launcher_world_size, read_tree,
                                   validate)
 from mff_ds.models import ModelConfig, ModelSection, ModelSpec
-from mff_ds.schema import NonNegInt, fail
+from mff_ds.schema import fail
 
 __all__ = ["Recipe", "check", "from_dict", "load_recipe"]
 
 
 class Recipe(BaseRecipe):
-    on_nonfinite: Literal["stop", "rollback"] = "stop"
-    max_rollbacks: NonNegInt = 3
     model: ModelSpec = Field(default_factory=lambda: {"arch": "mff_vit_base_patch16"})
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)

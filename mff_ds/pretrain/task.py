@@ -57,8 +57,8 @@ class PretrainTask(Task):
         if not (run.is_main and every and (step % every == 0 or step == run.stop_step)):
             return
         k = self.recipe.logging.num_images
-        grid = reconstruction_grid(self.x[:k], out.pred[:k], out.mask[:k], self.cfg.patch_size, self.mean,
-                                        self.std, self.cfg.norm_pix_loss)
+        grid = reconstruction_grid(self.x[:k], out.pred[:k], out.mask[:k], self.cfg.patch_size, self.mean, self.std,
+                                   self.cfg.norm_pix_loss)
         run.image("reconstruction", grid)
         save_png(grid, os.path.join(run.output_dir, f"reconstruction_step{step:07d}.png"))
         save_png(grid, os.path.join(run.output_dir, "reconstruction.png"))
@@ -68,8 +68,7 @@ class PretrainTask(Task):
         if not (self.recipe.checkpoint.export and run.is_main and not stopped_by):
             return {"exported": []}
         return {"exported": export(run.engine, run.ckpt_root, f"global_step{run.step}", run.output_dir,
-                                        {"step": run.step, "recipe": self.recipe.name,
-                                         "precision": run.precision})}
+                                   {"step": run.step, "recipe": self.recipe.name, "precision": run.precision})}
 
 
 def train(recipe: Recipe, output_dir: str, max_steps=None, resume: str = "auto") -> dict:
