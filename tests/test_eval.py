@@ -93,6 +93,18 @@ def test_three_problems_of_different_kinds_are_all_reported():
         "schedule.epochs: expected > 0, got -3"], e.value.problems
 
 
+def test_loop_settings_are_shared_by_the_eval_recipe():
+    """on_nonfinite / max_rollbacks / checkpoint.every_steps are the loop's, so fine-tuning takes them too."""
+    from mff_ds.engine.recipe import RecipeError
+    r = load_eval_recipe("configs/finetune_demo.yaml", ["on_nonfinite=rollback", "checkpoint.every_steps=5"],
+                         world_size=1)
+    assert (r.on_nonfinite, r.max_rollbacks, r.checkpoint.every_steps) == ("rollback", 3, 5)
+    assert load_eval_recipe("configs/finetune_demo.yaml", world_size=1).checkpoint.every_steps == 0  # per epoch
+    with pytest.raises(RecipeError) as e:
+        load_eval_recipe("configs/finetune_demo.yaml", ["on_nonfinite=retry", "max_rollbacks=-1"], world_size=1)
+    assert [p.split(":")[0] for p in e.value.problems] == ["on_nonfinite", "max_rollbacks"], e.value.problems
+
+
 # ------------------------------------------------------------------ layer decay
 def test_layer_decay_groups_reproduce_the_reference_scales_for_vit_b():
     vit_b = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0)
