@@ -14,7 +14,8 @@ from mff_ds.engine.recipe import RecipeError
 from mff_ds.pretrain.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = ["demo", "mff_vit-b_300e", "mff_vit-b_800e", "mae_vit-b_300e", "mff_vit-s_300e", "mff_vit-l_800e"]
+RECIPES = ["demo", "mff_vit-b_300e", "mff_vit-b_800e", "mae_vit-b_300e", "mae_vit-b_300e_mmpretrain", "mff_vit-s_300e",
+           "mff_vit-l_800e"]
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -36,6 +37,10 @@ def test_reference_recipe_values():
     for d in (d300, dmae):
         d.pop("name"), d.pop("model")
     assert d300 == dmae  # the MAE baseline differs only in the model's fusion
+    mm = load_recipe(str(REPO / "configs" / "mae_vit-b_300e_mmpretrain.yaml"), world_size=8).to_dict()
+    assert (mm.pop("name"), mm["seed"], mm["data"]["augment"]) == ("mae_vit-b_300e_mmpretrain", 0, "mae")
+    assert mm.pop("model") == mae.to_dict()["model"]  # mmpretrain's MAE: RRC 0.2-1 bicubic and seed 0, else the same
+    assert dict(mm, seed=dmae["seed"], data=dict(mm["data"], augment="mff")) == dmae
 
 
 def test_bad_recipe_lists_every_problem(tmp_path):

@@ -69,6 +69,37 @@ def test_reference_recipes_load_with_the_reference_numbers():
         load_eval_recipe(demo, world_size=1)
 
 
+@pytest.mark.parametrize("size,arch,drop_path", [("l", "mae_vit_large_patch16", 0.2), ("h", "mae_vit_huge_patch14", 0.3)])
+def test_vit_l_h_recipes_have_the_official_mae_numbers(size, arch, drop_path):
+    """facebookresearch/mae FINETUNE.md: fine-tune 50 epochs, blr 1e-3 at 1024, layer decay 0.75, drop path 0.2 (L)
+    / 0.3 (H); linear probe: LARS, blr 0.1 at 16384, no weight decay, no trust ratio on the bias, bicubic resize."""
+    paths = ["data.train_path=/x/train", "data.val_path=/x/val"]
+    ft = load_eval_recipe(f"configs/finetune_vit-{size}_50e.yaml", paths, world_size=8)
+    assert (ft.model["arch"], ft.head.drop_path, ft.optim.layer_decay, ft.batch.global_batch) == (arch, drop_path, 0.75, 1024)
+    assert math.isclose(ft.lr(), 4e-3) and (ft.schedule.epochs, ft.schedule.warmup_epochs) == (50, 5)
+    assert (ft.augment.mixup, ft.augment.cutmix, ft.augment.smoothing, ft.augment.reprob) == (0.8, 1.0, 0.1, 0.25)
+    lp = load_eval_recipe(f"configs/linprobe_vit-{size}_90e.yaml", paths, world_size=8)
+    assert lp.model["arch"] == arch and lp.optim.name == "lars" and math.isclose(lp.lr(), 6.4)
+    assert (lp.optim.weight_decay, lp.optim.lars_exclude_1d, lp.augment.val_interpolation) == (0.0, True, "bicubic")
+
+
+def test_linprobe_val_resize_is_mmpretrains():
+    """The ViT-B linear probe evaluates as mmpretrain's benchmark: ResizeEdge(256, short side, pillow, bilinear:
+    the long side truncated), then the central 224 crop (offsets rounded), then normalised."""
+    from mff_ds.eval.data import val_transform
+    lp = load_eval_recipe("configs/linprobe_vit-b_90e.yaml", ["data.train_path=/x", "data.val_path=/y"], world_size=8)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (301, 397, 3), dtype=np.uint8))
+    w, h = int(256 * 397 / 301), 256                                     # mmpretrain: int(scale * long / short)
+    ref = np.asarray(img.resize((w, h), Image.BILINEAR), dtype=np.float32)
+    top, left = int(round((h - 224) / 2)), int(round((w - 224) / 2))
+    ref = (torch.from_numpy(ref[top:top + 224, left:left + 224]).permute(2, 0, 1) / 255 - torch.tensor(MEAN)[:, None, None]) \
+        / torch.tensor(STD)[:, None, None]
+    got = val_transform(224, lp.augment)(img)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    bicubic = dict(lp.augment.model_dump(), val_interpolation="bicubic")
+    assert not torch.allclose(val_transform(224, type(lp.augment)(**bicubic))(img), ref, atol=1e-3)  # it can fail
+
+
 def test_bad_recipe_lists_every_problem():
     from mff_ds.engine.recipe import RecipeError
     with pytest.raises(RecipeError) as e:
