@@ -21,7 +21,7 @@ import forkserver
 from conftest import REPO, fixture, tiny_recipe
 from mff_ds import convert, zoo
 from mff_ds.common import MissingFileError, UserError
-from mff_ds.zoo.__main__ import main as zoo_main
+from mff_ds.zoo.__main__ import main as zoo_main, rows
 
 # tests/fixtures/mmpretrain/README.md: tiny64 is an mmpretrain MFF (embed 64, 4 blocks, 2 heads, 64 px, patch 16)
 TINY64 = {"img_size": 64, "patch_size": 16, "embed_dim": 64, "depth": 4, "num_heads": 2, "decoder_embed_dim": 32,
@@ -150,6 +150,7 @@ def test_list_shows_extra_entries_and_whether_they_are_cached(env):
     assert p.returncode == 0, p.stderr
     rows = {line.split()[0]: line for line in p.stdout.splitlines()}
     assert rows["t_mff"].endswith(" yes") and rows["t_cls"].endswith(" no") and rows["mff_vit-b_300e"].endswith(" no")
+    assert "recorded on first download" in rows["t_cls"]
 
 
 # ------------------------------------------------------------------ fetch
@@ -162,6 +163,8 @@ def test_fetch_verifies_caches_and_rechecks_on_every_use(env, server, capsys):
     cls = zoo.fetch("t_cls", progress=False)
     assert "no SHA-256 is published" in capsys.readouterr().err
     assert (cls.parent / "tiny_cls.pth.sha256").read_text().strip() == _sha256(server["root"] / "tiny_cls.pth")
+    row = next(r for r in rows() if r["name"] == "t_cls")
+    assert (row["sha256"], row["cached"]) == (_sha256(cls)[:8] + " (recorded)", "yes")
     with open(cls, "r+b") as f:  # damaged in the cache
         f.seek(100)
         f.write(b"\0\1\2")

@@ -97,7 +97,8 @@ def evaluate_main(argv=None, doc: str = "") -> int:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        rows.append(dict(r, name=os.path.basename(os.path.dirname(os.path.abspath(path))) + "/" + os.path.basename(path)))
+        name = os.path.basename(os.path.dirname(os.path.abspath(path))) + "/" + os.path.basename(path)
+        rows.append(dict(r, name=name if os.path.exists(path) else path))  # else a zoo name
     if int(os.environ.get("RANK", "0")) == 0:
         print(table(rows, ("name", "task", "top1", "top5", "val_samples")))
     return 0

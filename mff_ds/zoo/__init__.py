@@ -92,6 +92,12 @@ def is_cached(e: Entry) -> bool:
     return (zoo_dir() / e.filename).is_file()
 
 
+def recorded(e: Entry) -> Optional[str]:
+    """The SHA-256 recorded beside the cached file (None when there is none yet)."""
+    side = _sidecar(zoo_dir() / e.filename)
+    return side.read_text().strip() if side.is_file() else None
+
+
 def _unknown(source) -> str:
     close = difflib.get_close_matches(str(source), list(entries()), n=3, cutoff=0.5)
     hint = f"closest zoo names: {', '.join(close)}" if close else "no zoo name is close"

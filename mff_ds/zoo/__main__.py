@@ -4,7 +4,7 @@ import sys
 
 from mff_ds.common import UserError
 
-from . import entries, fetch, is_cached
+from . import entries, fetch, is_cached, recorded
 
 COLUMNS = ("name", "kind", "params", "result", "file", "sha256", "cached")
 
@@ -12,8 +12,13 @@ COLUMNS = ("name", "kind", "params", "result", "file", "sha256", "cached")
 def rows() -> list:
     """One dict per entry: what `list` prints (the file name matches the publisher's page)."""
     return [{"name": e.name, "kind": e.kind, "params": f"{e.params:.1f}M" if e.params else "-", "result": e.result,
-             "file": e.filename, "sha256": e.sha256 or "recorded on first download",
+             "file": e.filename, "sha256": e.sha256 or _recorded(e),
              "cached": "yes" if is_cached(e) else "no"} for e in entries().values()]
+
+
+def _recorded(e) -> str:
+    sha = recorded(e)
+    return f"{sha[:8]} (recorded)" if sha else "recorded on first download"
 
 
 def table(rows: list) -> str:
