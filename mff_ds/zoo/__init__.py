@@ -167,13 +167,16 @@ def _download(e: Entry, dst: Path, progress: bool) -> None:
         try:
             download_url_to_file(url, tmp, hash_prefix=e.sha256, progress=progress)
         except RuntimeError as err:  # torch.hub's 'invalid hash value (expected "...", got "...")'; file deleted
+            if "invalid hash value" not in str(err):
+                raise
             raise UserError(f"{e.name}: refused the file from {url}: SHA-256 {err}; it was deleted") from None
         except HTTPError as err:
             raise UserError(f"{e.name}: {url} answered HTTP {err.code} {err.reason}") from None
         except (URLError, OSError) as err:
-            raise MissingFileError(f"{e.name}: cannot download {url} ({getattr(err, 'reason', err)}); offline, put "
-                                   f"the file at {dst} or set MFF_DS_ZOO_MIRROR to a folder or URL holding "
-                                   f"{e.filename}") from None
+            where = ("the mirror (MFF_DS_ZOO_MIRROR)" if os.environ.get("MFF_DS_ZOO_MIRROR") else
+                     "a folder or URL that MFF_DS_ZOO_MIRROR names")
+            raise MissingFileError(f"{e.name}: cannot download {url} ({getattr(err, 'reason', err)}); without internet, "
+                                   f"put the file at {dst} or {e.filename} in {where}") from None
         _record(e, Path(tmp), _sha256_checked(e, Path(tmp), url), sidecar=_sidecar(dst))
     atomic_write(dst, write)
 
