@@ -8,6 +8,7 @@ import json
 import os
 import random
 import tempfile
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -69,6 +70,14 @@ def write_text(path, text: str, *, fsync: bool = False) -> None:
 def write_json(path, obj, *, indent: int = 2, fsync: bool = False) -> None:
     """Atomically write `obj` as JSON to `path`."""
     write_text(path, json.dumps(obj, indent=indent), fsync=fsync)
+
+
+def cache_dir() -> Path:
+    """Where downloads and built data sets are kept: $MFF_DS_CACHE, else $XDG_CACHE_HOME/mff_ds, else
+    ~/.cache/mff_ds (the XDG convention torch.hub and pip follow)."""
+    if os.environ.get("MFF_DS_CACHE"):
+        return Path(os.environ["MFF_DS_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "mff_ds"
 
 
 def seed_everything(seed: int) -> None:

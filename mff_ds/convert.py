@@ -8,6 +8,8 @@ plus the MFF fusion: fusion_proj.j (mmpretrain backbone.proj_layers.j) and fusio
     python -m mff_ds.convert {to-timm-dir,to-hf} MODEL OUT_DIR      # folders timm / transformers load (mff_ds.hub)
     python -m mff_ds.convert from-hf HF_DIR OUT
 
+IN / MODEL: a file, or a zoo name (mff_ds.zoo: fetched and verified); to-* commands take any format load_any reads.
+
 Files ending in .safetensors are written/read with safetensors, anything else with torch.save.
 """
 import argparse
@@ -397,6 +399,48 @@ def load_mae(path, **overrides):
     return _build_and_load(sd, {}, overrides, f"MAE checkpoint {path}", strict_decoder=full)
 
 
+# ------------------------------------------------------------------ any format
+def _format_of(obj: dict, meta: dict, path) -> str:
+    if meta.get("format") == FORMAT or obj.get("format") == FORMAT:
+        return "mff_ds"
+    sd = obj.get("state_dict", obj.get("model", obj))
+    keys = [k for k in sd if isinstance(k, str)]
+    if any(k.startswith("backbone.") for k in keys):
+        return "mmpretrain"
+    if "patch_embed.proj.weight" in keys:
+        return "mae"
+    raise UserError(f"{path}: cannot tell the checkpoint format from keys like {keys[:5]}; expected "
+                     f"--checkpoint-format mff_ds, mmpretrain or mae")
+
+
+def detect_format(path) -> str:
+    """'mff_ds', 'mmpretrain' or 'mae' from the file's layout (timm / MAE key names count as 'mae')."""
+    return _format_of(*read_file(path), path)
+
+
+LOADERS = {"mmpretrain": load_mmpretrain, "mae": load_mae, "mff_ds": load_model}
+
+
+def load_any(path, fmt: str = "auto", **overrides):
+    """The pretraining model (MaskedAutoencoder) from a checkpoint of any supported format."""
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt not in LOADERS:
+        raise UserError(f"--checkpoint-format: expected one of auto, {', '.join(LOADERS)}, got {fmt!r}")
+    return LOADERS[fmt](path, **overrides)
+
+
+def model_state(path) -> dict:
+    """The tensors of a checkpoint of any supported format under our names (no model is built), for loading
+    into a model that exists (pretraining's init_from)."""
+    obj, meta = read_file(path)
+    fmt = _format_of(obj, meta, path)
+    if fmt == "mff_ds":
+        return obj if meta else obj["model"]
+    if fmt == "mmpretrain":
+        return from_mmpretrain(obj.get("state_dict", obj))
+    return {k: v for k, v in obj.get("model", obj).items() if torch.is_tensor(v)}
+
+
 # ------------------------------------------------------------------ CLI
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m mff_ds.convert", description=__doc__.split("\n")[0])
@@ -421,14 +465,16 @@ def main(argv=None):
 
 
 def _run(a):
-    from . import hub
+    from . import hub, zoo
+    if a.command != "from-hf":  # a folder, not a file: no zoo entry is one
+        a.src = zoo.resolve(a.src)
     st = Path(a.dst).suffix == ".safetensors"
     if a.command in ("from-mmpretrain", "from-mae", "from-hf"):
         load = {"from-mmpretrain": load_mmpretrain, "from-mae": load_mae, "from-hf": hub.from_hf}[a.command]
         model = load(a.src)
         save_model(model, a.dst)
         return model
-    model = load_model(a.src)
+    model = load_any(a.src)
     if a.command == "to-timm":
         save_file(to_timm(model), a.dst)
     elif a.command == "to-timm-dir":

@@ -1,4 +1,4 @@
-"""Bundled demo data, built offline on first use (no download) under $MFF_DS_CACHE (default ~/.cache/mff_ds).
+"""Bundled demo data, built offline on first use (no download) under mff_ds.common.cache_dir().
 
 demo_root():          ImageFolder of 400 JPEG crops (96-160 px sides) cut from the real photographs that ship
                       inside scikit-image (astronaut, coffee, chelsea, rocket, ...), one class per photograph.
@@ -14,15 +14,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mff_ds.common import cache_dir
+
 # Photographs inside the scikit-image wheel (skimage/data/); the others in skimage.data are fetched by pooch.
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "hubble_deep_field.jpg", "retina.jpg",
           "ihc.png", "motorcycle_left.png", "camera.png", "coins.png")
 CROPS_PER_PHOTO = 40
 VERSION = "v1"
-
-
-def cache_dir():
-    return Path(os.environ.get("MFF_DS_CACHE", "~/.cache/mff_ds")).expanduser()
 
 
 def _build_once(name, build):

@@ -58,6 +58,8 @@ class RunView:
     computes; output_dir, ckpt_root (= output_dir/checkpoints); ds_config: the merged DeepSpeed config; engine: the
     DeepSpeed engine (None until built); step (optimizer steps done) and epoch: kept current by the loop;
     stop_step: the run's last step (max_steps, or the step a stop signal asked for); total_steps: of the schedule.
+    resumed: the run continues from a checkpoint of its own (known before build(): initial weights a task loads
+    there would be overwritten).
     save() -> the checkpoint directory of this step (collective: call it on every rank); log(metrics) writes a
     metrics line at this step, image(tag, picture) a TensorBoard image (rank 0 only); say(line) prints on rank 0
     unless the task is quiet."""
@@ -72,6 +74,7 @@ class RunView:
     engine: Any = None
     stop_step: int = 0
     total_steps: int = 0
+    resumed: bool = False
     save: Callable[[], str] = None
     log: Callable[[dict], None] = None
     image: Callable[[str, torch.Tensor], None] = None
@@ -423,6 +426,7 @@ def setup(task: Task, output_dir: str, max_steps: Optional[int], resume: str) ->
     precision = precision_of(ds_config)
     v = RunView(env.rank, env.world_size, device, DTYPES[precision], precision, output_dir, ds_config)
     found = resume_target(task, v, resume)
+    v.resumed = bool(found)
     if v.is_main:
         os.makedirs(output_dir, exist_ok=True)
         save_recipe(r, os.path.join(output_dir, "recipe.yaml"))

@@ -3,6 +3,7 @@ import argparse
 import os
 import sys
 
+from mff_ds import zoo
 from mff_ds.common import UserError
 from mff_ds.engine.cli import load_or_report, print_schema, run_or_report, run_parser, stopped
 from mff_ds.engine.recipe import RecipeError
@@ -12,7 +13,8 @@ DEFAULT_CONFIGS = {"finetune": "finetune_vit-b_100e", "linprobe": "linprobe_vit-
 
 def train_main(task: str, argv=None, doc: str = "") -> int:
     p = run_parser(doc, DEFAULT_CONFIGS[task], "data.train_path=/data/in1k/train")
-    p.add_argument("--checkpoint", default=None, help="pretrained weights (sets init.checkpoint)")
+    p.add_argument("--checkpoint", default=None, help="pretrained weights: a file or a zoo name (python -m "
+                   "mff_ds.zoo list); sets init.checkpoint")
     p.add_argument("--checkpoint-format", default=None, choices=["auto", "mff_ds", "mmpretrain", "mae"],
                    help="sets init.format (default from the recipe: auto)")
     if task == "linprobe":
@@ -27,7 +29,7 @@ def train_main(task: str, argv=None, doc: str = "") -> int:
         return print_schema(EvalRecipe)
     overrides = list(a.overrides)
     if a.checkpoint is not None:
-        overrides.append(f"init.checkpoint={os.path.abspath(a.checkpoint)}")
+        overrides.append(f"init.checkpoint={zoo.as_given(a.checkpoint)}")
     if a.checkpoint_format is not None:
         overrides.append(f"init.format={a.checkpoint_format}")
 
@@ -71,8 +73,9 @@ def _feature_probes(recipe, probe: str, pool: str, out: str) -> int:
 
 def evaluate_main(argv=None, doc: str = "") -> int:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", nargs="+", help="classifier file(s): best.safetensors from finetune/linprobe, or an "
-                                                 "mmpretrain / official MAE fine-tuned or linear-probe checkpoint")
+    p.add_argument("checkpoint", nargs="+", help="classifier file(s): best.safetensors from finetune/linprobe, an "
+                                                 "mmpretrain / official MAE fine-tuned or linear-probe checkpoint, "
+                                                 "or a zoo name (python -m mff_ds.zoo list)")
     p.add_argument("--val", required=True, help="validation ImageFolder root or WebDataset shard pattern")
     p.add_argument("--img-size", type=int, default=None, help="default: the classifier's")
     p.add_argument("--batch", type=int, default=128)
@@ -94,7 +97,8 @@ def evaluate_main(argv=None, doc: str = "") -> int:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        rows.append(dict(r, name=os.path.basename(os.path.dirname(os.path.abspath(path))) + "/" + os.path.basename(path)))
+        name = os.path.basename(os.path.dirname(os.path.abspath(path))) + "/" + os.path.basename(path)
+        rows.append(dict(r, name=name if os.path.exists(path) else path))  # else a zoo name
     if int(os.environ.get("RANK", "0")) == 0:
         print(table(rows, ("name", "task", "top1", "top5", "val_samples")))
     return 0

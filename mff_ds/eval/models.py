@@ -1,7 +1,8 @@
 """Classifiers on a pretrained encoder, as timm VisionTransformers (reference sections 1.7, 3.2, 3.3, 4.3).
 
 - `load_encoder(path, fmt)`: our model files / engine exports, mmpretrain or official MAE pretraining
-  checkpoints -> (timm encoder state dict, ModelConfig). The MFF fusion is dropped (it is pretraining-only).
+  checkpoints, or a zoo name (mff_ds.zoo) -> (timm encoder state dict, ModelConfig). The MFF fusion is
+  dropped (it is pretraining-only).
 - fine-tune: `build_finetune_model` = ViT, global average pool of the patch tokens, a fresh `fc_norm`
   (the pretrained final norm is dropped), drop path, new head (trunc-normal std 2e-5).
   `finetune_param_groups` = timm's layer-wise lr decay groups (`lr_scale`, honoured by engine.optim.set_lr).
@@ -18,7 +19,7 @@ from torch import nn
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
-from mff_ds import convert
+from mff_ds import convert, zoo
 from mff_ds.common import UserError
 from mff_ds.models import ModelConfig, build_model
 
@@ -27,42 +28,18 @@ VIT_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ra
 
 
 # ------------------------------------------------------------------ pretrained encoders
-def detect_format(path) -> str:
-    """'mff_ds', 'mmpretrain' or 'mae' from the file's layout (timm / MAE key names count as 'mae')."""
-    obj, meta = convert.read_file(path)
-    if meta.get("format") == convert.FORMAT or obj.get("format") == convert.FORMAT:
-        return "mff_ds"
-    sd = obj.get("state_dict", obj.get("model", obj))
-    keys = [k for k in sd if isinstance(k, str)]
-    if any(k.startswith("backbone.") for k in keys):
-        return "mmpretrain"
-    if "patch_embed.proj.weight" in keys:
-        return "mae"
-    raise UserError(f"{path}: cannot tell the checkpoint format from keys like {keys[:5]}; expected "
-                     f"--checkpoint-format mff_ds, mmpretrain or mae")
-
-
-def load_pretrained(path, fmt: str = "auto", **overrides):
-    """The pretraining model (MaskedAutoencoder) from a checkpoint of any supported format."""
-    fmt = detect_format(path) if fmt == "auto" else fmt
-    loaders = {"mmpretrain": convert.load_mmpretrain, "mae": convert.load_mae, "mff_ds": convert.load_model}
-    if fmt not in loaders:
-        raise UserError(f"--checkpoint-format: expected one of auto, {', '.join(loaders)}, got {fmt!r}")
-    return loaders[fmt](path, **overrides)
-
-
 def load_encoder(path: Optional[str], fmt: str = "auto", model: Optional[dict] = None) -> Tuple[dict, ModelConfig]:
     """(timm encoder state dict, ModelConfig). path None: a randomly initialised encoder built from `model`
     (an arch name under 'arch' and/or ModelConfig fields), with the pretraining init scheme. With a checkpoint,
     only model.num_heads is used (for mmpretrain / MAE files, whose heads the weights do not determine)."""
-    model = dict(model or {})
+    model, path = dict(model or {}), zoo.resolve(path)
     if path is None:
         m = build_model(model)
     else:
-        fmt = detect_format(path) if fmt == "auto" else fmt
+        fmt = convert.detect_format(path) if fmt == "auto" else fmt
         # our files carry their config; the others cannot tell the number of heads (default embed_dim // 64)
         hints = {"num_heads": model["num_heads"]} if "num_heads" in model and fmt != "mff_ds" else {}
-        m = load_pretrained(path, fmt, **hints)
+        m = convert.load_any(path, fmt, **hints)
     return convert.to_timm(m), m.cfg
 
 
@@ -202,7 +179,7 @@ def _vit_from_state(sd: dict, prefix: str = "") -> dict:
 def load_classifier(path, num_heads: Optional[int] = None) -> Tuple[nn.Module, dict]:
     """A classifier ready for evaluation, and its metadata. Our files carry their layout; external ones
     (mmpretrain / official MAE) are inferred from the keys, num_heads defaulting to embed_dim // 64."""
-    obj, meta = convert.read_file(path)
+    obj, meta = convert.read_file(zoo.resolve(path))
     if meta.get("format") == CLASSIFIER_FORMAT:
         task, vit, nc, sd = meta["task"], meta["vit"], int(meta["num_classes"]), obj
     else:

@@ -4,11 +4,11 @@ Same conventions as the pretraining recipe (mff_ds.engine.recipe): every problem
 `RecipeError`; the batch, deepspeed and logging sections are the pretraining ones (optim, schedule and checkpoint
 subclass theirs), so `engine.optim.build_ds_config` takes an EvalRecipe as it is.
 """
-import os
 from typing import Annotated, List, Literal, Optional
 
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
+from mff_ds import zoo
 from mff_ds.engine.recipe import (BaseRecipe, BatchConfig, Betas, CheckpointBase, LoggingConfig, OptimBase,
                                   RunName, ScheduleConfig, check, launcher_world_size, read_tree, validate)
 from mff_ds.models import ModelSpec
@@ -18,15 +18,10 @@ from mff_ds.schema import (Bool, Float, NonNegFloat, NonNegInt, PosFloat, PosInt
 __all__ = ["EvalRecipe", "check", "from_dict", "load_eval_recipe"]
 
 
-def _existing_file(path: Optional[str]) -> Optional[str]:
-    if path is not None and not os.path.exists(path):  # a file, or a checkpoint folder
-        raise ValueError(f"expected an existing file, got {path!r}")
-    return path
-
-
 class InitConfig(Section):
-    # pretrained weights; None = random encoder from `model`
-    checkpoint: Annotated[Optional[str], AfterValidator(_existing_file)] = None
+    # pretrained weights: a file (or checkpoint folder) or a zoo name (fetched when the run builds its model);
+    # None = random encoder from `model`
+    checkpoint: Annotated[Optional[str], AfterValidator(zoo.check_source)] = None
     format: Literal["auto", "mff_ds", "mmpretrain", "mae"] = "auto"
 
 

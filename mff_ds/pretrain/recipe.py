@@ -4,10 +4,11 @@ mff_ds.engine.recipe, plus the `model:` and `data:` sections that mff_ds.models 
 Every problem (unknown key, wrong type, out of range, impossible batch arithmetic, bad model or data option) is
 collected and raised at once as a `RecipeError`, before any work starts.
 """
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
+from mff_ds import zoo
 from mff_ds.data import SOURCES, DataConfig
 from mff_ds.engine.recipe import (BaseRecipe, CheckpointConfig, OptimConfig, check, launcher_world_size, read_tree,
                                   validate)
@@ -22,6 +23,9 @@ class Recipe(BaseRecipe):
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    # continue pretraining from released weights: a file (mmpretrain, official MAE, ours) or a zoo name. Weights
+    # only (fresh optimizer and schedule), loaded on a fresh start; a run resuming its own checkpoint ignores it
+    init_from: Annotated[Optional[str], AfterValidator(zoo.check_source)] = None
 
     @field_validator("model")
     @classmethod

@@ -1,9 +1,11 @@
 """MFF / MAE pretraining as a task on the shared loop (`PretrainTask`, `train`): uint8 batches normalised on the
 device, the model's own reconstruction loss, fusion weights and MFU in the metrics, reconstruction grids, exports."""
 import os
+import sys
 
 import torch
 
+from mff_ds import convert, zoo
 from mff_ds.common import atomic_write
 from mff_ds.data import IMAGENET_MEAN, IMAGENET_STD, build_loader, normalize
 from mff_ds.engine.trainer import Task, fit
@@ -25,6 +27,8 @@ class PretrainTask(Task):
     def build(self, run):
         r = self.recipe
         model = build_model(r.model_cfg())
+        if r.init_from and not run.resumed:
+            load_init(model, r.init_from)
         loader = build_loader(r.data, img_size=model.cfg.img_size, micro_batch=r.batch.micro_batch, rank=run.rank,
                               world_size=run.world, seed=r.seed, epoch=0)
         self.cfg, self.device, self.dtype = model.cfg, run.device, run.dtype
@@ -69,6 +73,17 @@ class PretrainTask(Task):
             return {"exported": []}
         return {"exported": export(run.engine, run.ckpt_root, f"global_step{run.step}", run.output_dir,
                                    {"step": run.step, "recipe": self.recipe.name, "precision": run.precision})}
+
+
+def load_init(model, source: str) -> None:
+    """init_from: the weights of `source` (a file of any format convert reads, or a zoo name) into the freshly built
+    model, every shape checked; an encoder-only file leaves the decoder as initialised."""
+    sd = convert.model_state(zoo.resolve(source))
+    encoder_only = not any(k.startswith("decoder_") for k in sd)
+    if encoder_only:
+        print(f"init_from {source}: encoder-only weights; the decoder starts as initialised", file=sys.stderr)
+    convert.load_state_dict_checked(model, sd, f"init_from {source}", allow_missing_decoder=encoder_only)
+    print(f"initialised from {source}", file=sys.stderr)
 
 
 def train(recipe: Recipe, output_dir: str, max_steps=None, resume: str = "auto") -> dict:
