@@ -1,25 +1,26 @@
 #!/usr/bin/env python
 """Pretraining -> probing on CPU with bundled real data, over several seeds (`make eval-demo`):
 
-  for each seed:
-    1. pretrain a tiny MFF and a tiny plain MAE (same model, data and schedule; only the fusion differs) on
-       scikit-learn's digits upscaled to 32 px (configs/pretrain_digits_demo.yaml, the pretraining trainer);
-    2. probe both and a randomly initialised encoder on frozen features (mff_ds/eval/probes.py: weighted k-NN
-       and logistic regression, deterministic for a given encoder): fit on the digits train split, score the
-       val split;
+  1. for each seed, pretrain a tiny MFF and a tiny plain MAE (same model, data and schedule; only the fusion
+     differs) on scikit-learn's digits upscaled to 32 px (configs/pretrain_digits_demo.yaml, the pretraining
+     trainer); the pretrainings run side by side, one per core (--jobs), each in its own process;
+  2. probe both and a randomly initialised encoder of the same seed on frozen features (mff_ds/eval/probes.py:
+     weighted k-NN and logistic regression, deterministic for a given encoder) by 5-fold cross-validation over
+     all 1,797 digits (--folds; 0 = fit on the train split and score the 359-image val split);
   then print, per probe and encoder, the mean top-1 over seeds with its 95% Student-t interval, the paired
   differences (MFF - MAE, each - random init) with theirs, and plot the per-seed points (PNG).
   A difference is called one only when its interval excludes zero.
 
   python launch/eval_demo.py [--seeds N] [--first-seed S] [--output-dir runs/eval_demo] [--pretrain-epochs N]
-                             [--pool cls|avg] [--lars]
+                             [--pool cls|avg] [--folds K] [--jobs N] [--lars]
 
-Finished pretrainings are reused when the command is rerun (a seed's run directory is resumed, not redone).
---lars also runs the reference linear probe (configs/linprobe_demo.yaml: LARS, random crops), which is slower
-and noisier.
+Finished pretrainings are reused when the command is rerun (a seed's run directory is resumed, not redone), and
+Ctrl-C or SIGTERM makes the running ones save first. --lars also runs the reference linear probe
+(configs/linprobe_demo.yaml: LARS, random crops, on the train/val split), which is slower and noisier.
 """
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -54,7 +55,7 @@ def lars_probe(ckpt, seed: int, out: str) -> float:
     return run(load_eval_recipe("configs/linprobe_demo.yaml", overrides), out, resume="fresh", quiet=True)["last_top1"]
 
 
-def summarize(results: dict, seeds: list) -> str:
+def summarize(results: dict, seeds: list, folds: int = 0) -> str:
     """The tables: per probe, each encoder's per-seed top-1, mean and 95% CI; then the paired differences."""
     from mff_ds.eval.metrics import table
     from mff_ds.eval.stats import mean_ci, paired_diff, verdict
@@ -71,7 +72,9 @@ def summarize(results: dict, seeds: list) -> str:
             rows.append({"encoder": f"{a} - {b}", **{f"seed {s}": x - y for s, x, y in
                                                      zip(seeds, per_enc[a], per_enc[b])},
                          "mean": d.mean, "95% CI": f"[{d.low:+.2f}, {d.high:+.2f}]"})
-        lines += [f"\n{probe} top-1 on the digits val split, {len(seeds)} seeds; mean and 95% Student-t interval "
+        scored = (f"{folds}-fold cross-validation over all digits" if folds and probe != "LARS linear" else
+                  "the digits val split")
+        lines += [f"\n{probe} top-1, {scored}, {len(seeds)} seeds; mean and 95% Student-t interval "
                   f"(differences: paired by seed)",
                   table(rows, ["encoder"] + [f"seed {s}" for s in seeds] + ["mean", "95% CI"])]
         lines += [f"  {verdict(paired_diff(per_enc[a], per_enc[b]), a, b)}" for a, b in pairs]
@@ -95,7 +98,7 @@ def plot(results: dict, seeds: list, path: str) -> None:
                 ax.errorbar([i + 0.3], [ci.mean], yerr=[[ci.mean - ci.low], [ci.high - ci.mean]], fmt="k_",
                             capsize=4, markersize=12)
         ax.set_xticks(range(len(ENCODERS)), ENCODERS)
-        ax.set_title(f"{probe} probe, digits val")
+        ax.set_title(f"{probe} probe, digits")
         ax.set_ylabel("top-1 (%)")
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"seeds {seeds[0]}-{seeds[-1]}: points per seed, bar = mean and 95% CI", fontsize=9)
@@ -105,20 +108,80 @@ def plot(results: dict, seeds: list, path: str) -> None:
     plt.close(fig)
 
 
+def default_jobs(tasks: int) -> int:
+    """Pretrainings at once: one per core (at most 8, about 1 GB each). The tiny model's ops are too small for
+    threads to help much (2 threads: 1.2x one thread's speed), so separate processes use the cores better."""
+    return max(1, min(tasks, os.cpu_count() or 1, 8))
+
+
+def _worker_init(threads: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    signals.catch()  # the pretraining saves a checkpoint and returns on SIGINT / SIGTERM
+    import torch
+    torch.set_num_threads(threads)
+
+
+def _pretrain_job(name: str, seed: int, out: str, epochs) -> tuple:
+    t = time.time()
+    return pretrain(name, seed, out, epochs) + (time.time() - t,)
+
+
+def pretrain_all(tasks: list, epochs, jobs: int, t0: float) -> dict:
+    """{(encoder, seed): (model file, loss, steps, stopped_by, seconds)} of the (encoder, seed, run dir) `tasks`,
+    `jobs` at a time, each in its own process with cores // jobs threads. A stop signal to this process is passed
+    on (SIGTERM) to the running pretrainings, which save and return; the ones not started are dropped."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    stop, done, forwarded = signals.StopOnSignal(), {}, False
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    # spawn, not fork: a forked child of a process whose OpenMP threads ran can hang in its first parallel region
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                             initargs=(threads,)) as ex:
+        pending = {ex.submit(_pretrain_job, enc, seed, out, epochs): (enc, seed) for enc, seed, out in tasks}
+        while pending:
+            finished, _ = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+            failed = next((f.exception() for f in finished if not f.cancelled() and f.exception()), None)
+            if (stop.received or failed) and not forwarded:
+                forwarded = True
+                for f in pending:
+                    f.cancel()
+                for child in mp.active_children():
+                    child.terminate()
+            if failed:
+                raise failed
+            for f in finished:
+                enc, seed = pending.pop(f)
+                if f.cancelled():
+                    continue
+                done[enc, seed] = ckpt, loss, steps, stopped_by, secs = f.result()
+                state = (f"stopped by {stopped_by} at step {steps}" if stopped_by else
+                         "done earlier" if loss is None else f"final loss {loss:.3f}")  # None: nothing left to run
+                print(f"[{time.time() - t0:5.0f}s] seed {seed}: pretrained {enc} ({steps} steps, {state}, "
+                      f"{secs:.0f}s)", flush=True)
+            pending = {f: k for f, k in pending.items() if not f.cancelled()}
+    return done
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (pretraining and random init)")
+    p.add_argument("--seeds", type=int, default=5, help="number of seeds (pretraining and random init)")
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--output-dir", default=os.path.join("runs", "eval_demo"))
     p.add_argument("--pretrain-epochs", type=int, default=None, help="default: the recipe's")
     p.add_argument("--pool", default="cls", choices=["cls", "avg"], help="probe features: cls token or mean patch")
+    p.add_argument("--folds", type=int, default=5,
+                   help="k-fold cross-validation over all digits (0: fit on the train split, score the val split)")
+    p.add_argument("--jobs", type=int, default=None, help="pretrainings at once (default: one per core, at most 8)")
     p.add_argument("--lars", action="store_true", help="also run the reference LARS linear probe (slower)")
     a = p.parse_args(argv)
-    if a.seeds < 2:
-        print(f"error: --seeds: an interval needs at least 2 seeds, got {a.seeds}", file=sys.stderr)
-        return 2
+    for flag, value, ok, expected in (("--seeds", a.seeds, a.seeds >= 2, "at least 2 seeds (an interval needs 2)"),
+                                      ("--folds", a.folds, a.folds == 0 or a.folds >= 2, "0 or at least 2"),
+                                      ("--jobs", a.jobs, a.jobs is None or a.jobs >= 1, "at least 1")):
+        if not ok:
+            print(f"error: {flag}: expected {expected}, got {value}", file=sys.stderr)
+            return 2
     t0 = time.time()
-    signals.catch()  # Ctrl-C / SIGTERM: the pretraining saves a checkpoint; rerunning continues from it
+    stop = signals.StopOnSignal.install()  # Ctrl-C / SIGTERM: the pretrainings save; rerunning continues from there
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     import torch
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -128,34 +191,31 @@ def main(argv=None) -> int:
     from mff_ds.eval.recipe import EvalData
     from mff_ds.common import write_json
 
+    seeds = list(range(a.first_seed, a.first_seed + a.seeds))
+    tasks = [(enc, seed, os.path.join(a.output_dir, f"seed{seed}", f"pretrain_{enc.lower()}"))
+             for seed in seeds for enc in ENCODERS if enc != "random init"]
+    try:
+        trained = pretrain_all(tasks, a.pretrain_epochs, a.jobs or default_jobs(len(tasks)), t0)
+    except IncompatibleCheckpointError as e:
+        print(f"error: {a.output_dir} holds a pretraining with other settings ({e}); pass another --output-dir",
+              file=sys.stderr)
+        return 2
+    stopped = [r[3] for r in trained.values() if r[3]]
+    if stop.received or stopped or len(trained) < len(tasks):
+        print("stopped: the pretrainings saved checkpoints; rerun the same command to continue", flush=True)
+        return signals.exit_code(stopped[0] if stopped else signal.Signals(stop.received).name)
+
     # the random encoder has the pretrained ones' architecture; images are decoded once for every probe
     model = {k: v for k, v in pretrain_recipe().model.items()
              if k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")}
     model["out_indices"] = [model["depth"] - 1]
     images = probes.load_images(EvalData(source="digits", num_workers=0), model["img_size"])
-    seeds = list(range(a.first_seed, a.first_seed + a.seeds))
     results = {name: {e: [] for e in ENCODERS} for name in probes.PROBES + (("LARS linear",) if a.lars else ())}
     for seed in seeds:
         for enc in ENCODERS:
-            ckpt = None
-            if enc != "random init":
-                out = os.path.join(a.output_dir, f"seed{seed}", f"pretrain_{enc.lower()}")
-                t = time.time()
-                try:
-                    ckpt, loss, steps, stopped_by = pretrain(enc, seed, out, a.pretrain_epochs)
-                except IncompatibleCheckpointError as e:
-                    print(f"error: {out} holds a pretraining with other settings ({e}); pass another --output-dir",
-                          file=sys.stderr)
-                    return 2
-                if stopped_by:
-                    print(f"stopped by {stopped_by} at step {steps}, checkpoint saved; rerun the same command to "
-                          f"continue", flush=True)
-                    return signals.exit_code(stopped_by)
-                done = "done earlier" if loss is None else f"final loss {loss:.3f}"  # None: nothing left to run
-                print(f"[{time.time() - t0:5.0f}s] seed {seed}: pretrained {enc} ({steps} steps, {done}, "
-                      f"{time.time() - t:.0f}s)", flush=True)
+            ckpt = trained[enc, seed][0] if enc != "random init" else None
             encoder = probes.build_encoder(ckpt, model=model, seed=seed)
-            for name, top1 in probes.probe_images(encoder, images, pool=a.pool).items():
+            for name, top1 in probes.probe_images(encoder, images, pool=a.pool, folds=a.folds).items():
                 results[name][enc].append(top1)
             if a.lars:
                 results["LARS linear"][enc].append(
@@ -163,10 +223,11 @@ def main(argv=None) -> int:
             print(f"[{time.time() - t0:5.0f}s] seed {seed}: {enc}: " +
                   ", ".join(f"{k} {v[enc][-1]:.2f}" for k, v in results.items()), flush=True)
     os.makedirs(a.output_dir, exist_ok=True)
-    write_json(os.path.join(a.output_dir, "results.json"), {"seeds": seeds, "pool": a.pool, "top1": results})
+    write_json(os.path.join(a.output_dir, "results.json"),
+               {"seeds": seeds, "pool": a.pool, "folds": a.folds, "top1": results})
     png = os.path.join(a.output_dir, "eval_demo.png")
     plot(results, seeds, png)
-    print(summarize(results, seeds))
+    print(summarize(results, seeds, a.folds))
     print(f"\nplot {png}; per-seed numbers {os.path.join(a.output_dir, 'results.json')}; "
           f"wall time {time.time() - t0:.0f}s")
     return 0

@@ -72,6 +72,26 @@ def test_probes_are_at_chance_when_features_carry_no_label():
     assert all(10 < v < 45 for v in res.values()), res     # 4 classes: chance 25%
 
 
+def test_cross_validation_scores_every_sample_once():
+    x, y = _separable(n=203, seed=0)                  # 203: folds of unequal size
+    assert probes.cv_probes(x, y, folds=5) == {"knn": 100.0, "logreg": 100.0}
+    g = torch.Generator().manual_seed(0)
+    noise, labels = torch.randn(800, 8, generator=g), torch.randint(0, 4, (800,), generator=g)
+    res = probes.cv_probes(noise, labels, folds=4)
+    assert all(15 < v < 35 for v in res.values()), res     # 4 classes: chance 25%
+    # the score is the pooled top-1 over all samples, each scored by a probe that did not see it: flipping the
+    # labels of 10 samples to a class their cluster does not hold costs exactly those 10 (k-NN, tight clusters)
+    y_bad = y.clone()
+    y_bad[:10] = (y[:10] + 1) % 4
+    assert probes.cv_probes(x, y_bad, ["knn"], folds=5)["knn"] == pytest.approx(100.0 * (203 - 10) / 203)
+    # the folds are fixed: the same features give the same score whatever the global RNG state
+    torch.manual_seed(123)
+    assert probes.cv_probes(noise, labels, folds=4) == res
+    for bad in (1, 0, 300):
+        with pytest.raises(ValueError, match=f"folds: expected an integer from 2 to 50 .*got {bad}"):
+            probes.cv_probes(x, y, folds=bad)
+
+
 def test_knn_weights_votes_by_similarity():
     # one very close neighbour of class 1 outweighs two distant ones of class 0 (T 0.07 sharpens the weights)
     train_x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.05, 1.0]])
@@ -138,6 +158,25 @@ def test_eval_demo_reports_intervals_and_paired_differences(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_eval_demo_refuses_a_single_seed(capsys):
-    assert _demo().main(["--seeds", "1"]) == 2
-    assert "at least 2 seeds, got 1" in capsys.readouterr().err
+def test_eval_demo_refuses_bad_arguments_in_one_line(capsys):
+    for args, msg in ((["--seeds", "1"], "--seeds: expected at least 2 seeds (an interval needs 2), got 1"),
+                      (["--folds", "1"], "--folds: expected 0 or at least 2, got 1"),
+                      (["--jobs", "0"], "--jobs: expected at least 1, got 0")):
+        assert _demo().main(args) == 2
+        err = capsys.readouterr().err
+        assert err.strip() == f"error: {msg}", err
+
+
+def test_eval_demo_pretrains_side_by_side_and_probes_by_folds(tmp_path):
+    # one epoch (11 steps) per pretraining: what is checked is the plumbing, not the encoders' quality
+    out = tmp_path / "demo"
+    args = [sys.executable, "launch/eval_demo.py", "--seeds", "2", "--first-seed", "5", "--pretrain-epochs", "1",
+            "--folds", "3", "--jobs", "2", "--output-dir", str(out)]
+    r = forkserver.run(args, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["seeds"] == [5, 6] and res["folds"] == 3
+    assert all(len(v) == 2 and all(0 < x <= 100 for x in v) for per in res["top1"].values() for v in per.values())
+    assert r.stdout.count("pretrained ") == 4 and "(11 steps, final loss" in r.stdout
+    assert "knn top-1, 3-fold cross-validation over all digits, 2 seeds" in r.stdout
+

@@ -94,6 +94,27 @@ def run_probes(train: Tuple[torch.Tensor, torch.Tensor], val: Tuple[torch.Tensor
     return out
 
 
+def cv_probes(x: torch.Tensor, y: torch.Tensor, probes: Sequence[str] = PROBES, folds: int = 5,
+              k: int = 20, temperature: float = 0.07, C: float = 1.0) -> Dict[str, float]:
+    """{probe: top-1} by stratified k-fold cross-validation over all of (x, y): every sample is scored once, by a
+    probe fitted on the other folds, and the top-1 is over all samples. Compared with one train/val split, the
+    score rests on k times more test samples, so one seed's number moves less. The folds are fixed (not drawn
+    from a seed), so every encoder and every seed is scored on the same ones and differences stay paired."""
+    from sklearn.model_selection import StratifiedKFold
+    check_probes(probes)
+    counts = torch.bincount(y.long())
+    fewest = int(counts[counts > 0].min())
+    if not isinstance(folds, int) or folds < 2 or folds > fewest:
+        raise UserError(f"folds: expected an integer from 2 to {fewest} (the smallest class's size), got {folds!r}")
+    correct = dict.fromkeys(probes, 0.0)
+    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=0).split(x.numpy(), y.numpy()):
+        tr, te = torch.from_numpy(tr), torch.from_numpy(te)
+        scores = run_probes((x[tr], y[tr]), (x[te], y[te]), probes, k=k, temperature=temperature, C=C)
+        for name, top1 in scores.items():
+            correct[name] += top1 * len(te) / 100.0
+    return {name: 100.0 * c / len(y) for name, c in correct.items()}
+
+
 def load_images(data, img_size: int, batch: int = 256) -> Tuple[Tuple[torch.Tensor, torch.Tensor], ...]:
     """((train images, labels), (val images, labels)) of data (EvalData: an ImageFolder, shards or the digits demo)
     as normalised tensors after the validation transform (resize + center crop), decoded once so that several
@@ -125,12 +146,16 @@ def build_encoder(checkpoint: Optional[str], fmt: str = "auto", model: Optional[
 
 
 def probe_images(encoder, images, probes: Sequence[str] = PROBES, pool: str = "cls", k: int = 20,
-                 temperature: float = 0.07, C: float = 1.0, batch: int = 256, device=torch.device("cpu")
-                 ) -> Dict[str, float]:
-    """Probes of `encoder` on load_images' output."""
+                 temperature: float = 0.07, C: float = 1.0, batch: int = 256, device=torch.device("cpu"),
+                 folds: int = 0) -> Dict[str, float]:
+    """Probes of `encoder` on load_images' output: fitted on train and scored on val, or with `folds` >= 2
+    cross-validated over train and val together (cv_probes)."""
     check_probes(probes)
     feats = [extract_features(encoder, [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)],
                               device, pool) for x, y in images]
+    if folds:
+        x, y = (torch.cat(parts) for parts in zip(*feats))
+        return cv_probes(x, y, probes, folds, k=k, temperature=temperature, C=C)
     return run_probes(feats[0], feats[1], probes, k=k, temperature=temperature, C=C)
 
 
