@@ -30,8 +30,9 @@ SMALL = ["model.img_size=32", "model.patch_size=8", "model.embed_dim=64", "model
          "logging.every_steps=1", "logging.image_every_steps=0", "logging.tensorboard=false",
          "logging.progress_bar=false", "checkpoint.every_steps=10"]
 STEPS = 20
-# |loss(amp-bf16) / loss(fp32) - 1| at every one of the 20 steps (measured: see the test's printout)
-AMP_BF16_LOSS_RTOL = 1e-2
+# |loss(amp-bf16) / loss(fp32) - 1| at every one of the 20 steps; measured max 1.9e-4 (step 16), mean 7.2e-5 on 2 CPU
+# ranks (the test prints it)
+AMP_BF16_LOSS_RTOL = 1e-3
 
 
 def cpu():
