@@ -88,21 +88,24 @@ def dist_env():
 
 def test_amp_fp16_scale_is_gradscalers_skips_overflow_and_grows_after_the_step(dist_env):
     """CPU autocast runs fp16 too, so the ZeRO-2 loss-scale logic is checked here (the recipe keeps amp-fp16 runs
-    on CUDA). Adam with beta1 = 0 keeps the last unscaled gradient as exp_avg: the gradient the optimizer saw."""
+    on CUDA; on a GPU machine this runs there). Adam with beta1 = 0 keeps the last unscaled gradient as exp_avg:
+    the gradient the optimizer saw."""
+    from mff_ds.engine.distributed import device_for
+    dev = device_for(0)  # where DeepSpeed's accelerator autocasts
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).to(dev)
     ref = copy.deepcopy(model)
     ds = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
           "zero_optimization": {"stage": 2, "parameter_alignment": True}, "steps_per_print": 1 << 30,
           "fp16": {"enabled": False}, "bf16": {"enabled": False},
           "torch_autocast": {"enabled": True, "dtype": "float16", "lower_precision_safe_modules": []}}
     engine, opt = build_deepspeed_engine(model, [{"params": list(model.parameters()), "weight_decay": 0.0}], ds,
-                                         lr=1e-3, betas=(0.0, 0.999), device=cpu())
+                                         lr=1e-3, betas=(0.0, 0.999), device=dev)
     zero = engine.optimizer
     assert zero.torch_autocast_gradscaler is None and ds_compat.loss_scale(engine) == 2.0**16
     assert all(p.dtype == torch.float32 for p in engine.module.parameters())
     zero.loss_scaler.scale_window = 1  # grow after every clean step but the first (GradScaler: growth_interval)
-    x = torch.randn(4, 8)
+    x = torch.randn(4, 8, device=dev)
 
     def step(scale_loss=1.0):
         out = engine(x)
@@ -114,7 +117,7 @@ def test_amp_fp16_scale_is_gradscalers_skips_overflow_and_grows_after_the_step(d
     assert step() == 2.0**16
     ref.load_state_dict(engine.module.state_dict())  # the weights step 2 takes its gradient at
     assert step() == 2.0**17 and engine.skipped_steps == 0  # grew, after the step
-    with torch.autocast("cpu", dtype=torch.float16):
+    with torch.autocast(dev.type, dtype=torch.float16):
         ref(x).float().pow(2).mean().backward()
     g = torch.cat([p.grad.flatten() for p in ref.parameters()])
     seen = next(iter(opt.state.values()))["exp_avg"][: g.numel()]
@@ -130,17 +133,21 @@ def test_amp_fp16_scale_is_gradscalers_skips_overflow_and_grows_after_the_step(d
     torch.save(zero.state_dict(), buf)
     buf.seek(0)
     with weights_only_loads():
-        sd = torch.load(buf)
+        sd = torch.load(buf, map_location="cpu")
     assert sd["loss_scaler"].cur_scale == 2.0**16 and sd["dynamic_loss_scale"] is True
 
 
 # ------------------------------------------------------------------ ZeRO-2 + amp-bf16 on the demo, 2 CPU ranks
-def launch(out: Path, *sets, max_steps=STEPS):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+def launch(out: Path, *sets, max_steps=STEPS, nproc=2, cuda=False):
+    """A pretraining run of the small demo; on the CPU (also on a GPU machine: 2 ranks cannot share one GPU)
+    unless `cuda`."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    if not cuda:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(REPO / "launch" / "pretrain.py"), "--config", DEMO, "--output-dir", str(out),
            "--max-steps", str(max_steps), *[a for s in (*SMALL, *sets) for a in ("--set", s)]]
-    p = forkserver.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)), capture_output=True,
-                       text=True, timeout=300)
+    p = forkserver.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
 
@@ -202,9 +209,11 @@ def test_amp_bf16_resumes_bit_exactly(runs, tmp_path):
 @pytest.mark.cuda
 def test_amp_fp16_zero2_trains_with_a_dynamic_loss_scale_on_cuda(tmp_path):
     out = tmp_path / "out"
-    launch(out, "precision=amp-fp16", max_steps=12)
+    launch(out, "precision=amp-fp16", max_steps=12, nproc=1, cuda=True)
     m = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert m[0]["loss_scale"] == 2.0**16 and all(r["loss"] == r["loss"] for r in m)
-    assert m[-1]["loss"] < m[0]["loss"]
+    assert {r["loss_scale"] for r in m} <= {2.0**k for k in range(17)} and all(r["loss"] == r["loss"] for r in m)
+    assert m[-1]["skipped_steps"] < 6 and m[-1]["loss"] < m[0]["loss"]  # a few skips while the scale settles
+    model = torch.load(out / "checkpoints" / "global_step12" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert {v.dtype for v in model["module"].values()} == {torch.float32}
     ds = json.loads((out / "ds_config.json").read_text())
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "float16", "lower_precision_safe_modules": []}
