@@ -137,6 +137,35 @@ def test_amp_fp16_scale_is_gradscalers_skips_overflow_and_grows_after_the_step(d
     assert sd["loss_scaler"].cur_scale == 2.0**16 and sd["dynamic_loss_scale"] is True
 
 
+def _bytes(ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+@pytest.mark.parametrize("precision, weights, grads", [("fp32", 4, 4), ("bf16", 2, 2), ("amp-bf16", 4, 4)])
+def test_state_bytes_per_parameter_under_zero2(dist_env, precision, weights, grads):
+    """What docs/ENGINE.md "Precision" states per parameter (one rank: the ZeRO-2 partitions are whole): the
+    module's weights, the reduced gradient partition after backward, the fp32 master partition (a copy even when
+    the weights are fp32) and Adam's two fp32 moments."""
+    from mff_ds.models import build_model
+    r = load_recipe(DEMO, [f"precision={precision}", "model.depth=2", "model.out_indices=[0,1]",
+                           "model.decoder_depth=1", "batch.micro_batch=2", "batch.global_batch=2"], world_size=1)
+    torch.manual_seed(0)
+    model = build_model(r.model_cfg())
+    engine, opt = build_deepspeed_engine(model, model.param_groups(0.05), build_ds_config(r, 1, cpu()), lr=1e-3,
+                                         device=cpu())
+    zero, n = engine.optimizer, sum(p.numel() for p in model.parameters() if p.requires_grad)
+    out = engine(torch.randn(2, 3, 64, 64, dtype=DTYPES[precision]))
+    engine.backward(out.loss)
+    g = _bytes([t for ts in zero.averaged_gradients.values() for t in ts or []])
+    engine.step()
+    w = _bytes(p for p in engine.module.parameters() if p.requires_grad)
+    master = _bytes(zero.single_partition_of_fp32_groups)
+    adam = _bytes(t for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
+    per = [round(b / n, 1) for b in (w, g, master, adam)]
+    print(f"{precision}: bytes per parameter: weights, gradient partition, fp32 master, Adam = {per}")
+    assert per == [weights, grads, 4, 8]
+
+
 # ------------------------------------------------------------------ ZeRO-2 + amp-bf16 on the demo, 2 CPU ranks
 def launch(out: Path, *sets, max_steps=STEPS, nproc=2, cuda=False):
     """A pretraining run of the small demo; on the CPU (also on a GPU machine: 2 ranks cannot share one GPU)
