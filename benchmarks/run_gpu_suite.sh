@@ -5,12 +5,14 @@
 #   2. the engine (benchmarks/throughput.py, ViT-B/16 224 px bf16 micro batch 256, the recipes' torch ops): our
 #      engine as configured + the facebookresearch/mae loop, our plain torch loop, our engine + torch.compile,
 #      each for MFF and MAE, each with the device idle time per step from the profiler; then the host-overhead
-#      preset (engine vs plain loop at tiny widths, syncs per step);
+#      preset (engine vs plain loop at tiny widths, syncs per step); then MFF in each precision (one row each:
+#      fp32, bf16, amp-bf16, fp16, amp-fp16; img/s, paired step-time ratio to bf16, resident and peak memory);
 #   3. kernel benchmarks (benchmarks/kernels.py);
 #   4. data on the GPU (step "data"): the CUDA decode tests; ~2,000 generated ImageNet-like JPEGs;
 #      benchmarks/data_throughput.py --device cuda (decode: gpu with 4 workers vs the CPU path on every core),
 #      then benchmarks/throughput.py --data (MFF training with those JPEGs vs synthetic inputs);
-#   5. CUDA kernel tests (tests/test_kernels.py, tests/test_kernels_model.py: compiled kernels on the GPU);
+#   5. CUDA kernel tests (tests/test_kernels.py, tests/test_kernels_model.py: compiled kernels on the GPU), and the
+#      precision tests (tests/test_engine_amp.py: amp-bf16 on 2 ranks, amp-fp16's loss scale, amp-fp16 on CUDA);
 #   6. if time is left, the engine with the Triton kernels (kernels=auto) for the whole-step kernel comparison;
 # then prints one summary table. Each step has its own timeout, so one hang does not eat the budget.
 #   7. (only when asked: SUITE_STEPS=...,diagnose) the engine diagnosis: our model in a plain torch loop,
@@ -81,6 +83,8 @@ if want throughput; then
   step "plain loop" "$(cap 50 280)" "$PY" benchmarks/throughput.py "${E[@]}" --engine plain --no-baseline --out-dir "$RES/plain"
   step "engine + compile" "$(cap 120 230)" "$PY" benchmarks/throughput.py "${E[@]}" --compile --no-baseline --out-dir "$RES/compiled"
   step "host overhead" "$(cap 30 200)" "$PY" benchmarks/throughput.py --preset overhead --steps 40 --out-dir "$RES"
+  step "precisions" "$(cap 90 170)" "$PY" benchmarks/throughput.py --kernels torch --precisions bf16,fp32,amp-bf16,fp16,amp-fp16 \
+    --steps 8 --warmup 2 --out-dir "$RES"
 fi
 
 # 3. kernel benchmarks (writes kernels.json / kernels.md), torch.compile baseline included
@@ -106,6 +110,8 @@ fi
 # 5. kernel tests, compiled on the GPU (interpreter off)
 want tests && step "kernel tests" "$(cap 60 0)" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_model.py \
   -o addopts="" --timeout=90 -s --junitxml="$RES/kernel_tests.xml"
+want tests && step "precision tests" "$(cap 120 0)" "$PY" -m pytest -q -p no:cacheprovider tests/test_engine_amp.py \
+  -o addopts="" --timeout=300 -s --junitxml="$RES/amp_tests.xml"
 
 # 6. the whole step with the Triton kernels, if time is left
 if want throughput && [ "$(left)" -gt 60 ]; then
@@ -122,7 +128,7 @@ fi
 echo
 echo "## GPU suite summary ($(( $(date +%s) - T0 ))s total; log $LOG)" | tee -a "$LOG"
 { echo "| step                   | status       | time   |"; echo "|---|---|---|"; printf '%s\n' "${SUMMARY[@]}"; } | tee -a "$LOG"
-for f in "$RES/kernels.md" "$RES/kernels_quick.md" "$RES"/*/throughput_*.md "$RES"/overhead_*.md \
+for f in "$RES/kernels.md" "$RES/kernels_quick.md" "$RES"/*/throughput_*.md "$RES"/overhead_*.md "$RES"/precisions_*.md \
          "$RES/data_throughput_cuda.json"; do [ -f "$f" ] && { echo; cat "$f"; }; done | tee -a "$LOG"
 if [ -n "${OUT:-}" ]; then
   tar czf "$OUT/gpu_results.tgz" -C "$RES" . && cp "$LOG" "$OUT/" && echo "results: \$OUT/gpu_results.tgz"

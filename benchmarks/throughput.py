@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                      # CUDA: ViT-B/16, 224 px, bf16, micro batch 256
     python benchmarks/throughput.py --device cpu         # CPU: a tiny model (--preset tiny), about 20 s
     python benchmarks/throughput.py --device cpu --preset overhead   # host ms/step: engine vs plain loop, syncs
+    python benchmarks/throughput.py --device cpu --precisions bf16,amp-bf16   # MFF step time per precision
 
 Three trainers live in one process: MFF and plain MAE, each built like pretraining builds it (recipe ->
 build_ds_config -> ZeRO-2 DeepSpeed engine -> engine.optim.build_deepspeed_engine, torch's fused AdamW), and the
@@ -37,6 +38,10 @@ bf16), our plain loop (autocast, fused AdamW), and the same engine with DeepSpee
 plain loop (median over the alternation rounds), and the sync points per step. On CUDA, add
 --profile N to get the device idle time per step.
 
+--precisions P1,P2,...: MFF through our engine once per precision (fp32, bf16, fp16, amp-bf16, amp-fp16; the
+fp16 ones need CUDA), timed alternately; one row each: img/s, step ms, the paired median step-time ratio to the
+first precision listed, peak memory (CUDA). Output: <out-dir>/precisions_<device>.json and .md (or --json).
+
 Output: --json (default <out-dir>/throughput_<device>.json), a markdown table and a PNG bar chart beside it.
 """
 import argparse
@@ -57,7 +62,7 @@ sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 
-from mff_ds.common import DTYPES, atomic_write, write_json, write_text  # noqa: E402
+from mff_ds.common import COMPUTE_DTYPES, DTYPES, atomic_write, write_json, write_text  # noqa: E402
 from mff_ds.models import build_model, resolve_config  # noqa: E402
 from mff_ds.models.archs import default_out_indices  # noqa: E402
 from mff_ds.models.flops import flops_per_image  # noqa: E402
@@ -69,6 +74,8 @@ TINY_MFF_LEVELS = [1, 3, 5]
 # Host-overhead size: ViT-B's layout (depth, heads, decoder, fused levels) at widths where compute is negligible.
 OVERHEAD = dict(img_size=32, patch_size=16, embed_dim=48, num_heads=12, decoder_embed_dim=32, decoder_num_heads=16)
 ROLES = ("mff", "mae", "baseline_mae")
+PRECISIONS = ("fp32", "bf16", "fp16", "amp-bf16", "amp-fp16")  # the recipe's, less auto (docs/ENGINE.md "Precision")
+FP16 = ("fp16", "amp-fp16")
 
 
 def parse_args(argv=None):
@@ -82,7 +89,9 @@ def parse_args(argv=None):
                    help="ModelConfig override for both models, e.g. --set depth=4 (out_indices: MFF only)")
     p.add_argument("--img-size", type=int, default=None, help="default: 224 (the arch), 64 with --preset tiny")
     p.add_argument("--micro-batch", type=int, default=None, help="default: 256 on CUDA, 16 on CPU")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--precision", choices=PRECISIONS, default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--precisions", default=None, metavar="P1,P2,...",
+                   help=f"compare MFF step time across precisions ({', '.join(PRECISIONS)}), one row each")
     p.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile our models as the recipe's deepspeed.compile does (the baseline stays eager)")
@@ -109,6 +118,11 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.precisions is not None:
+        args.precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
+        bad = [x for x in args.precisions if x not in PRECISIONS]
+        if bad or not args.precisions:
+            p.error(f"--precisions: expected a comma-separated list of {', '.join(PRECISIONS)}, got {bad or '[]'}")
     for name in ("steps", "warmup", "micro_batch", "img_size", "workers"):
         v = getattr(args, name)
         lo = 0 if name in ("warmup", "workers") else 1
@@ -215,8 +229,8 @@ def build_plain(cfg, args, device, precision):
         model.compile(mode=args.compile_mode)
     groups = model.param_groups(0.05)
     opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=True)
-    amp = DTYPES[precision] if precision != "fp32" else None
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    amp = COMPUTE_DTYPES[precision] if precision != "fp32" else None
+    scaler = torch.amp.GradScaler(device.type, enabled=precision in FP16)
 
     def step(x):
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -285,7 +299,8 @@ def count_syncs(t: Trainer, inputs) -> int:
 def build_official(cfg, args, device, precision):
     from mae_baseline import BaselineTrainer, build_baseline
     torch.manual_seed(args.seed)
-    t = BaselineTrainer(build_baseline(cfg), precision, device, mask_ratio=cfg.mask_ratio)
+    amp = {"amp-bf16": "bf16", "amp-fp16": "fp16"}.get(precision, precision)  # the official loop is autocast anyway
+    t = BaselineTrainer(build_baseline(cfg), amp, device, mask_ratio=cfg.mask_ratio)
     n_params = sum(p.numel() for p in t.model.parameters() if p.requires_grad)
     return Trainer("MAE baseline", t.step, flops_per_image(cfg), n_params, "torch.optim.AdamW (foreach)", torch.float32)
 
@@ -492,6 +507,53 @@ def overhead(args, device, cfg, argv) -> dict:
     return res
 
 
+def compare_precisions(args, device, cfg, argv) -> dict:
+    """--precisions: MFF through our engine in each precision, timed alternately (drift hits all alike); the
+    paired median step-time ratio of each to the first listed, and each one's memory (CUDA)."""
+    cuda = device.type == "cuda"
+    mem = (lambda: torch.cuda.memory_allocated(device)) if cuda else (lambda: 0)
+    inputs = Inputs(args, device, cfg.img_size)
+    trainers = []
+    for prec in args.precisions:
+        before = mem()
+        t = build_ours(cfg, args, device, prec)
+        warm_up(t, inputs, args.warmup, device, before)
+        trainers.append(t)
+    run(trainers, inputs, args.steps, device)
+    first = trainers[0].times
+    rows = []
+    for prec, t in zip(args.precisions, trainers):
+        r = summarize(t, args.micro_batch, None, cuda)
+        rows.append({"precision": prec, "weights": str(DTYPES[prec]).replace("torch.", ""),
+                     "compute": str(COMPUTE_DTYPES[prec]).replace("torch.", ""), "img_per_s": r["img_per_s"],
+                     "step_ms": r["step_ms"], "peak_mem_mb": r["peak_mem_mb"],
+                     "resident_mem_mb": t.resident / 2**20 if cuda else None,
+                     f"ratio_over_{args.precisions[0]}": statistics.median(a / b for a, b in zip(t.times, first))})
+    res = {"preset": "precisions", "device": device_name(device),
+           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "command": "python benchmarks/throughput.py " + " ".join(shlex.quote(a) for a in argv),
+           "config": {"model": cfg.to_dict(), "micro_batch": args.micro_batch, "zero_stage": args.zero_stage,
+                      "steps": args.steps, "warmup": args.warmup, "torch": torch.__version__}, "rows": rows}
+    ref = args.precisions[0]
+    fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+    md = "\n".join([
+        f"**{res['device']}**, {res['date']}: MFF ({cfg.embed_dim}-d x {cfg.depth}, {cfg.img_size} px), our engine "
+        f"(ZeRO-{args.zero_stage}), micro batch {args.micro_batch}, {args.steps} alternating steps per precision.",
+        "", f"| precision | weights | compute | img/s (median) | step ms | step time / {ref} (paired median) "
+        "| resident MB | peak MB |", "|---|---|---|---:|---:|---:|---:|---:|",
+        *[f"| {r['precision']} | {r['weights']} | {r['compute']} | {r['img_per_s']:.1f} | {r['step_ms']:.1f} "
+          f"| {r[f'ratio_over_{ref}']:.3f} | {fmt(r['resident_mem_mb'], '.0f')} | {fmt(r['peak_mem_mb'], '.0f')} |"
+          for r in rows],
+        "", f"Command: `{res['command']}`", ""])
+    stem = args.json[:-5] if args.json and args.json.endswith(".json") else os.path.join(
+        args.out_dir, f"precisions_{device.type}")
+    write_json(stem + ".json", res)
+    write_text(stem + ".md", md)
+    print(md)
+    print(f"wrote {stem}.json, {stem}.md", flush=True)
+    return res
+
+
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -506,8 +568,10 @@ def main(argv=None) -> dict:
     over = args.preset == "overhead"
     args.precision = args.precision or ("bf16" if cuda or over else "fp32")
     args.micro_batch = args.micro_batch or (2 if over else 256 if cuda else 16)
-    if args.precision == "fp16" and not cuda:
-        raise SystemExit("--precision fp16: needs a CUDA device (dynamic loss scaling); use fp32 or bf16 on CPU")
+    for prec in [args.precision] + (args.precisions or []):
+        if prec in FP16 and not cuda:
+            raise SystemExit(f"--precision {prec}: needs a CUDA device (dynamic loss scaling); use fp32, bf16 or "
+                             f"amp-bf16 on CPU")
     if args.kernels == "triton" and not cuda:
         raise SystemExit("--kernels triton: needs a CUDA device; use torch or auto on CPU")
     mff_cfg, mae_cfg = model_configs(args, device)
@@ -527,6 +591,8 @@ def main(argv=None) -> dict:
 
     if over:
         return overhead(args, device, mff_cfg, argv)
+    if args.precisions:
+        return compare_precisions(args, device, mff_cfg, argv)
     t_setup = time.perf_counter()
     mem = (lambda: torch.cuda.memory_allocated(device)) if cuda else (lambda: 0)
     inputs = Inputs(args, device, mff_cfg.img_size)

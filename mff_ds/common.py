@@ -26,11 +26,17 @@ class MissingFileError(UserError, FileNotFoundError):
 
 
 def __getattr__(name):
-    """DTYPES: the recipe's `precision:` names (DeepSpeed's fp32 / bf16 / fp16 modes) -> the torch dtypes they
-    compute in. Built on first use: this module is imported before torch (signal handlers, recipes, --help)."""
-    if name == "DTYPES":
+    """DTYPES: the recipe's `precision:` names -> the dtype of the weights the model holds and the inputs it is
+    fed (DeepSpeed's bf16 / fp16 modes keep 16-bit weights; fp32 and the autocast modes amp-bf16 / amp-fp16 keep
+    fp32 weights). COMPUTE_DTYPES: -> the dtype the matmuls run in (amp-*: the autocast dtype), for consumers
+    that pick kernels or report it. Built on first use: this module is imported before torch (signal handlers,
+    recipes, --help)."""
+    if name in ("DTYPES", "COMPUTE_DTYPES"):
         import torch
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+        f32, b16, f16 = torch.float32, torch.bfloat16, torch.float16
+        if name == "DTYPES":
+            return {"fp32": f32, "bf16": b16, "fp16": f16, "amp-bf16": f32, "amp-fp16": f32}
+        return {"fp32": f32, "bf16": b16, "fp16": f16, "amp-bf16": b16, "amp-fp16": f16}
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -76,8 +76,20 @@ def test_overhead_preset_compares_engine_and_plain_loop_on_vit_b_layout(tmp_path
     assert "engine / plain" in (tmp_path / "ovh.md").read_text()
 
 
+def test_precisions_compares_mff_across_precisions(tmp_path):
+    out = tmp_path / "prec.json"
+    res = throughput.main(["--device", "cpu", "--precisions", "fp32,amp-bf16", "--steps", "2", "--warmup", "1",
+                           "--micro-batch", "4", "--set", "depth=2", "--set", "out_indices=[0,1]", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert rows == res["rows"] and [r["precision"] for r in rows] == ["fp32", "amp-bf16"]
+    assert [(r["weights"], r["compute"]) for r in rows] == [("float32", "float32"), ("float32", "bfloat16")]
+    assert rows[0]["ratio_over_fp32"] == 1.0 and rows[1]["ratio_over_fp32"] > 0 and rows[1]["step_ms"] > 0
+    assert "| amp-bf16 | float32 | bfloat16 |" in (tmp_path / "prec.md").read_text()
+
+
 @pytest.mark.parametrize("argv, msg", [
     (["--device", "cpu", "--precision", "fp16"], "fp16"),
+    (["--device", "cpu", "--precisions", "bf16,amp-fp16"], "amp-fp16: needs a CUDA device"),
     (["--device", "cpu", "--kernels", "triton"], "triton"),
     (["--device", "cpu", "--arch", "mae_vit_base_patch16"], "expected an MFF arch"),
     (["--device", "cpu", "--set", "depth"], "KEY=VALUE"),

@@ -80,6 +80,57 @@ def loss_scale(engine) -> float:
     return 1.0
 
 
+# torch.amp.GradScaler's defaults, which mmpretrain's AmpOptimWrapper(loss_scale='dynamic') and official MAE's
+# NativeScaler use: start at 2**16, halve on an overflow (and skip the step), double after 2000 clean steps
+AMP_FP16_SCALER = {"init_scale": 2.0**16, "scale_window": 2000, "delayed_shift": 1, "consecutive_hysteresis": False}
+
+
+def forget_autocast_of_earlier_engines() -> None:
+    """DeepSpeed records "torch_autocast is on, in dtype D" in module globals when an engine is built with it, and
+    every ZeRO optimizer built later in the process reads them (an fp16 one gives a bf16 engine a GradScaler).
+    Clearing them before each engine is built makes each engine depend on its own config only (the benchmarks
+    build several engines in one process)."""
+    from deepspeed.runtime import torch_autocast
+    if check_version():
+        torch_autocast.TORCH_AUTOCAST_INITIALIZED, torch_autocast.TORCH_AUTOCAST_DTYPE = False, None
+
+
+def amp_fp16_loss_scale(zero_optimizer) -> None:
+    """amp-fp16 under ZeRO-1/2: DeepSpeed 0.19 gives the ZeRO optimizer a torch GradScaler of its own on each rank,
+    which checks only that rank's gradient partition for inf/NaN (ranks can disagree on skipping a step and then
+    on the scale, and the reduced gradients mix scales), is not in the checkpoint, and is not divided out of the
+    norm used for clipping. Use DeepSpeed's DynamicLossScaler instead, with GradScaler's settings
+    (AMP_FP16_SCALER): overflow is all-reduced over the ranks, the scale is checkpointed, clipping and the
+    reported norm are unscaled. As with GradScaler, the scale grows after the optimizer step it was earned on
+    (DeepSpeed grows it before unscaling, which would halve the gradients of that step)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    from mff_ds.common import UserError
+    if not hasattr(zero_optimizer, "torch_autocast_gradscaler") or not check_version():
+        raise UserError(f"precision: amp-fp16 needs a ZeRO-1/2 optimizer of DeepSpeed {TESTED_RANGE[0]} to "
+                        f"{TESTED_RANGE[1]} (excluded), got {type(zero_optimizer).__name__} of DeepSpeed "
+                        f"{installed()}; use amp-bf16 or fp16")
+    opt = zero_optimizer
+    if opt.__dict__.get("step") is not None:  # applied already (the wrapped step is an instance attribute)
+        return
+    opt.torch_autocast_gradscaler = None
+    opt.loss_scaler = DynamicLossScaler(min_scale=1.0, raise_error_at_min_scale=False, dtype=torch.float16,
+                                        **AMP_FP16_SCALER)
+    opt.dynamic_loss_scale = opt.check_grad_overflow = True
+    step = opt.step
+
+    def shrink_only(has_overflow=False):  # step() calls it before unscaling: only an overflow acts now
+        if has_overflow:
+            opt.loss_scaler.update_scale(True)
+
+    def step_then_grow(*args, **kwargs):
+        out = step(*args, **kwargs)
+        if not opt.overflow:
+            opt.loss_scaler.update_scale(False)  # counts the clean step; doubles the scale after scale_window
+        return out
+    opt._update_scale, opt.step = shrink_only, step_then_grow
+
+
 def zero_grad_norm(zero_optimizer):
     """ZeRO-1/2: the global L2 norm of the reduced, unscaled gradient partitions (DeepSpeed's own routine); None
     for other optimizers."""

@@ -2,7 +2,7 @@
 
 - `lr_at(step, ...)`: mmengine's LinearLR warmup (from `start_factor`) then half-cosine to `min_lr`,
   evaluated from the optimizer-step index, so fp16 overflow skips never shift the schedule.
-- `build_ds_config(...)`: ds_configs JSON + precision JSON + batch/clipping from the recipe + the engine-speed
+- `build_ds_config(...)`: ds_configs JSON + precision JSON (fp32, bf16, fp16, amp-bf16, amp-fp16) + batch/clipping from the recipe + the engine-speed
   defaults of `engine_defaults` (each only where the JSON and the recipe's overrides leave the key unset).
 - `build_optimizer(...)`: torch.optim.AdamW(fused=True) on every device (see its docstring for why).
 - `build_deepspeed_engine(model, param_groups, ds_config, ...)`: reusable by pretraining and downstream tasks.
@@ -18,7 +18,9 @@ import torch
 from . import ds_compat
 from .recipe import RecipeError, _deep_update, resolve_path
 
-PRECISION_FILES = {"fp32": "ds_configs/fp32.json", "bf16": "ds_configs/bf16.json", "fp16": "ds_configs/fp16.json"}
+PRECISION_FILES = {p: f"ds_configs/{p}.json" for p in ("fp32", "bf16", "fp16", "amp-bf16", "amp-fp16")}
+# DeepSpeed's three mixed-precision sections; a precision's JSON enables at most one, the others are switched off
+PRECISION_SECTIONS = ("fp16", "bf16", "torch_autocast")
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0,
@@ -105,14 +107,12 @@ def _set_defaults(cfg: dict, defaults: dict) -> None:
 def build_ds_config(recipe, world_size: int, device: torch.device) -> dict:
     """The merged DeepSpeed config for this recipe, world size and device."""
     precision = resolve_precision(recipe.precision, device)
-    if precision == "fp16" and device.type != "cuda":
-        raise RecipeError([f"precision: fp16 needs a CUDA device (dynamic loss scaling); on {device.type} use "
-                           f"bf16 or fp32 (auto picks fp32), got fp16"])
     cfg = _read_json(recipe.deepspeed.config)
-    _deep_update(cfg, _read_json(PRECISION_FILES[precision]))
-    for other in ("fp16", "bf16"):
-        if other != precision:
-            cfg[other] = {"enabled": False}
+    chosen = _read_json(PRECISION_FILES[precision])
+    _deep_update(cfg, chosen)
+    for section in PRECISION_SECTIONS:
+        if not chosen.get(section, {}).get("enabled"):
+            cfg[section] = {"enabled": False}
     if recipe.deepspeed.zero_stage is not None:
         cfg.setdefault("zero_optimization", {})["stage"] = recipe.deepspeed.zero_stage
     if recipe.deepspeed.load_universal:
@@ -126,13 +126,32 @@ def build_ds_config(recipe, world_size: int, device: torch.device) -> dict:
     _set_defaults(cfg, engine_defaults(stage, world_size, recipe.optim.grad_clip))
     cfg.setdefault("steps_per_print", 1 << 30)
     cfg.setdefault("wall_clock_breakdown", False)
+    _check_fp16(precision, stage, device)
     return cfg
 
 
+def _check_fp16(precision: str, stage: int, device: torch.device) -> None:
+    """fp16 needs a loss scale, kept on CUDA only here (CPU runs use fp32 or bf16). amp-fp16's dynamic loss scale is
+    DeepSpeed's ZeRO-1/2 one (ds_compat.amp_fp16_loss_scale); ZeRO-0 would use an unsaved per-rank GradScaler."""
+    if precision == "fp16" and device.type != "cuda":
+        raise RecipeError([f"precision: fp16 needs a CUDA device (dynamic loss scaling); on {device.type} use "
+                           f"bf16 or fp32 (auto picks fp32), got fp16"])
+    if precision == "amp-fp16" and stage not in (1, 2):
+        raise RecipeError([f"precision: amp-fp16 needs ZeRO stage 1 or 2 (its dynamic loss scale lives in the ZeRO "
+                           f"optimizer); use deepspeed.zero_stage=2 or precision amp-bf16, got stage {stage}"])
+    if precision == "amp-fp16" and device.type != "cuda":
+        raise RecipeError([f"precision: amp-fp16 needs a CUDA device (fp16 autocast, dynamic loss scaling); on "
+                           f"{device.type} use amp-bf16 or fp32, got amp-fp16"])
+
+
 def precision_of(ds_config: dict) -> str:
+    """The recipe's precision name for a merged DeepSpeed config (amp-<dtype> for a torch_autocast section)."""
     for p in ("bf16", "fp16"):
         if ds_config.get(p, {}).get("enabled"):
             return p
+    amp = ds_config.get("torch_autocast", {})
+    if amp.get("enabled"):
+        return "amp-fp16" if str(amp.get("dtype")) in ("float16", "fp16", "half", "torch.float16") else "amp-bf16"
     return "fp32"
 
 
@@ -162,17 +181,20 @@ def build_deepspeed_engine(model: torch.nn.Module, param_groups: List[dict], ds_
     device = device or device_for(int(os.environ.get("LOCAL_RANK", 0)))
     model.to(device)
     optimizer = build_optimizer(param_groups, lr, betas, eps)
+    ds_compat.forget_autocast_of_earlier_engines()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=copy.deepcopy(ds_config))
     ds_compat.skip_view_refresh_while_intact(engine.optimizer)
+    if precision_of(ds_config) == "amp-fp16":
+        ds_compat.amp_fp16_loss_scale(engine.optimizer)
     return engine, optimizer
 
 
 def norm_is_ours(ds_config: dict, precision: str) -> bool:
     """True where DeepSpeed does not take the global grad norm itself, so the trainer takes it on logging steps
-    (`grad_norm`): ZeRO-0 in fp32 (no DeepSpeed optimizer wrapper) and ZeRO-2 with compute_grad_norm off."""
+    (`grad_norm`): ZeRO-0 with fp32 weights (fp32, amp-*: no DeepSpeed optimizer wrapper) and ZeRO-2 with compute_grad_norm off."""
     zero = ds_config.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
-    return (stage == 0 and precision == "fp32") or (stage == 2 and not zero.get("compute_grad_norm", True))
+    return (stage == 0 and precision in ("fp32", "amp-bf16", "amp-fp16")) or (stage == 2 and not zero.get("compute_grad_norm", True))
 
 
 def grad_norm(engine) -> torch.Tensor:

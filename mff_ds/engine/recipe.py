@@ -150,7 +150,7 @@ class BaseRecipe(Section):
     Subclasses narrow the section types (their own defaults and keys) and add their own sections."""
     name: RunName = "run"
     seed: int_(ge=0, lt=2**32) = 0    # numpy's generators take 32 bits
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16", "amp-bf16", "amp-fp16"] = "auto"  # docs/ENGINE.md "Precision"
     on_nonfinite: Literal["stop", "rollback"] = "stop"  # a NaN/Inf loss: stop, or back to the last checkpoint
     max_rollbacks: NonNegInt = 3
     batch: BatchConfig = Field(default_factory=BatchConfig)

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from mff_ds.common import DTYPES, UserError, write_json
+from mff_ds.common import COMPUTE_DTYPES, UserError, write_json
 from mff_ds.data import source_for_path
 from mff_ds.engine import checkpoint as ckpt
 from mff_ds.engine.distributed import device_for, init_distributed
@@ -96,8 +96,8 @@ def _ds_config(recipe: EvalRecipe, world: int, device):
     autocast = None
     if recipe.optim.name == "lars":
         p = precision_of(cfg)
-        autocast = DTYPES[p] if p != "fp32" and device.type == "cuda" else None
-        cfg["fp16"], cfg["bf16"] = {"enabled": False}, {"enabled": False}
+        autocast = COMPUTE_DTYPES[p] if p != "fp32" and device.type == "cuda" else None
+        cfg["fp16"], cfg["bf16"], cfg["torch_autocast"] = {"enabled": False}, {"enabled": False}, {"enabled": False}
         cfg.setdefault("zero_optimization", {})["stage"] = 0
     return cfg, autocast
 
