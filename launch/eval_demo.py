@@ -218,8 +218,8 @@ def main(argv=None) -> int:
             for name, top1 in probes.probe_images(encoder, images, pool=a.pool, folds=a.folds).items():
                 results[name][enc].append(top1)
             if a.lars:
-                results["LARS linear"][enc].append(
-                    lars_probe(ckpt, seed, os.path.join(a.output_dir, f"seed{seed}", f"linprobe_{enc.split()[0].lower()}")))
+                out = os.path.join(a.output_dir, f"seed{seed}", f"linprobe_{enc.split()[0].lower()}")
+                results["LARS linear"][enc].append(lars_probe(ckpt, seed, out))
             print(f"[{time.time() - t0:5.0f}s] seed {seed}: {enc}: " +
                   ", ".join(f"{k} {v[enc][-1]:.2f}" for k, v in results.items()), flush=True)
     os.makedirs(a.output_dir, exist_ok=True)

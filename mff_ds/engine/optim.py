@@ -2,8 +2,9 @@
 
 - `lr_at(step, ...)`: mmengine's LinearLR warmup (from `start_factor`) then half-cosine to `min_lr`,
   evaluated from the optimizer-step index, so fp16 overflow skips never shift the schedule.
-- `build_ds_config(...)`: ds_configs JSON + precision JSON (fp32, bf16, fp16, amp-bf16, amp-fp16) + batch/clipping from the recipe + the engine-speed
-  defaults of `engine_defaults` (each only where the JSON and the recipe's overrides leave the key unset).
+- `build_ds_config(...)`: ds_configs JSON + precision JSON (fp32, bf16, fp16, amp-bf16, amp-fp16) + batch/clipping
+  from the recipe + the engine-speed defaults of `engine_defaults` (each only where the JSON and the recipe's
+  overrides leave the key unset).
 - `build_optimizer(...)`: torch.optim.AdamW(fused=True) on every device (see its docstring for why).
 - `build_deepspeed_engine(model, param_groups, ds_config, ...)`: reusable by pretraining and downstream tasks.
 """
@@ -191,10 +192,12 @@ def build_deepspeed_engine(model: torch.nn.Module, param_groups: List[dict], ds_
 
 def norm_is_ours(ds_config: dict, precision: str) -> bool:
     """True where DeepSpeed does not take the global grad norm itself, so the trainer takes it on logging steps
-    (`grad_norm`): ZeRO-0 with fp32 weights (fp32, amp-*: no DeepSpeed optimizer wrapper) and ZeRO-2 with compute_grad_norm off."""
+    (`grad_norm`): ZeRO-0 with fp32 weights (fp32, amp-*: no DeepSpeed optimizer wrapper) and ZeRO-2 with
+    compute_grad_norm off."""
     zero = ds_config.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
-    return (stage == 0 and precision in ("fp32", "amp-bf16", "amp-fp16")) or (stage == 2 and not zero.get("compute_grad_norm", True))
+    fp32_weights = precision in ("fp32", "amp-bf16", "amp-fp16")
+    return (stage == 0 and fp32_weights) or (stage == 2 and not zero.get("compute_grad_norm", True))
 
 
 def grad_norm(engine) -> torch.Tensor:
