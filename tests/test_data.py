@@ -316,6 +316,22 @@ def test_imagefolder_determinism_resume_split(folder, decode):
     assert [len(w) for w in wrap] == [4, 4] and [len(torch.cat([y for _, y in stream(w)])) for w in wrap] == [16, 16]
 
 
+def test_close_stops_the_persistent_workers(folder):
+    import multiprocessing as mp
+    import gc
+    before = set(mp.active_children())
+    loader = load(DataConfig(source="imagefolder", path=str(folder), num_workers=2, augment="mae"))
+    stream(loader)
+    workers = set(mp.active_children()) - before
+    assert len(workers) == 2                            # persistent: alive between epochs
+    gc.disable()                                        # the workers must stop on close(), not on a collection
+    try:
+        loader.close()
+        assert not set(mp.active_children()) - before and all(not w.is_alive() for w in workers)
+    finally:
+        gc.enable()
+
+
 def test_cpu_path_runs_process(folder):
     """Batch b of the CPU path is `process` over its samples in order, with the batch's generator: the function
     the augmentation tests check is the one the workers run."""

@@ -196,6 +196,12 @@ class Loader:
     def __len__(self):
         return self.batches_per_epoch
 
+    def close(self) -> None:
+        """Stop the persistent workers now. Without it they outlive the run until the garbage collector breaks the
+        trainer's reference cycles: a process that trains several times (launch/eval_demo.py) kept one idle worker
+        per finished run."""
+        self._dl = None  # the DataLoader's only reference: dropping it shuts its iterator's workers down
+
     def __iter__(self):
         self.bad_samples, self.bad_examples, self.seen_samples = 0, [], 0
         self.dataset.state[0], self.dataset.state[1] = self.epoch, self.skip_batches

@@ -114,7 +114,8 @@ class Task:
 
     def build(self, run: RunView):
         """-> (model, training loader) on the seeded global RNG. The loader has len() (micro-batches per epoch
-        on this rank), set_epoch(epoch, skip_batches) and yields (images, labels)."""
+        on this rank), set_epoch(epoch, skip_batches) and yields (images, labels); an optional close() is called
+        when the run ends."""
         raise NotImplementedError
 
     def param_groups(self, model) -> list:
@@ -490,6 +491,8 @@ def fit(task: Task, output_dir: str, max_steps: Optional[int] = None, resume: st
         return finish(s, stopper.stopped_by)
     finally:
         stopper.restore()
+        if hasattr(s.loader, "close"):  # stop persistent workers now, not when the garbage collector gets to them
+            s.loader.close()
         if s.bar is not None:
             s.bar.close()
         if s.logger is not None:
