@@ -498,8 +498,12 @@ def overhead(args, device, cfg, argv) -> dict:
         "", f"engine / plain host time (paired median): **{res['ratio_engine_over_plain']:.2f}**; with DeepSpeed's "
         f"defaults: {res['ratio_stock_engine_over_plain']:.2f}", "",
         f"Command: `{res['command']}`", ""])
-    stem = args.json[:-5] if args.json and args.json.endswith(".json") else os.path.join(
-        args.out_dir, f"overhead_{device.type}")
+    return write_report(args, res, md, f"overhead_{device.type}")
+
+
+def write_report(args, res: dict, md: str, default_stem: str) -> dict:
+    """res as JSON and md as Markdown, at --json's stem or OUT_DIR/default_stem; prints md. Returns res."""
+    stem = args.json[:-5] if args.json and args.json.endswith(".json") else os.path.join(args.out_dir, default_stem)
     write_json(stem + ".json", res)
     write_text(stem + ".md", md)
     print(md)
@@ -545,13 +549,7 @@ def compare_precisions(args, device, cfg, argv) -> dict:
           f"| {r[f'ratio_over_{ref}']:.3f} | {fmt(r['resident_mem_mb'], '.0f')} | {fmt(r['peak_mem_mb'], '.0f')} |"
           for r in rows],
         "", f"Command: `{res['command']}`", ""])
-    stem = args.json[:-5] if args.json and args.json.endswith(".json") else os.path.join(
-        args.out_dir, f"precisions_{device.type}")
-    write_json(stem + ".json", res)
-    write_text(stem + ".md", md)
-    print(md)
-    print(f"wrote {stem}.json, {stem}.md", flush=True)
-    return res
+    return write_report(args, res, md, f"precisions_{device.type}")
 
 
 def main(argv=None) -> dict:
