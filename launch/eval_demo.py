@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mff_ds.engine import signals  # noqa: E402
 
 ENCODERS = ("MFF", "MAE", "random init")
-LEVELS = {"MFF": "[1, 3, 5]", "MAE": "[5]"}
+LEVELS = {"MFF": None, "MAE": "[5]"}  # MFF: the recipe's levels; MAE: the last block alone
 
 
 def pretrain_recipe(name: str = "MFF", seed: int = 0, epochs=None):
@@ -38,7 +38,8 @@ def pretrain_recipe(name: str = "MFF", seed: int = 0, epochs=None):
     extra = [f"schedule.epochs={epochs}", f"schedule.warmup_epochs={epochs / 10}"] if epochs else []
     return load_recipe("configs/pretrain_digits_demo.yaml",
                        [f"name=pretrain_digits_{name.lower()}", f"seed={seed}",
-                        f"data.path={digits_root('train')}", f"model.out_indices={LEVELS[name]}"] + extra)
+                        f"data.path={digits_root('train')}"] + extra
+                       + ([f"model.out_indices={LEVELS[name]}"] if LEVELS[name] else []))
 
 
 def pretrain(name: str, seed: int, out: str, epochs) -> tuple:
