@@ -3,15 +3,19 @@ separable set gives 100%, chance-level data does not, and probing an encoder twi
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from mff_ds.eval import probes, stats
 from mff_ds.eval.recipe import EvalData
 
 from test_eval import TINY, _imagefolder
 import forkserver
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ statistics
@@ -168,7 +172,7 @@ def test_eval_demo_refuses_bad_arguments_in_one_line(capsys):
 
 
 def test_eval_demo_pretrains_side_by_side_and_probes_by_folds(tmp_path):
-    # one epoch (11 steps) per pretraining: what is checked is the plumbing, not the encoders' quality
+    # one epoch (22 steps) per pretraining: what is checked is the plumbing, not the encoders' quality
     out = tmp_path / "demo"
     args = [sys.executable, "launch/eval_demo.py", "--seeds", "2", "--first-seed", "5", "--pretrain-epochs", "1",
             "--folds", "3", "--jobs", "2", "--output-dir", str(out)]
@@ -177,6 +181,40 @@ def test_eval_demo_pretrains_side_by_side_and_probes_by_folds(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["seeds"] == [5, 6] and res["folds"] == 3
     assert all(len(v) == 2 and all(0 < x <= 100 for x in v) for per in res["top1"].values() for v in per.values())
-    assert r.stdout.count("pretrained ") == 4 and "(11 steps, final loss" in r.stdout
+    assert r.stdout.count("pretrained ") == 4 and "(22 steps, final loss" in r.stdout
     assert "knn top-1, 3-fold cross-validation over all digits, 2 seeds" in r.stdout
+    # MFF pretrains with the recipe's levels, MAE with the last block alone
+    recipe = yaml.safe_load((REPO / "configs" / "pretrain_digits_demo.yaml").read_text())["model"]
+    for kind, levels in (("mff", recipe["out_indices"]), ("mae", [recipe["depth"] - 1])):
+        ran = yaml.safe_load((out / "seed5" / f"pretrain_{kind}" / "recipe.yaml").read_text())["model"]
+        assert ran["out_indices"] == levels
 
+    # benchmarks/probe_blocks.py on the same runs: a k-NN top-1 per block, and after the final norm exactly what the
+    # demo's probe gave (the same features, folds and classifier)
+    blocks = tmp_path / "blocks.json"
+    r = forkserver.run([sys.executable, "benchmarks/probe_blocks.py", str(out), "--folds", "3", "--json", str(blocks)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    per_run = json.loads(blocks.read_text())
+    assert len(per_run) == 4
+    for run, rows in per_run.items():
+        seed, kind = int(run.split("seed")[-1].split("/")[0]), run.rsplit("_", 1)[-1].upper()
+        assert len(rows["final"]) == 6 + 1 and all(0 < v <= 100 for v in rows["final"])
+        assert rows["final"][-1] == pytest.approx(res["top1"]["knn"][kind][seed - 5], abs=0.06)
+    assert "pretrain_mff, 2 runs, mean (sd) per block" in r.stdout
+    # --checkpoints on one pretraining: its last checkpoint holds the final weights
+    mff = next(run for run in per_run if run.endswith("pretrain_mff"))
+    r = forkserver.run([sys.executable, "benchmarks/probe_blocks.py", mff, "--checkpoints", "--folds", "3", "--json",
+                        str(blocks)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (label, row), = json.loads(blocks.read_text())[mff].items()
+    assert label.startswith("step ") and row == per_run[mff]["final"]
+
+
+def test_probe_blocks_refuses_a_dir_without_runs_in_one_line(tmp_path, capsys):
+    sys.path.insert(0, "benchmarks")
+    import probe_blocks
+    assert probe_blocks.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {tmp_path}: expected a pretraining dir (recipe.yaml) or an eval_demo output dir "
+                   f"(seed*/pretrain_*/recipe.yaml), got neither"), err
