@@ -57,28 +57,32 @@ def lars_probe(ckpt, seed: int, out: str) -> float:
 
 
 def summarize(results: dict, seeds: list, folds: int = 0) -> str:
-    """The tables: per probe, each encoder's per-seed top-1, mean and 95% CI; then the paired differences."""
+    """The tables: per probe, each encoder's per-seed top-1, mean, 95% CI and sd; then the paired differences and
+    MFF's spread against MAE's."""
     from mff_ds.eval.metrics import table
-    from mff_ds.eval.stats import mean_ci, paired_diff, verdict
+    from mff_ds.eval.stats import mean_ci, paired_diff, spread_ratio, verdict
     lines = []
     for probe, per_enc in results.items():
         rows = []
         for enc in ENCODERS:
             ci = mean_ci(per_enc[enc])
             rows.append({"encoder": enc, **{f"seed {s}": v for s, v in zip(seeds, per_enc[enc])},
-                         "mean": ci.mean, "95% CI": f"[{ci.low:.2f}, {ci.high:.2f}]"})
+                         "mean": ci.mean, "95% CI": f"[{ci.low:.2f}, {ci.high:.2f}]", "sd": ci.sd})
         pairs = [("MFF", "MAE"), ("MFF", "random init"), ("MAE", "random init")]
         for a, b in pairs:
             d = paired_diff(per_enc[a], per_enc[b])
             rows.append({"encoder": f"{a} - {b}", **{f"seed {s}": x - y for s, x, y in
                                                      zip(seeds, per_enc[a], per_enc[b])},
-                         "mean": d.mean, "95% CI": f"[{d.low:+.2f}, {d.high:+.2f}]"})
+                         "mean": d.mean, "95% CI": f"[{d.low:+.2f}, {d.high:+.2f}]", "sd": d.sd})
         scored = (f"{folds}-fold cross-validation over all digits" if folds and probe != "LARS linear" else
                   "the digits val split")
         lines += [f"\n{probe} top-1, {scored}, {len(seeds)} seeds; mean and 95% Student-t interval "
                   f"(differences: paired by seed)",
-                  table(rows, ["encoder"] + [f"seed {s}" for s in seeds] + ["mean", "95% CI"])]
+                  table(rows, ["encoder"] + [f"seed {s}" for s in seeds] + ["mean", "95% CI", "sd"])]
         lines += [f"  {verdict(paired_diff(per_enc[a], per_enc[b]), a, b)}" for a, b in pairs]
+        ratio, p = spread_ratio(per_enc["MFF"], per_enc["MAE"])
+        lines.append(f"  seed-to-seed spread: MFF sd {mean_ci(per_enc['MFF']).sd:.2f}, MAE sd "
+                     f"{mean_ci(per_enc['MAE']).sd:.2f}, variance ratio {ratio:.2f} (two-sided F-test p {p:.2f})")
     return "\n".join(lines)
 
 

@@ -19,6 +19,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ statistics
+def test_spread_ratio_of_a_known_pair():
+    # variances 2.5 and 10: ratio 0.25; F(4, 4) CDF at 0.25 is I_z(2, 2) = 3z^2 - 2z^3 with z = 4 * 0.25 / (4 * 0.25 + 4)
+    # = 0.2, i.e. 0.104, so the two-sided p is 0.208, and the same with the samples swapped (ratio 4)
+    a, b = [1, 2, 3, 4, 5], [2, 4, 6, 8, 10]
+    assert stats.spread_ratio(a, b) == pytest.approx((0.25, 0.208), abs=1e-9)
+    assert stats.spread_ratio(b, a) == pytest.approx((4.0, 0.208), abs=1e-9)
+    assert stats.spread_ratio(a, a) == pytest.approx((1.0, 1.0))
+    ratio, p = stats.spread_ratio(a, [3, 3, 3])
+    assert ratio == math.inf and math.isnan(p)
+    with pytest.raises(ValueError, match="at least 2 values in each sample, got 1 and 5"):
+        stats.spread_ratio([1], a)
+
+
 def test_mean_ci_of_a_known_sample():
     # 1..5: mean 3, sd sqrt(2.5), t(0.975, 4 df) = 2.7764451 -> half width 2.7764451 * sqrt(2.5) / sqrt(5)
     ci = stats.mean_ci([1, 2, 3, 4, 5])
@@ -183,6 +196,9 @@ def test_eval_demo_pretrains_side_by_side_and_probes_by_folds(tmp_path):
     assert all(len(v) == 2 and all(0 < x <= 100 for x in v) for per in res["top1"].values() for v in per.values())
     assert r.stdout.count("pretrained ") == 4 and "(22 steps, final loss" in r.stdout
     assert "knn top-1, 3-fold cross-validation over all digits, 2 seeds" in r.stdout
+    knn = res["top1"]["knn"]
+    ratio, p = stats.spread_ratio(knn["MFF"], knn["MAE"])
+    assert f"variance ratio {ratio:.2f} (two-sided F-test p {p:.2f})" in r.stdout
     # MFF pretrains with the recipe's levels, MAE with the last block alone
     recipe = yaml.safe_load((REPO / "configs" / "pretrain_digits_demo.yaml").read_text())["model"]
     for kind, levels in (("mff", recipe["out_indices"]), ("mae", [recipe["depth"] - 1])):

@@ -3,10 +3,11 @@
 A few seeds of a small run scatter by several points, so a single draw cannot rank two encoders: the evaluation
 demo reports, per encoder, the mean over seeds with its t interval, and for two encoders probed on the same seeds
 the interval of the per-seed (paired) difference. A difference is called one only when that interval excludes 0.
+It also compares two encoders' seed-to-seed spread (variance ratio, F-test).
 """
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, Tuple
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,21 @@ def paired_diff(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> 
     if len(a) != len(b):
         raise ValueError(f"paired_diff: expected two samples of the same length, got {len(a)} and {len(b)}")
     return mean_ci([x - y for x, y in zip(a, b)], level)
+
+
+def spread_ratio(a: Sequence[float], b: Sequence[float]) -> Tuple[float, float]:
+    """(variance of a / variance of b, two-sided p of the F-test that both have the same variance): whether one
+    encoder's top-1 scatters more from seed to seed than another's (sample variances, n - 1 degrees of freedom).
+    With no spread in b the ratio is inf (or nan if a has none either) and p is nan."""
+    from scipy.stats import f
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"spread_ratio: expected at least 2 values in each sample, got {len(a)} and {len(b)}")
+    va, vb = mean_ci(a).sd ** 2, mean_ci(b).sd ** 2
+    if vb == 0:
+        return (math.inf if va > 0 else math.nan), math.nan
+    ratio = va / vb
+    tail = min(f.cdf(ratio, len(a) - 1, len(b) - 1), f.sf(ratio, len(a) - 1, len(b) - 1))
+    return ratio, float(min(1.0, 2 * tail))
 
 
 def verdict(d: Interval, name_a: str, name_b: str) -> str:
