@@ -4,7 +4,7 @@
 and after the final norm (what the demo probes), for pretrainings on the digits demo.
 
   python benchmarks/probe_blocks.py runs/eval_demo           # every seed*/pretrain_{mff,mae} under it, final weights
-  python benchmarks/probe_blocks.py RUN_DIR --checkpoints     # every kept checkpoint of one pretraining (its trajectory)
+  python benchmarks/probe_blocks.py RUN_DIR --checkpoints     # every kept checkpoint of one pretraining
 
 A run dir is a pretraining's output dir (recipe.yaml, model_fp32.safetensors, checkpoints/). For a trajectory, keep
 the checkpoints: `checkpoint.every_steps=55 checkpoint.keep_last=20` on the pretraining's command line.

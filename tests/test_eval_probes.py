@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------ statistics
 def test_spread_ratio_of_a_known_pair():
-    # variances 2.5 and 10: ratio 0.25; F(4, 4) CDF at 0.25 is I_z(2, 2) = 3z^2 - 2z^3 with z = 4 * 0.25 / (4 * 0.25 + 4)
-    # = 0.2, i.e. 0.104, so the two-sided p is 0.208, and the same with the samples swapped (ratio 4)
+    # variances 2.5 and 10: ratio 0.25; the F(4, 4) CDF at 0.25 is I_z(2, 2) = 3z^2 - 2z^3 with
+    # z = 4 * 0.25 / (4 * 0.25 + 4) = 0.2, i.e. 0.104: two-sided p 0.208, also with the samples swapped (ratio 4)
     a, b = [1, 2, 3, 4, 5], [2, 4, 6, 8, 10]
     assert stats.spread_ratio(a, b) == pytest.approx((0.25, 0.208), abs=1e-9)
     assert stats.spread_ratio(b, a) == pytest.approx((4.0, 0.208), abs=1e-9)
@@ -215,7 +215,7 @@ def test_eval_demo_pretrains_side_by_side_and_probes_by_folds(tmp_path):
     assert len(per_run) == 4
     for run, rows in per_run.items():
         seed, kind = int(run.split("seed")[-1].split("/")[0]), run.rsplit("_", 1)[-1].upper()
-        assert len(rows["final"]) == 6 + 1 and all(0 < v <= 100 for v in rows["final"])
+        assert len(rows["final"]) == recipe["depth"] + 1 and all(0 < v <= 100 for v in rows["final"])
         assert rows["final"][-1] == pytest.approx(res["top1"]["knn"][kind][seed - 5], abs=0.06)
     assert "pretrain_mff, 2 runs, mean (sd) per block" in r.stdout
     # --checkpoints on one pretraining: its last checkpoint holds the final weights
