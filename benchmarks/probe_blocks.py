@@ -26,14 +26,16 @@ from mff_ds.common import UserError, write_json  # noqa: E402
 
 @torch.no_grad()
 def block_features(model, images: torch.Tensor) -> list:
-    """The unmasked encoder's cls token after each block, then after the final norm: depth + 1 tensors (N, C)."""
-    x = model.patch_embed(images) + model.pos_embed[:, 1:]
-    x = torch.cat([(model.cls_token + model.pos_embed[:, :1]).expand(len(images), -1, -1), x], dim=1)
+    """The unmasked encoder's cls token after each block, then after the final norm: depth + 1 tensors (N, C).
+    The model's own forward_features runs; hooks on its blocks read their outputs."""
     out = []
-    for blk in model.blocks:
-        x = blk(x)
-        out.append(x[:, 0])
-    return out + [model.norm(x)[:, 0]]
+    hooks = [blk.register_forward_hook(lambda m, i, o: out.append(o[:, 0])) for blk in model.blocks]
+    try:
+        final = model.forward_features(images)[:, 0]
+    finally:
+        for h in hooks:
+            h.remove()
+    return out + [final]
 
 
 def run_dirs(paths: list) -> list:
