@@ -24,7 +24,7 @@ demo: setup
 test: setup
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# 5 seeds, two pretrainings at a time on 2 cores: 0.89x the time the old 3-seed default took (docs/EVIDENCE.md)
+# 5 seeds, two pretrainings at a time on 2 cores: 0.74x the time the old 3-seed default took (docs/EVIDENCE.md)
 eval-demo: setup
 	OMP_NUM_THREADS=2 $(BIN)/python launch/eval_demo.py
 

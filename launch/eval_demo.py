@@ -63,9 +63,10 @@ def summarize(results: dict, seeds: list, folds: int = 0) -> str:
     from mff_ds.eval.stats import mean_ci, paired_diff, spread_ratio, verdict
     lines = []
     for probe, per_enc in results.items():
-        rows = []
+        rows, sd = [], {}
         for enc in ENCODERS:
             ci = mean_ci(per_enc[enc])
+            sd[enc] = ci.sd
             rows.append({"encoder": enc, **{f"seed {s}": v for s, v in zip(seeds, per_enc[enc])},
                          "mean": ci.mean, "95% CI": f"[{ci.low:.2f}, {ci.high:.2f}]", "sd": ci.sd})
         pairs = [("MFF", "MAE"), ("MFF", "random init"), ("MAE", "random init")]
@@ -81,8 +82,8 @@ def summarize(results: dict, seeds: list, folds: int = 0) -> str:
                   table(rows, ["encoder"] + [f"seed {s}" for s in seeds] + ["mean", "95% CI", "sd"])]
         lines += [f"  {verdict(paired_diff(per_enc[a], per_enc[b]), a, b)}" for a, b in pairs]
         ratio, p = spread_ratio(per_enc["MFF"], per_enc["MAE"])
-        lines.append(f"  seed-to-seed spread: MFF sd {mean_ci(per_enc['MFF']).sd:.2f}, MAE sd "
-                     f"{mean_ci(per_enc['MAE']).sd:.2f}, variance ratio {ratio:.2f} (two-sided F-test p {p:.2f})")
+        lines.append(f"  seed-to-seed spread: MFF sd {sd['MFF']:.2f}, MAE sd {sd['MAE']:.2f}, variance ratio "
+                     f"{ratio:.2f} (two-sided F-test p {p:.2f})")
     return "\n".join(lines)
 
 
