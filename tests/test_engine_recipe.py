@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from mff_ds.engine import distributed as D
-from mff_ds.engine.optim import build_ds_config, lr_at, set_lr
+from mff_ds.engine.optim import build_ds_config
 from mff_ds.engine.recipe import RecipeError
 from mff_ds.pretrain.recipe import load_recipe
 
@@ -164,23 +164,6 @@ def test_overrides_and_types(tmp_path):
         load_recipe(str(REPO / "configs" / "demo.yaml"), ["oops"], world_size=1)
     with pytest.raises(RecipeError, match="expected an existing YAML file"):
         load_recipe(str(tmp_path / "missing.yaml"))
-
-
-def test_lr_schedule_matches_mmengine_linear_then_cosine():
-    peak, total, warm = 2.4e-3, 1000, 100
-    assert lr_at(0, total, warm, peak, 0.0, 1e-4) == pytest.approx(peak * 1e-4)
-    assert lr_at(50, total, warm, peak, 0.0, 1e-4) == pytest.approx(peak * (1e-4 + (1 - 1e-4) * 0.5))
-    assert lr_at(warm, total, warm, peak) == pytest.approx(peak)
-    mid = warm + (total - warm) // 2
-    assert lr_at(mid, total, warm, peak, 1e-5) == pytest.approx(1e-5 + (peak - 1e-5) * 0.5)
-    assert lr_at(total, total, warm, peak, 1e-5) == pytest.approx(1e-5)
-    lrs = [lr_at(s, total, warm, peak) for s in range(total)]
-    assert all(a <= b for a, b in zip(lrs[:warm], lrs[1:warm + 1]))
-    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
-    opt = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr_scale": 0.5},
-                             {"params": [torch.nn.Parameter(torch.zeros(1))]}], lr=1.0)
-    set_lr(opt, 0.2)
-    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.2]
 
 
 def test_deepspeed_config_merge():

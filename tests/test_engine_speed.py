@@ -212,10 +212,14 @@ def test_checkpoint_without_alignment_resumes_with_its_own_layout(tmp_path):
     launch("--max-steps", "4", "--set", "deepspeed.overrides.zero_optimization.parameter_alignment=false")
     marker = out / "checkpoints" / "global_step4" / "mff_complete.json"
     meta = json.loads(marker.read_text())
-    assert meta.pop("parameter_alignment") is False and meta.pop("format_version") == 2
+    assert meta.pop("parameter_alignment") is False and meta.pop("format_version") == 3
+    for record in (meta["compat"], meta["recipe"]):
+        assert record["schedule"].pop("reference") == "mmengine"
     marker.write_text(json.dumps(meta))  # as an older mff-ds wrote it (checkpoint format 1)
     p = launch()
     assert "parameter_alignment=false; resuming with that layout" in p.stderr
+    # its lr schedule followed no reference exactly: the change is named, not refused (tests/test_schedule.py)
+    assert "schedule.reference: checkpoint 'legacy (mff-ds before 2026-12-04" in p.stderr
     steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 6
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from mff_ds import convert
-from mff_ds.engine.optim import set_lr
+from mff_ds.engine.schedule import LrSchedule
 from mff_ds.eval import models as em
 from mff_ds.eval.data import MEAN, STD
 from mff_ds.eval.recipe import from_dict, load_eval_recipe
@@ -65,6 +65,7 @@ def test_reference_recipes_load_with_the_reference_numbers():
     lp = load_eval_recipe("configs/linprobe_vit-b_90e.yaml", paths, world_size=8)
     assert lp.optim.name == "lars" and math.isclose(lp.lr(), 6.4) and lp.batch.global_batch == 16384
     assert (lp.schedule.epochs, lp.schedule.warmup_epochs, lp.optim.weight_decay) == (90, 10, 0.0)
+    assert ft.schedule.reference == lp.schedule.reference == "mmengine"  # mmpretrain's configs
     for demo in ("configs/linprobe_demo.yaml", "configs/finetune_demo.yaml"):
         load_eval_recipe(demo, world_size=1)
 
@@ -77,10 +78,12 @@ def test_vit_l_h_recipes_have_the_official_mae_numbers(size, arch, drop_path):
     ft = load_eval_recipe(f"configs/finetune_vit-{size}_50e.yaml", paths, world_size=8)
     assert (ft.model["arch"], ft.head.drop_path, ft.optim.layer_decay, ft.batch.global_batch) == (arch, drop_path, 0.75, 1024)
     assert math.isclose(ft.lr(), 4e-3) and (ft.schedule.epochs, ft.schedule.warmup_epochs) == (50, 5)
+    assert (ft.schedule.reference, ft.schedule.warmup_start_factor, ft.optim.min_lr) == ("mae", 0.0, 1e-6)
     assert (ft.augment.mixup, ft.augment.cutmix, ft.augment.smoothing, ft.augment.reprob) == (0.8, 1.0, 0.1, 0.25)
     lp = load_eval_recipe(f"configs/linprobe_vit-{size}_90e.yaml", paths, world_size=8)
     assert lp.model["arch"] == arch and lp.optim.name == "lars" and math.isclose(lp.lr(), 6.4)
     assert (lp.optim.weight_decay, lp.optim.lars_exclude_1d, lp.augment.val_interpolation) == (0.0, True, "bicubic")
+    assert (lp.schedule.reference, lp.schedule.warmup_start_factor, lp.optim.min_lr) == ("mae", 0.0, 0.0)
 
 
 def test_linprobe_val_resize_is_mmpretrains():
@@ -158,7 +161,7 @@ def test_layer_decay_groups_reproduce_the_reference_scales_for_vit_b():
         no_decay = n.endswith(".bias") or "norm" in n or n in ("cls_token", "pos_embed")
         assert decay[n] == (0.0 if no_decay else 0.05), n
     opt = torch.optim.AdamW(groups, lr=1.0)
-    set_lr(opt, 2e-3)  # the engine's schedule honours lr_scale
+    LrSchedule("mmengine", 2e-3, 0.0, 1e-4, 100, 5, 10, 10).apply(opt, 50)  # the engine's schedule honours lr_scale
     assert sorted({round(g["lr"] / 2e-3, 6) for g in opt.param_groups}) == sorted({round(0.65 ** k, 6) for k in range(14)})
 
 

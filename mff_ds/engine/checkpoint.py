@@ -13,6 +13,7 @@ A failed write (disk full, no permission) is caught on every rank, so no rank wa
 failed, and reported with the path and the previous complete checkpoint, which is left intact.
 """
 import contextlib
+import copy
 import errno
 import hashlib
 import json
@@ -32,12 +33,13 @@ from mff_ds.common import write_json, write_text
 from . import ds_compat
 from .distributed import all_gather_object, barrier
 from .safe_load import CheckpointError, weights_only_loads  # noqa: F401 (CheckpointError: re-exported)
+from .schedule import LEGACY
 
 MARKER = "mff_complete.json"
 # The completion marker's layout. 2: it records `format_version` and `parameter_alignment`, and the task's state is
-# the client state's "task" entry. 1 (no format_version: mff-ds 0.1.0 before 2026-12-02) is read through
-# `migrate`; a marker without a `compat` record is older still and refused.
-FORMAT_VERSION = 2
+# the client state's "task" entry. 3: its recipe records `schedule.reference`. 1 (no format_version: mff-ds 0.1.0
+# before 2026-12-02) and 2 are read through `migrate`; a marker without a `compat` record is older still and refused.
+FORMAT_VERSION = 3
 TAG_RE = re.compile(r"^global_step(\d+)$")
 
 
@@ -254,6 +256,11 @@ def migrate(meta: dict, where: str) -> dict:
     if version == 1:  # a pretraining marker without the key was written unaligned; a fine-tune one (it names its
         # task) with the aligned default. Its client state is migrated in load().
         meta = dict(meta, parameter_alignment=meta.get("parameter_alignment", "task" in meta))
+    if version <= 2:  # its lr followed neither reference exactly (engine.schedule.LEGACY); resuming it warns
+        meta = copy.deepcopy(meta)
+        for record in (meta["compat"], meta.get("recipe") or {}):
+            if isinstance(record.get("schedule"), dict):
+                record["schedule"].setdefault("reference", LEGACY)
     return dict(meta, format_version=FORMAT_VERSION)
 
 

@@ -1,7 +1,7 @@
 """Optimizer, learning-rate schedule and the DeepSpeed engine.
 
-- `lr_at(step, ...)`: mmengine's LinearLR warmup (from `start_factor`) then half-cosine to `min_lr`,
-  evaluated from the optimizer-step index, so fp16 overflow skips never shift the schedule.
+- `schedule_steps(...)`: the recipe's lr schedule (engine.schedule: its reference's, per step and param group) for
+  the loader's epoch length, evaluated from the optimizer-step index, so fp16 overflow skips never shift it.
 - `build_ds_config(...)`: ds_configs JSON + precision JSON (fp32, bf16, fp16, amp-bf16, amp-fp16) + batch/clipping
   from the recipe + the engine-speed defaults of `engine_defaults` (each only where the JSON and the recipe's
   overrides leave the key unset).
@@ -10,47 +10,29 @@
 """
 import copy
 import json
-import math
 import os
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from . import ds_compat
 from .recipe import RecipeError, _deep_update, resolve_path
+from .schedule import LrSchedule, lr_schedule
 
 PRECISION_FILES = {p: f"ds_configs/{p}.json" for p in ("fp32", "bf16", "fp16", "amp-bf16", "amp-fp16")}
 # DeepSpeed's three mixed-precision sections; a precision's JSON enables at most one, the others are switched off
 PRECISION_SECTIONS = ("fp16", "bf16", "torch_autocast")
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0,
-          start_factor: float = 1e-4) -> float:
-    """lr for optimizer step `step` (0-based): linear warmup from peak*start_factor, then cosine to min_lr."""
-    if step < warmup_steps:
-        return peak_lr * (start_factor + (1.0 - start_factor) * step / warmup_steps)
-    span = max(total_steps - warmup_steps, 1)
-    t = min(step - warmup_steps, span) / span
-    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-def schedule_steps(recipe, batches_per_epoch: int, accum: int, max_steps=None):
-    """(steps_per_epoch, total_steps, warmup_steps, stop_step) for `batches_per_epoch` micro-batches per rank."""
-    steps_per_epoch = batches_per_epoch // accum
-    if steps_per_epoch < 1:
+def schedule_steps(recipe, batches_per_epoch: int, accum: int, max_steps=None) -> Tuple[LrSchedule, int]:
+    """(the lr schedule, stop_step) for `batches_per_epoch` micro-batches per rank and `accum` per optimizer step."""
+    if batches_per_epoch // accum < 1:
         raise RecipeError([f"batch.global_batch: one epoch gives {batches_per_epoch} micro-batches per rank, fewer "
                            f"than the {accum} needed for one optimizer step; expected a larger dataset or a smaller "
                            f"batch"])
-    total_steps = recipe.schedule.epochs * steps_per_epoch
-    warmup_steps = int(round(recipe.schedule.warmup_epochs * steps_per_epoch))
-    stop_step = min(total_steps, max_steps) if max_steps else total_steps
-    return steps_per_epoch, total_steps, warmup_steps, stop_step
-
-
-def set_lr(optimizer, lr: float) -> None:
-    """Set every param group's lr (times its optional `lr_scale`, e.g. layer decay in fine-tuning)."""
-    for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
+    schedule = lr_schedule(recipe, batches_per_epoch, accum)
+    total = schedule.total_steps
+    return schedule, min(total, max_steps) if max_steps else total
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -174,7 +156,7 @@ def build_deepspeed_engine(model: torch.nn.Module, param_groups: List[dict], ds_
                            device: Optional[torch.device] = None):
     """Move `model` to `device`, build AdamW over `param_groups` and wrap both in a DeepSpeed engine.
 
-    The learning rate is then driven by the caller with `set_lr(engine_optimizer, ...)` each optimizer step
+    The learning rate is then driven by the caller with `LrSchedule.apply(base_optimizer, step)` each optimizer step
     (no DeepSpeed scheduler). Returns (engine, base_optimizer)."""
     import deepspeed
 

@@ -11,6 +11,7 @@ import yaml
 from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from mff_ds.common import UserError
+from mff_ds.engine.schedule import LEGACY
 from mff_ds.schema import (Bool, Float, NonNegFloat, NonNegInt, PosFloat, PosInt, Section, fail, float_, int_,
                            problems_of)
 
@@ -67,14 +68,24 @@ class OptimConfig(OptimBase):
 
 
 class ScheduleConfig(Section):
+    # whose lr schedule this recipe follows, exact to the iteration (mff_ds.engine.schedule): mmengine = mmpretrain's
+    # configs (LinearLR peaks at iteration N-1, eta_min absolute per group), mae = facebookresearch/mae's
+    # lr_sched.py (fractional epochs, warmup from start_factor x lr, min_lr x each group's lr_scale)
+    reference: Literal["mmengine", "mae"] = "mmengine"
     epochs: PosInt = 300
     warmup_epochs: NonNegFloat = 40.0
-    warmup_start_factor: float_(gt=0, le=1) = 1e-4  # mmengine LinearLR start factor: 1e-4 (300e) / 1e-9 (800e)
+    warmup_start_factor: float_(ge=0, le=1) = 1e-4  # LinearLR start factor: 1e-4 (300e) / 1e-9 (800e); mae: 0
 
     @model_validator(mode="after")
     def _warmup_within_the_run(self):
+        problems = []
         if self.warmup_epochs > self.epochs:
-            fail([("warmup_epochs", f"expected in [0, epochs={self.epochs}], got {self.warmup_epochs}")])
+            problems.append(("warmup_epochs", f"expected in [0, epochs={self.epochs}], got {self.warmup_epochs}"))
+        if self.reference == "mmengine" and self.warmup_start_factor == 0 and self.warmup_epochs > 0:
+            # mmengine's LinearLR divides by total_iters x start_factor on its second iteration
+            problems.append(("warmup_start_factor", "mmengine's LinearLR needs a start factor > 0 (1e-4 in "
+                             "mmpretrain's configs; a warmup from exactly 0 is schedule.reference: mae), got 0"))
+        fail(problems)
         return self
 
 
@@ -214,9 +225,14 @@ def diff_settings(old: dict, new: dict, prefix: str = "", only_new: bool = False
 
 def resume_differences(meta: dict, recipe) -> Tuple[List[str], List[str]]:
     """(incompatible, compatible) differences between a checkpoint's completion marker and the recipe resuming it.
-    Keys the recipe no longer treats as binding (e.g. data.pin_memory in older markers) are not held against it."""
+    Keys the recipe no longer treats as binding (e.g. data.pin_memory in older markers) are not held against it; a
+    run written before schedules named their reference (checkpoint.migrate: schedule.reference = LEGACY) resumes
+    with the recipe's reference, listed as a compatible change."""
     if "compat" in meta:
-        incompatible = diff_settings(meta["compat"], recipe.compat_dict(), only_new=True)
+        old = copy.deepcopy(meta["compat"])
+        if old.get("schedule", {}).get("reference") == LEGACY:  # the lr changes from here on: warned, not refused
+            old["schedule"]["reference"] = recipe.schedule.reference
+        incompatible = diff_settings(old, recipe.compat_dict(), only_new=True)
     else:
         incompatible = [] if meta.get("recipe_hash") in (None, recipe.compat_hash()) else ["(recipe hash differs)"]
     compatible = [] if incompatible or "recipe" not in meta else diff_settings(meta["recipe"], recipe.to_dict())

@@ -24,8 +24,7 @@ from . import checkpoint as ckpt
 from . import ds_compat
 from .distributed import all_gather_object, device_for, init_distributed
 from .metrics import MetricsLogger, memory_gb, progress_bar
-from .optim import (build_deepspeed_engine, build_ds_config, grad_norm, lr_at, norm_is_ours, precision_of,
-                    schedule_steps, set_lr)
+from .optim import build_deepspeed_engine, build_ds_config, grad_norm, norm_is_ours, precision_of, schedule_steps
 from .recipe import RecipeError, resume_differences, save_recipe
 from .rundir import owns_output_dir
 from .signals import StopOnSignal
@@ -244,7 +243,7 @@ class Loop:
     loader: Any
     accum: int
     per_epoch: int          # micro-batches per epoch on each rank that make whole optimizer steps
-    warmup_steps: int
+    schedule: Any           # engine.schedule.LrSchedule: the lr of every step and param group
     meta: dict              # what every checkpoint marker of this run records
     logger: MetricsLogger = None
     bar: Any = None
@@ -262,9 +261,8 @@ class Loop:
         return self.view._pos
 
     def lr(self, step: int) -> float:
-        r = self.task.recipe
-        return lr_at(step, self.view.total_steps, self.warmup_steps, r.lr(), r.optim.min_lr,
-                     r.schedule.warmup_start_factor)
+        """The lr of step `step` for a group without layer decay (what the logs show)."""
+        return self.schedule.lr(step)
 
     def is_log_step(self, step: int) -> bool:
         return step % self.task.recipe.logging.every_steps == 0 or step == self.view.stop_step
@@ -281,7 +279,7 @@ def train_step(s: Loop, images, labels, stopper: StopOnSignal) -> bool:
     boundary = (p.batch + 1) % s.accum == 0  # this micro-batch ends an optimizer step
     log_step = boundary and s.is_log_step(p.step + 1)
     if p.batch % s.accum == 0:
-        set_lr(s.optimizer, s.lr(p.step))
+        s.schedule.apply(s.optimizer, p.step)
     out = task.forward(s.engine, images, labels)
     s.engine.backward(out.loss)
     if log_step and s.own_norm:  # after the last backward, before step(): ZeRO-2 holds the reduced gradients
@@ -323,8 +321,7 @@ def log(s: Loop, out) -> None:
     v, eng, r = s.view, s.engine, s.task.recipe
     mean_loss = s.loss.mean(v.world)
     ips = (v.step - s.steps_mark) * r.batch.global_batch / max(time.time() - s.t_mark, 1e-9)
-    g = s.optimizer.param_groups[0]
-    lr = g["lr"] / g.get("lr_scale", 1.0)
+    lr = s.lr(v.step - 1)  # the step just taken
     m = {"loss": mean_loss, "lr": lr, "loss_scale": ds_compat.loss_scale(eng), "skipped_steps": int(eng.skipped_steps),
          "epoch": v.epoch, "images_per_s": ips}
     gn = eng.get_global_grad_norm()
@@ -435,14 +432,15 @@ def setup(task: Task, output_dir: str, max_steps: Optional[int], resume: str) ->
     seed_everything(r.seed)
     model, loader = task.build(v)
     accum = r.grad_accum(v.world)
-    steps_per_epoch, v.total_steps, warmup, v.stop_step = schedule_steps(r, len(loader), accum, max_steps)
+    schedule, v.stop_step = schedule_steps(r, len(loader), accum, max_steps)
+    v.total_steps = schedule.total_steps
     v.engine, optimizer = task.build_engine(v, model)
     seed_everything(r.seed + v.rank)
     zero = ds_config.get("zero_optimization", {})
     meta = {"format_version": ckpt.FORMAT_VERSION, "recipe_hash": r.compat_hash(), "compat": r.compat_dict(),
             "recipe": r.to_dict(), "world_size": v.world, "zero_stage": int(zero.get("stage", 0)),
             "precision": precision, "name": r.name, "parameter_alignment": bool(zero.get("parameter_alignment"))}
-    s = Loop(task, v, v.engine, optimizer, loader, accum, steps_per_epoch * accum, warmup, meta,
+    s = Loop(task, v, v.engine, optimizer, loader, accum, schedule.steps_per_epoch * accum, schedule, meta,
              own_norm=norm_is_ours(ds_config, precision))
     v.save, v.say = lambda: save(s), (lambda line: s.bar.write(line)) if v.is_main and not task.quiet else print_none
     if found:

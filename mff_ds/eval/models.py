@@ -5,7 +5,7 @@
   dropped (it is pretraining-only).
 - fine-tune: `build_finetune_model` = ViT, global average pool of the patch tokens, a fresh `fc_norm`
   (the pretrained final norm is dropped), drop path, new head (trunc-normal std 2e-5).
-  `finetune_param_groups` = timm's layer-wise lr decay groups (`lr_scale`, honoured by engine.optim.set_lr).
+  `finetune_param_groups` = timm's layer-wise lr decay groups (`lr_scale`, honoured by engine.schedule.LrSchedule).
 - linear probe: `LinearProbe` = frozen ViT (cls token through the pretrained final norm, always in eval mode)
   -> BatchNorm1d(affine=False, eps 1e-6) -> Linear (trunc-normal std 0.01).
 - classifier files: `save_classifier` / `load_classifier` (ours), plus mmpretrain and official MAE

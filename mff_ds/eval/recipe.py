@@ -76,12 +76,13 @@ class HeadConfig(Section):
 class EvalOptim(OptimBase):
     name: Literal["adamw", "lars"] = "adamw"
     base_lr: PosFloat = 5e-4                  # lr = base_lr * global_batch / 256
-    min_lr: NonNegFloat = 1e-6                # end of the cosine (times each group's layer-decay scale)
+    min_lr: NonNegFloat = 1e-6                # end of the cosine (mmengine: for every group; mae: x its lr_scale)
     betas: Betas = [0.9, 0.999]
     layer_decay: float_(gt=0, le=1) = 1.0     # 1 = off; fine-tune 0.65
     momentum: float_(ge=0, lt=1) = 0.9        # LARS
     trust_coeff: PosFloat = 0.001             # LARS eta
-    lars_exclude_1d: Bool = False             # True = official MAE LARS (no trust ratio on biases)
+    lars_exclude_1d: Bool = False             # True = official MAE LARS (no trust ratio on biases); the LARS update
+                                              # itself follows schedule.reference (eval.lars)
 
 
 class EvalSchedule(ScheduleConfig):

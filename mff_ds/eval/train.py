@@ -1,10 +1,10 @@
 """Fine-tune / linear probe: the classification task on the shared loop (mff_ds.engine.trainer.fit), and the
 evaluation of a classifier file.
 
-The loop gives it everything a training run needs (distributed start-up, the DeepSpeed config, warmup + cosine lr
-with per-group `lr_scale` = layer decay, checkpoints with exact mid-epoch resume, non-finite checks, metrics, stop
-signals). The task adds: timm Mixup/CutMix + soft-target losses, LARS (timm), evaluation (top-1/top-5) after every
-epoch and the best classifier kept as `best.safetensors`.
+The loop gives it everything a training run needs (distributed start-up, the DeepSpeed config, the lr schedule of
+the recipe's reference with per-group `lr_scale` = layer decay, checkpoints with exact mid-epoch resume, non-finite
+checks, metrics, stop signals). The task adds: timm Mixup/CutMix + soft-target losses, LARS (eval.lars, the
+reference's), evaluation (top-1/top-5) after every epoch and the best classifier kept as `best.safetensors`.
 
 LARS computes one trust ratio per parameter, so the linear probe runs DeepSpeed in fp32 with ZeRO 0 (ZeRO and
 DeepSpeed's 16-bit optimizers flatten parameters); on CUDA the frozen encoder still runs under bf16/fp16
@@ -30,6 +30,7 @@ from mff_ds.engine.trainer import Task, fit
 from . import data as edata
 from . import metrics
 from . import models as emodels
+from .lars import LARS
 from .recipe import EvalRecipe, check
 
 
@@ -67,8 +68,12 @@ def _lars_groups(model, recipe: EvalRecipe) -> list:
             continue
         plain = o.lars_exclude_1d and p.ndim <= 1
         groups.append({"params": [p], "name": n, "weight_decay": 0.0 if plain else o.weight_decay,
-                       "always_adapt": not plain, "trust_coeff": o.trust_coeff})
+                       "lars_exclude": plain})
     return groups
+
+
+# the LARS each schedule reference's linear probe uses (eval.lars): mmpretrain's config, or official MAE's
+LARS_OF = {"mmengine": "mmpretrain", "mae": "mae"}
 
 
 def _build_engine(model, recipe: EvalRecipe, ds_config: dict, device):
@@ -82,10 +87,9 @@ def _build_engine(model, recipe: EvalRecipe, ds_config: dict, device):
             groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": o.weight_decay}]
         return build_deepspeed_engine(model, groups, ds_config, lr=peak, betas=o.betas, eps=o.eps, device=device)
     import deepspeed
-    from timm.optim import Lars
     model.to(device)
-    opt = Lars(_lars_groups(model, recipe), lr=peak, momentum=o.momentum, weight_decay=o.weight_decay,
-               trust_coeff=o.trust_coeff)
+    opt = LARS(_lars_groups(model, recipe), lr=peak, convention=LARS_OF[recipe.schedule.reference],
+               momentum=o.momentum, weight_decay=o.weight_decay, trust_coeff=o.trust_coeff)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=copy.deepcopy(ds_config))
     return engine, opt
 
