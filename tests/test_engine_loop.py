@@ -2,6 +2,7 @@
 an in-memory loader) runs through `fit` with its hooks called in order, its state checkpointed, and an interrupted
 run resumed to the very weights of a straight one."""
 import json
+import time
 from types import SimpleNamespace
 
 import torch
@@ -100,3 +101,40 @@ def test_an_interrupted_task_resumes_to_the_weights_of_a_straight_run(tmp_path):
     assert second["step"] == 6
     assert again.events[:2] == ["build", "step4"] and second["epochs"] == [0, 1, 2]  # task state from the checkpoint
     assert torch.equal(second["weight"], straight["weight"])
+
+
+class SlowBatches(Batches):
+    """The same batches, each arriving `delay` seconds late (a loader starved of workers or storage)."""
+    def __init__(self, delay):
+        super().__init__()
+        self.delay = delay
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            time.sleep(self.delay)
+            yield batch
+
+
+class SlowRegression(Regression):
+    def __init__(self, recipe, delay):
+        super().__init__(recipe)
+        self.delay = delay
+
+    def build(self, run):
+        return torch.nn.Linear(3, 1), SlowBatches(self.delay)
+
+
+def test_input_wait_is_logged_and_a_starved_run_is_warned_about(tmp_path, capsys):
+    """data_time (s per step waiting for the loader) and its fraction of the step time in every logging line; an
+    input-bound stretch of 3 logging intervals gives one warning, a fed run none."""
+    r = recipe().model_copy(update={"logging": recipe().logging.model_copy(update={"every_steps": 1})})
+    fit(Regression(r), str(tmp_path / "fed"), resume="none")
+    fed = [json.loads(line) for line in (tmp_path / "fed" / "metrics.jsonl").read_text().splitlines()]
+    assert "input-bound" not in capsys.readouterr().err
+    fit(SlowRegression(r, 0.05), str(tmp_path / "slow"), resume="none")
+    slow = [json.loads(line) for line in (tmp_path / "slow" / "metrics.jsonl").read_text().splitlines()]
+    err = capsys.readouterr().err
+    assert len(slow) == 6 and all(m["data_time"] >= 2 * 0.05 for m in slow)  # 2 micro-batches per step
+    assert all(0.5 < m["data_fraction"] <= 1.0 for m in slow)
+    assert all(m["data_time"] < 0.05 for m in fed[1:])
+    assert err.count("warning: input-bound: the loop waited for data") == 1 and "data.num_workers" in err

@@ -30,6 +30,9 @@ from .rundir import owns_output_dir
 from .signals import StopOnSignal
 
 NEVER = 2**62
+# Input-bound: the loop waited for the loader for at least this fraction of the training time of a logging interval,
+# for this many intervals in a row (the first interval, when the workers start, alone does not count)
+INPUT_BOUND_FRACTION, INPUT_BOUND_INTERVALS = 0.2, 3
 
 
 class NonFiniteLossError(UserError):
@@ -253,6 +256,8 @@ class Loop:
     last_saved: int = -1
     t_mark: float = 0.0     # images/s counts training only: hooks and checkpoints move the mark
     steps_mark: int = 0
+    data_wait: float = 0.0  # seconds spent waiting for the loader since the last logging step
+    input_bound: int = 0    # logging intervals in a row that were input-bound
     first_loss: Optional[float] = None
     last_loss: Optional[float] = None
 
@@ -322,8 +327,9 @@ def log(s: Loop, out) -> None:
     mean_loss = s.loss.mean(v.world)
     ips = (v.step - s.steps_mark) * r.batch.global_batch / max(time.time() - s.t_mark, 1e-9)
     lr = s.lr(v.step - 1)  # the step just taken
+    data_time, data_frac = input_wait(s)
     m = {"loss": mean_loss, "lr": lr, "loss_scale": ds_compat.loss_scale(eng), "skipped_steps": int(eng.skipped_steps),
-         "epoch": v.epoch, "images_per_s": ips}
+         "epoch": v.epoch, "images_per_s": ips, "data_time": data_time, "data_fraction": data_frac}
     gn = eng.get_global_grad_norm()
     gn = s.norm if gn is None else gn
     if gn is not None:
@@ -334,10 +340,38 @@ def log(s: Loop, out) -> None:
     m.update(memory_gb(v.device))
     m.update(s.task.log_extras(v, out, m))
     s.logger.log(v.step, m)
-    s.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+    s.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", data=f"{100 * data_frac:.0f}%")
     s.first_loss = mean_loss if s.first_loss is None else s.first_loss
     s.last_loss = mean_loss
     s.t_mark, s.steps_mark = time.time(), v.step
+
+
+def input_wait(s: Loop):
+    """(seconds per optimizer step the loop waited for the loader, the fraction of training time that is) over the
+    logging interval ending now (as mmengine and timm log data_time); warns once per input-bound stretch."""
+    steps, wall = max(s.view.step - s.steps_mark, 1), max(time.time() - s.t_mark, 1e-9)
+    data_time, frac = s.data_wait / steps, min(s.data_wait / wall, 1.0)
+    s.data_wait = 0.0
+    s.input_bound = s.input_bound + 1 if frac >= INPUT_BOUND_FRACTION else 0
+    if s.input_bound == INPUT_BOUND_INTERVALS and s.view.is_main:  # a warning: printed for quiet tasks too
+        every = s.task.recipe.logging.every_steps
+        s.bar.write(f"warning: input-bound: the loop waited for data {100 * frac:.0f}% of the time over the last "
+                    f"{INPUT_BOUND_INTERVALS * every} steps ({data_time:.3g} s per step); raise data.num_workers, "
+                    f"use data.decode: gpu or WebDataset shards on faster storage (docs/DATA.md)", file=sys.stderr)
+    return data_time, frac
+
+
+def timed(loader, s: Loop):
+    """The loader's batches, adding the time each took to arrive to s.data_wait."""
+    it = iter(loader)
+    while True:
+        t = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        s.data_wait += time.perf_counter() - t
+        yield batch
 
 
 def roll_back(s: Loop, at: int) -> None:
@@ -354,7 +388,7 @@ def roll_back(s: Loop, at: int) -> None:
     s.pos.rollbacks += 1
     restore(s, v.ckpt_root, last[-1][1], rollback=True)
     s.loss.reset()
-    s.t_mark, s.steps_mark, s.bar.n = time.time(), v.step, v.step
+    s.t_mark, s.steps_mark, s.bar.n, s.data_wait = time.time(), v.step, v.step, 0.0
     if v.is_main:  # a warning: printed for quiet tasks too
         s.bar.write(f"{msg} Rolled back to {last[-1][1]} (rollback {s.pos.rollbacks}/{r.max_rollbacks}); the data "
                     f"stream continues past the bad batches.")
@@ -481,7 +515,7 @@ def fit(task: Task, output_dir: str, max_steps: Optional[int] = None, resume: st
         s.engine.train()
         while s.pos.step < s.view.stop_step:
             s.loader.set_epoch(s.pos.epoch, skip_batches=s.pos.batch)  # reuses the (persistent) workers
-            for images, labels in s.loader:
+            for images, labels in timed(s.loader, s):
                 if train_step(s, images, labels, stopper):
                     break
             else:  # the loader ran dry before the epoch's last step
