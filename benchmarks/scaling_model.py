@@ -3,6 +3,15 @@
     python benchmarks/scaling_model.py --from-json benchmarks/results/throughput_cuda.json
     python benchmarks/scaling_model.py --step-ms 420 --micro-batch 256 --arch mff_vit_base_patch16
     python benchmarks/scaling_model.py --measure-cpu      # 1 vs 2 gloo ranks on this CPU (tiny model, < 2 min)
+    python benchmarks/scaling_model.py --paths            # ZeRO-2 (overlapped) vs hook-free ZeRO-1, ViT-B/L/H
+
+--paths compares the two DeepSpeed paths (docs/ENGINE.md "Which path"): (a) ZeRO-2 as shipped until 2026-12-04,
+which reduce-scatters the gradients every micro step, overlapped with the backward (`--overlap`, default 1 here),
+at the price of DeepSpeed's per-parameter gradient hooks (`--hook-us` host microseconds per parameter tensor per
+micro step; default from the CPU proxy, benchmarks/results/ddp_overhead_w1); (b) ZeRO-1 without hooks, which
+reduces once per optimizer step after the last backward, not overlapped. Compute per image: the official MAE
+loop's ViT-B step measured on an H200 (benchmarks/results/h200_2026-11-26: 80.1 ms per 256 images), scaled to
+ViT-L/H by their training FLOPs.
 
 Model, per optimizer step with N GPUs, effective batch G (default 4096), measured micro batch m and step time
 t_m (forward + backward + optimizer on one device, from throughput.py):
@@ -47,15 +56,20 @@ def parse_args(argv=None):
                    help="inter-node NCCL bus bandwidth per GPU, GB/s (8x400 Gb/s InfiniBand per node at ~50%%)")
     p.add_argument("--intra-latency-us", type=float, default=5.0)
     p.add_argument("--inter-latency-us", type=float, default=15.0)
-    p.add_argument("--overlap", type=float, default=0.0,
-                   help="fraction of the backward that hides the gradient reduce-scatter (overlap_comm); 0..1")
+    p.add_argument("--overlap", type=float, default=None,
+                   help="fraction of the backward that hides the gradient reduce-scatter (overlap_comm); 0..1 (default 0; --paths: 1)")
     p.add_argument("--max-gpus", type=int, default=512)
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     p.add_argument("--json", default=None, metavar="OUT", help="default <out-dir>/scaling_model.json")
     p.add_argument("--measure-cpu", action="store_true", help="measure 1 vs 2 gloo ranks on this CPU")
     p.add_argument("--steps", type=int, default=12, help="timed steps per rank count (--measure-cpu)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # torchrun child: write results here
+    p.add_argument("--paths", action="store_true", help="ZeRO-2 (overlapped, hooks) vs ZeRO-1 (no hooks): ViT-B/L/H")
+    p.add_argument("--hook-us", type=float, default=HOOK_US,
+                   help="--paths: host us per parameter tensor per micro step of ZeRO-2's gradient hooks")
     args = p.parse_args(argv)
+    if args.overlap is None:  # the main curve: none hidden; --paths: ZeRO-2 as designed, all of it hidden
+        args.overlap = 1.0 if args.paths else 0.0
     if not 0.0 <= args.overlap <= 1.0:
         p.error(f"--overlap: expected a fraction in [0, 1], got {args.overlap}")
     for k in ("global_batch", "gpus_per_node", "max_gpus", "micro_batch", "steps"):
@@ -88,6 +102,69 @@ def step_model(n: int, *, step_s: float, micro_batch: int, params: float, grad_b
     return {"gpus": n, "images_per_gpu": per_gpu, "micro_batch": micro, "accum": accum, "compute_s": t_c,
             "reduce_scatter_s": t_rs, "all_gather_s": t_ag, "exposed_comm_s": exposed, "step_s": t,
             "efficiency": t1 / (n * t), "images_per_s": global_batch / t}
+
+
+# --paths inputs. HOOK_US: ZeRO-2's host time over hook-free ZeRO-1's on one CPU rank (benchmarks/results/
+# ddp_overhead_w1.md: 4.1 ms per step over 265 tensors); a GPU node's host cores may be faster (then the hooks cost
+# less) but the hooks run on the critical path of a host-bound step either way.
+HOOK_US = 15.0
+# the official MAE loop's ViT-B/16 step on an H200, bf16 autocast, 256 images (h200_2026-11-26/throughput_cuda.md)
+MEASURED = {"arch": "mae_vit_base_patch16", "step_s": 0.0801, "micro_batch": 256}
+PATH_ARCHS = {"mff_vit_base_patch16": 512, "mff_vit_large_patch16": 256, "mff_vit_huge_patch14": 128}  # micro batch
+PATH_GPUS = (8, 64, 256)
+
+
+def path_model(n: int, *, tensors: int, hook_us: float, **kw) -> dict:
+    """Step time of (a) ZeRO-2, overlapped, hooks on every micro step and (b) ZeRO-1, one reduce, no hooks."""
+    a = step_model(n, **kw)
+    a["step_s"] += a["accum"] * tensors * hook_us * 1e-6
+    b = step_model(n, **dict(kw, overlap=0.0))
+    one_reduce = b["reduce_scatter_s"] / b["accum"]
+    b["step_s"] = b["compute_s"] + one_reduce + b["all_gather_s"]
+    b["reduce_scatter_s"], b["exposed_comm_s"] = one_reduce, one_reduce + b["all_gather_s"]
+    return {"gpus": n, "accum": a["accum"], "zero2_step_s": a["step_s"], "zero1_step_s": b["step_s"],
+            "zero1_over_zero2": b["step_s"] / a["step_s"], "zero1_exposed_s": b["exposed_comm_s"],
+            "zero2_hooks_s": a["accum"] * tensors * hook_us * 1e-6}
+
+
+def paths_main(args) -> dict:
+    """--paths: the table docs/ENGINE.md shows; which path is faster per model size and GPU count."""
+    from mff_ds.models import build_model, resolve_config
+    from mff_ds.models.flops import flops_per_image
+    per_image = MEASURED["step_s"] / MEASURED["micro_batch"] / flops_per_image(resolve_config(MEASURED["arch"]))
+    overlap = args.overlap
+    rows = []
+    for arch, micro in PATH_ARCHS.items():
+        model = build_model(arch, kernels="torch")
+        params = [p for p in model.parameters() if p.requires_grad]
+        step_s = per_image * flops_per_image(model.cfg) * micro
+        kw = dict(step_s=step_s, micro_batch=micro, params=float(sum(p.numel() for p in params)), grad_bytes=2,
+                  param_bytes=2, global_batch=args.global_batch, gpus_per_node=args.gpus_per_node,
+                  intra_gbps=args.intra_gbps, inter_gbps=args.inter_gbps, intra_latency_us=args.intra_latency_us,
+                  inter_latency_us=args.inter_latency_us, overlap=overlap)
+        for n in PATH_GPUS:
+            rows.append(dict(path_model(n, tensors=len(params), hook_us=args.hook_us, **kw), arch=arch,
+                             micro_batch=micro, params_m=kw["params"] / 1e6, tensors=len(params)))
+        del model
+    md = [f"Effective batch {args.global_batch}, bf16 gradients and parameters, {args.intra_gbps:g} GB/s within a "
+          f"node of {args.gpus_per_node}, {args.inter_gbps:g} GB/s per GPU across nodes; ZeRO-2's reduce hidden "
+          f"behind {overlap:.0%} of the backward, its hooks {args.hook_us:g} us per tensor per micro step.", "",
+          "| model | GPUs | accum | ZeRO-2 step ms (hooks ms) | ZeRO-1 step ms (exposed comm ms) | ZeRO-1 / ZeRO-2 |",
+          "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        md.append(f"| {r['arch']} ({r['params_m']:.0f} M, {r['tensors']} tensors) | {r['gpus']} | {r['accum']} | "
+                  f"{1e3 * r['zero2_step_s']:.1f} ({1e3 * r['zero2_hooks_s']:.1f}) | {1e3 * r['zero1_step_s']:.1f} "
+                  f"({1e3 * r['zero1_exposed_s']:.1f}) | {r['zero1_over_zero2']:.3f} |")
+    md += ["", "Command: `python benchmarks/scaling_model.py " + " ".join(sys.argv[1:]) + "`", ""]
+    print("\n".join(md))
+    res = {"rows": rows, "hook_us": args.hook_us, "overlap": overlap, "measured": MEASURED,
+           "args": {k: v for k, v in vars(args).items() if k != "worker"}}
+    stem = os.path.splitext(args.json)[0] if args.json else os.path.join(args.out_dir, "scaling_paths")
+    write_json(stem + ".json", res)
+    from mff_ds.common import write_text
+    write_text(stem + ".md", "\n".join(md))
+    print(f"wrote {stem}.json, {stem}.md")
+    return res
 
 
 def gpu_counts(max_gpus: int):
@@ -303,6 +380,8 @@ def main(argv=None):
         return worker(args)
     if args.measure_cpu:
         return measure_cpu(args)
+    if args.paths:
+        return paths_main(args)
     return model_main(args)
 
 

@@ -98,7 +98,7 @@ def parse_args(argv=None):
     from mff_ds.engine.recipe import COMPILE_MODES
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile mode with --compile (as the recipe's deepspeed.compile_mode)")
-    p.add_argument("--zero-stage", type=int, choices=(0, 2), default=2, help="DeepSpeed ZeRO stage of our engine")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2), default=2, help="DeepSpeed ZeRO stage of our engine")
     p.add_argument("--engine", choices=("deepspeed", "plain"), default="deepspeed",
                    help="plain: our model in an eager torch loop (autocast, fp32 weights, fused AdamW) to separate "
                         "the model's cost from the engine's")

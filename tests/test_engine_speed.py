@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from mff_ds.engine.optim import MULTI_RANK_BUCKET, build_deepspeed_engine, build_ds_config, grad_norm  # noqa: E402
+from mff_ds.engine.recipe import RecipeError  # noqa: E402
 from mff_ds.pretrain.recipe import from_dict  # noqa: E402
 from mff_ds.models import build_model  # noqa: E402
 import forkserver
@@ -66,13 +67,32 @@ def test_zero2_defaults_follow_world_size_and_yield_to_the_recipe():
     assert build_ds_config(recipe(1), 1, torch.device("cpu"))["timers"]["throughput"]["enabled"] is False
 
 
+def test_zero1_installs_no_gradient_hook_and_zero2_one_per_parameter(dist_env):
+    """The ViT-S/B path (ds_configs/zero1.json + engine_defaults) leaves backward to autograd alone; ZeRO-2 hooks
+    every parameter (benchmarks/ddp_overhead.py measures what that costs)."""
+    from mff_ds.engine import ds_compat
+    one, two = engine_for(recipe(1, deepspeed={"zero_stage": 1})), engine_for(recipe(1))
+    n = sum(1 for p in two.module.parameters() if p.requires_grad)
+    assert ds_compat.gradient_hooks(one.optimizer) == 0 and ds_compat.gradient_hooks(two.optimizer) == n
+    z1 = build_ds_config(recipe(8, deepspeed={"zero_stage": 1}), 8, torch.device("cpu"))["zero_optimization"]
+    assert (z1["stage"], z1["overlap_comm"], z1["contiguous_gradients"]) == (1, False, False)
+    assert z1["reduce_bucket_size"] == MULTI_RANK_BUCKET and not z1["compute_grad_norm"]
+
+
+def test_deepcompile_is_refused_in_one_line_off_cuda():
+    with pytest.raises(RecipeError, match="deepspeed.deepcompile: DeepSpeed's DeepCompile runs on CUDA devices only"):
+        build_ds_config(recipe(1, deepspeed={"deepcompile": True}), 1, torch.device("cpu"))
+    with pytest.raises(RecipeError, match="expected deepspeed.zero_stage 1 or 2, got stage 0"):
+        build_ds_config(recipe(1, deepspeed={"deepcompile": True, "zero_stage": 0}), 1, torch.device("cuda"))
+
+
 def misaligned(engine):
     return [n for n, p in engine.module.named_parameters() if p.data_ptr() % 16]
 
 
 @pytest.mark.parametrize("arch", ["mff", "mae"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2])
 def test_every_weight_is_16_byte_aligned(dist_env, arch, precision, stage):
     model = dict(ODD, out_indices=[2]) if arch == "mae" else dict(ODD)
     r = recipe(1, model=model, precision=precision, deepspeed={"zero_stage": stage})
@@ -85,8 +105,9 @@ def test_alignment_test_can_fail(dist_env):
     assert misaligned(engine_for(r, ds_over={"parameter_alignment": False}))
 
 
-def test_trainer_grad_norm_equals_deepspeeds_and_training_is_unchanged(dist_env):
-    r = recipe(1)
+@pytest.mark.parametrize("stage", [1, 2])
+def test_trainer_grad_norm_equals_deepspeeds_and_training_is_unchanged(dist_env, stage):
+    r = recipe(1, deepspeed={"zero_stage": stage})
     ours = engine_for(r)  # compute_grad_norm off (no clipping)
     theirs = engine_for(r, ds_over={"compute_grad_norm": True})
     g = torch.Generator().manual_seed(1)

@@ -279,13 +279,23 @@ def test_lars_conventions_differ_only_when_the_lr_changes():
 
 
 # ------------------------------------------------------------------ the engine reproduces mmpretrain's trajectory
-def _trajectory(out: Path, micro: int, world: int, reference: str = "mmengine") -> Path:
-    script = [str(REPO / "tests" / "trajectory_run.py"), str(out), "--micro", str(micro), "--reference", reference]
+def _trajectory(out: Path, micro: int, world: int, reference: str = "mmengine", stage: int = 2) -> Path:
+    script = [str(REPO / "tests" / "trajectory_run.py"), str(out), "--micro", str(micro), "--reference", reference,
+              "--stage", str(stage)]
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
                               if world > 1 else []) + script
     p = forkserver.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return out
+
+
+def _update_part(k: str, t: torch.Tensor) -> torch.Tensor:
+    """The entries whose update is determined: a key bias gets a gradient of 0 up to float noise (softmax ignores a
+    constant per query), which AdamW turns into full-size steps in either implementation, so it is left out."""
+    if k.endswith("qkv.bias"):
+        c = t.numel() // 3
+        return torch.cat([t[:c], t[2 * c:]])
+    return t
 
 
 def _trajectory_errors(out: Path, traj: dict) -> dict:
@@ -299,6 +309,7 @@ def _trajectory_errors(out: Path, traj: dict) -> dict:
     for k, want in traj["after"].items():
         a, b, b0 = ours[k].double(), want.double(), traj["before"][k].double()
         weights = max(weights, ((a - b).norm() / b.norm()).item())
+        a, b, b0 = _update_part(k, a), _update_part(k, b), _update_part(k, b0)
         if (b - b0).norm() > 0:
             update = max(update, ((a - b).norm() / (b - b0).norm()).item())
     return {"loss": max(abs(x["loss"] - y) for x, y in zip(m, traj["loss"].tolist())),
@@ -311,20 +322,22 @@ def trajectory():
     return torch.load(fixture("recipe/trajectory.pth"), weights_only=True)
 
 
-@pytest.mark.parametrize("micro,world", [(4, 1), (2, 1), (2, 2)], ids=["1rank", "1rank-accum2", "2ranks"])
-def test_engine_reproduces_mmpretrains_trajectory(tmp_path, trajectory, micro, world):
-    """fit (DeepSpeed ZeRO-2, fp32, CPU) from the fixture's weights on its inputs and masking noise: mmpretrain's 8
-    losses within 1e-5, its final weights within 1e-4 relative (measured: loss 1.2e-7, weights 9e-6, update 9e-4)."""
-    e = _trajectory_errors(_trajectory(tmp_path / "run", micro, world), trajectory)
-    print(f"micro {micro} x world {world}:", {k: f"{v:.2e}" for k, v in e.items()})
-    assert e["lr"] < 1e-9 and e["loss"] < 1e-5 and e["weights"] < 1e-4 and e["update"] < 3e-3, e
+@pytest.mark.parametrize("micro,world,stage", [(4, 1, 2), (2, 1, 2), (2, 2, 2), (1, 2, 1)],
+                         ids=["1rank", "1rank-accum2", "2ranks", "2ranks-accum2-zero1"])
+def test_engine_reproduces_mmpretrains_trajectory(tmp_path, trajectory, micro, world, stage):
+    """fit (DeepSpeed ZeRO-2, and ZeRO-1 without hooks, fp32, CPU) from the fixture's weights on its inputs and
+    masking noise: mmpretrain's 8
+    losses within 1e-5, its final weights within 1e-4 relative (measured: loss 1.2e-7, weights 9e-6, update 2.7e-5)."""
+    e = _trajectory_errors(_trajectory(tmp_path / "run", micro, world, stage=stage), trajectory)
+    print(f"micro {micro} x world {world}, ZeRO-{stage}:", {k: f"{v:.2e}" for k, v in e.items()})
+    assert e["lr"] < 1e-9 and e["loss"] < 1e-5 and e["weights"] < 1e-4 and e["update"] < 3e-4, e
 
 
 def test_trajectory_check_sees_a_schedule_one_step_off(tmp_path, trajectory):
     """The same run under official MAE's schedule (warmup peaking one iteration later, like the old one): the lr is
     ~1% off and the update comparison catches it."""
     e = _trajectory_errors(_trajectory(tmp_path / "mae", 4, 1, "mae"), trajectory)
-    assert e["lr"] > 1e-3 and e["update"] > 3e-3, e
+    assert e["lr"] > 1e-3 and e["update"] > 3e-4, e
 
 
 # ------------------------------------------------------------------ resuming a run of the old schedule

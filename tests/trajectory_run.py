@@ -1,7 +1,7 @@
 """Train the reference trajectory (../shared/fixtures/mmpretrain/recipe/trajectory*.pth: 8 iterations of a small
 perturbed MFF under mmpretrain's pretraining optimizer and schedule, 2 iterations per epoch, batch 4) through the
 real pretraining path: a shipped-style recipe, `init_from` the fixture's mmpretrain checkpoint, `fit` with DeepSpeed
-(ZeRO-2, fp32) on 1 or 2 CPU ranks, and `--micro` images per rank per micro-batch (4 / (micro x world) accumulation
+(ZeRO-2 or, --stage 1, ZeRO-1 without gradient hooks; fp32) on 1 or 2 CPU ranks, and `--micro` images per rank per micro-batch (4 / (micro x world) accumulation
 steps). Only the data is the fixture's: each iteration's 4 normalised images and their masking noise, split over the
 ranks and micro-batches in order. Writes OUT/metrics.jsonl and OUT/model_fp32.safetensors as any run does.
 
@@ -25,7 +25,7 @@ from mff_ds.pretrain.task import PretrainTask  # noqa: E402
 BATCH = 4
 
 
-def recipe_tree(micro: int, ckpt: str, reference: str = "mmengine") -> dict:
+def recipe_tree(micro: int, ckpt: str, reference: str = "mmengine", stage: int = 2) -> dict:
     """mff_vit-b_300e's optimizer and schedule (lr 2.4e-3 = base_lr x 4 / 256) on the fixture's model sizes."""
     return {
         "name": "trajectory", "seed": 0, "precision": "fp32", "init_from": ckpt,
@@ -38,7 +38,7 @@ def recipe_tree(micro: int, ckpt: str, reference: str = "mmengine") -> dict:
         "optim": {"base_lr": 2.4e-3 * 256 / BATCH, "min_lr": 0.0, "betas": [0.9, 0.95], "eps": 1e-8,
                   "weight_decay": 0.05, "decay_fusion_logits": True, "grad_clip": 0.0},
         "schedule": {"reference": reference, "epochs": 300, "warmup_epochs": 40, "warmup_start_factor": 1e-4},
-        "deepspeed": {"config": "ds_configs/zero2.json", "zero_stage": 2},
+        "deepspeed": {"config": f"ds_configs/zero{stage}.json"},
         "checkpoint": {"every_steps": 0, "keep_last": 1, "export": True},
         "logging": {"every_steps": 1, "image_every_steps": 0, "tensorboard": False, "progress_bar": False},
     }
@@ -48,7 +48,7 @@ class FixtureLoader:
     """The fixture's iterations, `per_epoch` per epoch: this rank's share of each, in micro-batches of `micro`."""
 
     def __init__(self, inputs, noise, per_epoch: int, micro: int, rank: int, world: int):
-        share = BATCH // world
+        share = inputs.shape[1] // world  # inputs: (iterations, batch, 3, H, W)
         self.batches = []  # (images, noise) of every micro-batch of this rank, in order
         for x, n in zip(inputs, noise):
             x, n = x[rank * share:(rank + 1) * share], n[rank * share:(rank + 1) * share]
@@ -87,10 +87,11 @@ def main():
     p.add_argument("out")
     p.add_argument("--micro", type=int, default=BATCH)
     p.add_argument("--reference", default="mmengine", help="another schedule, to show the comparison can fail")
+    p.add_argument("--stage", type=int, default=2, choices=(1, 2), help="ZeRO stage (ds_configs/zeroN.json)")
     a = p.parse_args()
     traj = torch.load(fixture("recipe/trajectory.pth"), weights_only=True)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    recipe = from_dict(recipe_tree(a.micro, str(fixture("recipe/trajectory_ckpt.pth")), a.reference), world)
+    recipe = from_dict(recipe_tree(a.micro, str(fixture("recipe/trajectory_ckpt.pth")), a.reference, a.stage), world)
     fit(TrajectoryTask(recipe, traj), a.out, max_steps=int(traj["meta"]["steps"]), resume="none")
 
 

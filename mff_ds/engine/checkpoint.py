@@ -332,7 +332,12 @@ def fp32_state_dict(engine, root: str, tag: str) -> dict:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
             with weights_only_loads():
                 sd = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
-            return {k: v.float().contiguous() for k, v in sd.items()}
+            sd = {k: v.float().contiguous() for k, v in sd.items()}
+            # DeepSpeed records frozen parameters (fixed position tables) in ZeRO-2/3 checkpoints only; frozen, the
+            # module's own are the checkpoint's
+            for k, v in engine.module.state_dict().items():
+                sd.setdefault(k, v.detach().float().cpu().clone())
+            return sd
         except Exception:  # ZeRO-0 + 16-bit: fall back to the module weights below
             if stage > 0:
                 raise

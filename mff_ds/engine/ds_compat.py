@@ -131,6 +131,11 @@ def amp_fp16_loss_scale(zero_optimizer) -> None:
     opt._update_scale, opt.step = shrink_only, step_then_grow
 
 
+def gradient_hooks(zero_optimizer) -> int:
+    """How many per-parameter gradient hooks DeepSpeed's ZeRO-1/2 optimizer installed (0 for other optimizers)."""
+    return len(getattr(zero_optimizer, "_grad_acc_hooks", ()))
+
+
 def zero_grad_norm(zero_optimizer):
     """ZeRO-1/2: the global L2 norm of the reduced, unscaled gradient partitions (DeepSpeed's own routine); None
     for other optimizers."""

@@ -62,11 +62,16 @@ def engine_defaults(zero_stage: int, world_size: int, grad_clip: float) -> dict:
       odd-sized tensor, MFF's 6 fusion logits, shifted 88 weights off alignment and onto slower GEMM kernels).
     - compute_grad_norm (ZeRO-2, no clipping): DeepSpeed would take the global norm on every step only to report
       it; the trainer takes it on logging steps instead (`grad_norm`). With clipping it is needed every step.
-    - one rank: no overlap_comm (it adds a device synchronize after every backward and has nothing to overlap),
-      no contiguous_gradients (a copy kernel and Python bookkeeping per parameter; the single bucket is
+    - ZeRO-2, one rank: no overlap_comm (it adds a device synchronize after every backward and has nothing to
+      overlap), no contiguous_gradients (a copy kernel and Python bookkeeping per parameter; the single bucket is
       flattened once instead), one bucket for the whole model.
-    - several ranks: overlap_comm with contiguous double-buffered buckets of MULTI_RANK_BUCKET elements, so the
-      reduce-scatter of each bucket runs during the rest of backward.
+    - ZeRO-2, several ranks: overlap_comm with contiguous double-buffered buckets of MULTI_RANK_BUCKET elements, so
+      the reduce-scatter of each bucket runs during the rest of backward (at the price of a DeepSpeed hook on
+      every parameter, run after each micro-batch's backward).
+    - ZeRO-1 (the ViT-S/B recipes' path): no overlap_comm and no contiguous_gradients on any world size, so DeepSpeed
+      installs no gradient hook at all; the gradients are reduced once per optimizer step, after the last backward,
+      in buckets of MULTI_RANK_BUCKET elements (docs/ENGINE.md "Which path": benchmarks/ddp_overhead.py and
+      benchmarks/scaling_model.py --paths measure and model the choice).
     - throughput timers off: DeepSpeed's own images/s timer synchronizes the device twice per step; the trainer
       measures images/s itself on logging steps.
     """
@@ -76,6 +81,9 @@ def engine_defaults(zero_stage: int, world_size: int, grad_clip: float) -> dict:
         zero.update(compute_grad_norm=grad_clip > 0, overlap_comm=many, contiguous_gradients=many,
                     reduce_scatter=True, reduce_bucket_size=MULTI_RANK_BUCKET if many else 1_000_000_000,
                     allgather_bucket_size=500_000_000)
+    elif zero_stage == 1:  # no gradient hooks: the gradients are reduced once, after the step's last backward
+        zero.update(compute_grad_norm=grad_clip > 0, overlap_comm=False, contiguous_gradients=False,
+                    reduce_scatter=True, reduce_bucket_size=MULTI_RANK_BUCKET, allgather_bucket_size=500_000_000)
     return {"zero_optimization": zero, "timers": {"throughput": {"enabled": False}}}
 
 
@@ -100,6 +108,8 @@ def build_ds_config(recipe, world_size: int, device: torch.device) -> dict:
         cfg.setdefault("zero_optimization", {})["stage"] = recipe.deepspeed.zero_stage
     if recipe.deepspeed.load_universal:
         cfg.setdefault("checkpoint", {})["load_universal"] = True
+    if recipe.deepspeed.deepcompile:
+        cfg["compile"] = dict(cfg.get("compile", {}), deepcompile=True)
     _deep_update(cfg, recipe.deepspeed.overrides)
     cfg.update(train_batch_size=recipe.batch.global_batch,
                train_micro_batch_size_per_gpu=recipe.batch.micro_batch,
@@ -110,7 +120,19 @@ def build_ds_config(recipe, world_size: int, device: torch.device) -> dict:
     cfg.setdefault("steps_per_print", 1 << 30)
     cfg.setdefault("wall_clock_breakdown", False)
     _check_fp16(precision, stage, device)
+    _check_deepcompile(recipe.deepspeed.deepcompile, stage, device)
     return cfg
+
+
+def _check_deepcompile(on: bool, stage: int, device: torch.device) -> None:
+    """DeepCompile (DeepSpeed's compiler-driven ZeRO, no Python hooks) runs on CUDA only, for ZeRO-1 and 2 here."""
+    if on and device.type != "cuda":
+        raise RecipeError([f"deepspeed.deepcompile: DeepSpeed's DeepCompile runs on CUDA devices only; on "
+                           f"{device.type} use deepspeed.deepcompile=false (ZeRO-1 without hooks: "
+                           f"ds_configs/zero1.json), got true"])
+    if on and stage not in (1, 2):
+        raise RecipeError([f"deepspeed.deepcompile: compiles ZeRO-1 or ZeRO-2 here; expected deepspeed.zero_stage 1 "
+                           f"or 2, got stage {stage}"])
 
 
 def _check_fp16(precision: str, stage: int, device: torch.device) -> None:
@@ -174,12 +196,12 @@ def build_deepspeed_engine(model: torch.nn.Module, param_groups: List[dict], ds_
 
 def norm_is_ours(ds_config: dict, precision: str) -> bool:
     """True where DeepSpeed does not take the global grad norm itself, so the trainer takes it on logging steps
-    (`grad_norm`): ZeRO-0 with fp32 weights (fp32, amp-*: no DeepSpeed optimizer wrapper) and ZeRO-2 with
+    (`grad_norm`): ZeRO-0 with fp32 weights (fp32, amp-*: no DeepSpeed optimizer wrapper) and ZeRO-1/2 with
     compute_grad_norm off."""
     zero = ds_config.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
     fp32_weights = precision in ("fp32", "amp-bf16", "amp-fp16")
-    return (stage == 0 and fp32_weights) or (stage == 2 and not zero.get("compute_grad_norm", True))
+    return (stage == 0 and fp32_weights) or (stage in (1, 2) and not zero.get("compute_grad_norm", True))
 
 
 def grad_norm(engine) -> torch.Tensor:

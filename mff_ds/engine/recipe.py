@@ -125,6 +125,8 @@ class DeepSpeedSection(Section):
     load_universal: Bool = False                   # resume from a ds_to_universal checkpoint (other world size)
     compile: Bool = False                          # torch.compile the model through the engine (engine.compile())
     compile_mode: Literal[COMPILE_MODES] = "default"
+    deepcompile: Bool = False                      # DeepSpeed's DeepCompile (compile.deepcompile): ZeRO-1/2 compiled
+                                                   # without Python hooks; CUDA only
     overrides: Annotated[Dict[str, Any], AfterValidator(_not_reserved)] = {}  # deep-merged into the DeepSpeed config
 
 

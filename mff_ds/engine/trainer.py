@@ -129,8 +129,9 @@ class Task:
         o = self.recipe.optim
         engine, optimizer = build_deepspeed_engine(model, self.param_groups(model), run.ds_config, lr=self.recipe.lr(),
                                                    betas=o.betas, eps=o.eps, device=run.device)
-        if self.recipe.deepspeed.compile:  # in place: parameter and checkpoint names stay those of the eager model
-            engine.compile(compile_kwargs={"mode": self.recipe.deepspeed.compile_mode})
+        d = self.recipe.deepspeed
+        if d.compile or d.deepcompile:  # in place: parameter and checkpoint names stay those of the eager model;
+            engine.compile(compile_kwargs={"mode": d.compile_mode})  # with compile.deepcompile, DeepSpeed's backend
         return engine, optimizer
 
     def forward(self, engine, images, labels):
