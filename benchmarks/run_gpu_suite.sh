@@ -3,7 +3,8 @@
 #   1. install the wheels of any missing distribution from $WHEELHOUSE (default .whl; build it with
 #      launch/make_wheelhouse.sh) into /tmp/site, put it on PYTHONPATH;
 #   2. the engine (benchmarks/throughput.py, ViT-B/16 224 px bf16 micro batch 256, the recipes' torch ops): our
-#      engine as configured + the facebookresearch/mae loop, our plain torch loop, our engine + torch.compile,
+#      engine as configured (ZeRO-1 without hooks) + the facebookresearch/mae loop, our plain torch loop, our engine
+#      + torch.compile, ZeRO-2, DeepCompile,
 #      each for MFF and MAE, each with the device idle time per step from the profiler; then the host-overhead
 #      preset (engine vs plain loop at tiny widths, syncs per step); then MFF in each precision (one row each:
 #      fp32, bf16, amp-bf16, fp16, amp-fp16; img/s, paired step-time ratio to bf16, resident and peak memory);
@@ -82,6 +83,9 @@ if want throughput; then
   step "engine as configured" "$(cap 75 330)" "$PY" benchmarks/throughput.py "${E[@]}" --out-dir "$RES/engine"
   step "plain loop" "$(cap 50 280)" "$PY" benchmarks/throughput.py "${E[@]}" --engine plain --no-baseline --out-dir "$RES/plain"
   step "engine + compile" "$(cap 120 230)" "$PY" benchmarks/throughput.py "${E[@]}" --compile --no-baseline --out-dir "$RES/compiled"
+  # the other DeepSpeed paths (docs/ENGINE.md "Which path"): ZeRO-2 with its hooks, and DeepCompile
+  step "engine zero2" "$(cap 50 200)" "$PY" benchmarks/throughput.py "${E[@]}" --zero-stage 2 --no-baseline --out-dir "$RES/zero2"
+  step "engine deepcompile" "$(cap 120 180)" "$PY" benchmarks/throughput.py "${E[@]}" --deepcompile --no-baseline --out-dir "$RES/deepcompile"
   step "host overhead" "$(cap 30 200)" "$PY" benchmarks/throughput.py --preset overhead --steps 40 --out-dir "$RES"
   step "precisions" "$(cap 90 170)" "$PY" benchmarks/throughput.py --kernels torch --precisions bf16,fp32,amp-bf16,fp16,amp-fp16 \
     --steps 8 --warmup 2 --out-dir "$RES"

@@ -129,13 +129,16 @@ def path_model(n: int, *, tensors: int, hook_us: float, **kw) -> dict:
 
 def paths_main(args) -> dict:
     """--paths: the table docs/ENGINE.md shows; which path is faster per model size and GPU count."""
+    import torch
+
     from mff_ds.models import build_model, resolve_config
     from mff_ds.models.flops import flops_per_image
     per_image = MEASURED["step_s"] / MEASURED["micro_batch"] / flops_per_image(resolve_config(MEASURED["arch"]))
     overlap = args.overlap
     rows = []
     for arch, micro in PATH_ARCHS.items():
-        model = build_model(arch, kernels="torch")
+        with torch.device("meta"):  # shapes only
+            model = build_model(arch, kernels="torch")
         params = [p for p in model.parameters() if p.requires_grad]
         step_s = per_image * flops_per_image(model.cfg) * micro
         kw = dict(step_s=step_s, micro_batch=micro, params=float(sum(p.numel() for p in params)), grad_bytes=2,

@@ -6,7 +6,8 @@
     python benchmarks/throughput.py --device cpu --precisions bf16,amp-bf16   # MFF step time per precision
 
 Three trainers live in one process: MFF and plain MAE, each built like pretraining builds it (recipe ->
-build_ds_config -> ZeRO-2 DeepSpeed engine -> engine.optim.build_deepspeed_engine, torch's fused AdamW), and the
+build_ds_config -> DeepSpeed engine (ZeRO-1 without hooks, the ViT-S/B recipes' path; --zero-stage 2, --deepcompile)
+-> engine.optim.build_deepspeed_engine, torch's fused AdamW), and the
 official facebookresearch/mae loop
 (benchmarks/mae_baseline.py). Each is warmed up (--warmup steps, not timed), then the timed steps alternate
 MFF, MAE, baseline, MFF, ... so drifts of clock or load hit all three alike. A step = forward + backward +
@@ -32,7 +33,7 @@ or our code; benchmarks/host_syncs.py) counted over one extra step of each train
 
 --preset overhead: MFF with ViT-B's parameter layout (12 + 8 blocks, 6 fused levels, 265 tensors) at tiny widths
 (48-d encoder, 32-d decoder, 32 px, micro batch 2, bf16), so a step is almost all framework work on the host.
-Trainers: our engine as the recipe configures it (configs/mff_vit-b_300e.yaml through build_ds_config, ZeRO-2
+Trainers: our engine as the recipe configures it (configs/mff_vit-b_300e.yaml through build_ds_config, ZeRO-1
 bf16), our plain loop (autocast, fused AdamW), and the same engine with DeepSpeed's default settings for the stage
 (what engine_defaults replaces), timed alternately; reported: host ms per step of each, the paired ratios to the
 plain loop (median over the alternation rounds), and the sync points per step. On CUDA, add
@@ -98,7 +99,10 @@ def parse_args(argv=None):
     from mff_ds.engine.recipe import COMPILE_MODES
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile mode with --compile (as the recipe's deepspeed.compile_mode)")
-    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2), default=2, help="DeepSpeed ZeRO stage of our engine")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2), default=1,
+                   help="DeepSpeed ZeRO stage of our engine (1: the ViT-S/B recipes' ds_configs/zero1.json)")
+    p.add_argument("--deepcompile", action="store_true",
+                   help="DeepSpeed's DeepCompile (the recipe's deepspeed.deepcompile; CUDA only)")
     p.add_argument("--engine", choices=("deepspeed", "plain"), default="deepspeed",
                    help="plain: our model in an eager torch loop (autocast, fp32 weights, fused AdamW) to separate "
                         "the model's cost from the engine's")
@@ -181,7 +185,7 @@ class Trainer:
 
 
 def build_ours(cfg, args, device, precision, world_size=1):
-    """Our pretraining path: recipe -> DeepSpeed config (ZeRO-2 unless --zero-stage) -> build_deepspeed_engine.
+    """Our pretraining path: recipe -> DeepSpeed config (ZeRO-1 unless --zero-stage) -> build_deepspeed_engine.
     One optimizer step per micro batch on every rank (global batch = micro batch x world size)."""
     from mff_ds.engine import ds_compat
     from mff_ds.engine.optim import build_deepspeed_engine, build_ds_config, precision_of
@@ -192,7 +196,8 @@ def build_ours(cfg, args, device, precision, world_size=1):
         return build_plain(cfg, args, device, precision)
     recipe = from_dict({"precision": precision, "model": cfg.to_dict(),
                         "batch": {"global_batch": m * world_size, "micro_batch": m},
-                        "deepspeed": {"config": f"ds_configs/zero{args.zero_stage}.json"}},
+                        "deepspeed": {"config": f"ds_configs/zero{args.zero_stage}.json",
+                                      "deepcompile": getattr(args, "deepcompile", False)}},
                        world_size=world_size, source="throughput")
     ds_config = build_ds_config(recipe, world_size, device)
     assert precision_of(ds_config) == precision
@@ -208,7 +213,7 @@ def build_ours(cfg, args, device, precision, world_size=1):
                                          eps=recipe.optim.eps, device=device)
     if stock:
         ds_compat.restore_view_refresh(engine.optimizer)  # DeepSpeed's own per-step view refresh again
-    if args.compile:
+    if args.compile or recipe.deepspeed.deepcompile:  # as Task.build_engine does
         engine.compile(compile_kwargs={"mode": args.compile_mode})
 
     def step(x):
@@ -217,6 +222,7 @@ def build_ours(cfg, args, device, precision, world_size=1):
         engine.step()
 
     name = ("MFF" if model.is_mff else "MAE") + (" compiled" if args.compile else "") + (" stock" if stock else "")
+    name += " DeepCompile" if recipe.deepspeed.deepcompile else ""
     return Trainer(name, step, flops_per_image(cfg), n_params, type(opt).__name__ + "(fused=True)", DTYPES[precision])
 
 
@@ -411,6 +417,7 @@ def markdown(res: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     base = res.get("baseline_mae")
     how = "plain torch loop" if c.get("engine") == "plain" else f"DeepSpeed ZeRO-{c.get('zero_stage', 2)}"
+    how += ", DeepCompile" if c.get("deepcompile") else ""
     how += ", compiled" if c.get("compile") else ""
     for role, label in (("mff", f"MFF (ours, {how})"), ("mae", f"MAE (ours, {how})"),
                         ("baseline_mae", "MAE (facebookresearch/mae loop)")):
@@ -644,7 +651,8 @@ def main(argv=None) -> dict:
                      "compile": args.compile, "steps": args.steps, "warmup": args.warmup, "data": args.data,
                      "decode": args.decode if args.data else None, "workers": args.workers if args.data else None,
                      "peak_tflops": peak, "engine": args.engine,
-                     "zero_stage": args.zero_stage if args.engine == "deepspeed" else None, "mff_model": mff_cfg.to_dict(),
+                     "zero_stage": args.zero_stage if args.engine == "deepspeed" else None,
+                     "deepcompile": args.deepcompile, "mff_model": mff_cfg.to_dict(),
                      "mae_model": mae_cfg.to_dict(), "optimizer": res["mff"]["optimizer"],
                      "setup_and_warmup_s": setup_s, "run_s": run_s, "torch": torch.__version__}
     res["device"] = device_name(device)

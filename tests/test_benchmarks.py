@@ -67,7 +67,7 @@ def test_overhead_preset_compares_engine_and_plain_loop_on_vit_b_layout(tmp_path
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(out.read_text())
     c = res["config"]
-    assert (c["precision"], c["micro_batch"], c["zero_stage"]) == ("bf16", 2, 2)
+    assert (c["precision"], c["micro_batch"], c["zero_stage"]) == ("bf16", 2, 1)  # the ViT-B recipes' path
     assert (c["model"]["depth"], c["model"]["decoder_depth"], len(c["model"]["out_indices"])) == (12, 8, 6)
     assert c["n_param_tensors"] == sum(1 for _ in build_model("mff_vit_base_patch16").parameters())
     for role in ("engine", "plain", "engine_stock"):
@@ -244,3 +244,36 @@ def test_data_benchmarks_device_path_on_cpu(tmp_path):
     assert res["config"]["decode"] == "gpu" and res["mff_synthetic"]["timed_steps"] == 3
     assert math.isclose(res["real_over_synthetic"], res["mff"]["img_per_s"] / res["mff_synthetic"]["img_per_s"])
     assert "real / synthetic" in (tmp_path / "tp.md").read_text()
+
+
+# ------------------------------------------------------------------ the DeepSpeed paths
+def test_path_model_charges_zero2_its_hooks_and_zero1_its_exposed_reduce():
+    kw = dict(KW, overlap=1.0)
+    free = scaling_model.path_model(64, tensors=263, hook_us=0.0, **kw)  # hooks free: overlap can only help
+    assert free["zero1_over_zero2"] >= 1.0 and free["zero2_hooks_s"] == 0
+    r = scaling_model.path_model(8, tensors=263, hook_us=15.0, **kw)  # 512 img/GPU: 2 micro steps of 256
+    ring = 7 / 8 * 100e6 * 2 / 300e9 + 7 * 5e-6
+    assert r["accum"] == 2 and math.isclose(r["zero2_hooks_s"], 2 * 263 * 15e-6)
+    assert math.isclose(r["zero1_step_s"], 512 * 0.4 / 256 + 2 * ring)  # one reduce-scatter + one all-gather
+
+
+def test_scaling_paths_table(tmp_path, capsys):
+    res = scaling_model.main(["--paths", "--json", str(tmp_path / "p.json")])
+    assert [(r["arch"], r["gpus"]) for r in res["rows"]][:3] == [("mff_vit_base_patch16", n) for n in (8, 64, 256)]
+    assert len(res["rows"]) == 9 and res["overlap"] == 1.0
+    assert "| ZeRO-1 / ZeRO-2 |" in (tmp_path / "p.md").read_text()
+
+
+def test_ddp_overhead_two_ranks(tmp_path):
+    """benchmarks/ddp_overhead.py on 2 gloo ranks: every trainer's row, collectives timed for ours."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "ddp_overhead.py"), "--steps", "2", "--warmup", "1",
+           "--out-dir", str(tmp_path)]
+    p = forkserver.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "ddp_overhead_w2.json").read_text())
+    assert list(res["rows"]) == ["zero2", "zero1", "ddp"] and res["model_tensors"] == 265
+    assert res["rows"]["ddp"]["ratio_to_ddp"] == 1.0 and res["rows"]["ddp"]["collective_ms"] is None
+    for name in ("zero1", "zero2"):
+        r = res["rows"][name]
+        assert r["step_ms"] > 0 and 0 < r["collective_ms"] < r["step_ms"]
+    assert len(res["raw"]) == 2 and len(res["raw"][0]["times"]["zero1"]) == 2

@@ -79,6 +79,30 @@ def test_zero1_installs_no_gradient_hook_and_zero2_one_per_parameter(dist_env):
     assert z1["reduce_bucket_size"] == MULTI_RANK_BUCKET and not z1["compute_grad_norm"]
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_single_rank_zero1_skips_the_reduce_with_the_same_weights(dist_env, precision):
+    """One rank, ZeRO-1, 2 accumulation steps: without DeepSpeed's per-parameter reduce over the one rank the
+    weights are bit-identical to those with it."""
+    from mff_ds.engine import ds_compat
+    r = recipe(1, precision=precision, deepspeed={"zero_stage": 1}, batch={"global_batch": 8, "micro_batch": 4})
+    ours, theirs = engine_for(r), engine_for(r)
+    assert "reduce_gradients" in vars(ours.optimizer)  # the patch is in place
+    ds_compat.restore_view_refresh(theirs.optimizer)
+    g = torch.Generator().manual_seed(2)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    for _ in range(6):
+        x = torch.randn(4, 3, 24, 24, generator=g).to(dtype)
+        noise = torch.rand(4, 9, generator=g)
+        for e in (ours, theirs):
+            e.backward(e(x, noise=noise).loss)
+            e.step()
+    assert ours.global_steps == theirs.global_steps == 3
+    for (n, a), (_, b) in zip(ours.module.named_parameters(), theirs.module.named_parameters()):
+        assert torch.equal(a, b), n
+    moved = engine_for(r)
+    assert any(not torch.equal(a, b) for a, b in zip(ours.module.parameters(), moved.module.parameters()))
+
+
 def test_deepcompile_is_refused_in_one_line_off_cuda():
     with pytest.raises(RecipeError, match="deepspeed.deepcompile: DeepSpeed's DeepCompile runs on CUDA devices only"):
         build_ds_config(recipe(1, deepspeed={"deepcompile": True}), 1, torch.device("cpu"))

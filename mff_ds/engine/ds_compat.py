@@ -66,9 +66,25 @@ def skip_view_refresh_while_intact(zero_optimizer) -> bool:
     return True
 
 
+def skip_single_rank_reduce(zero_optimizer) -> bool:
+    """ZeRO-1 without hooks on one rank: DeepSpeed's reduce_gradients() still walks every parameter at the step's
+    end, copies its gradient into a bucket, all-reduces it over the one rank (divides by 1) and copies it back, before
+    the epilogue that builds the optimizer's flat gradient partition. Run the epilogue alone there: the same values,
+    without per-parameter host work. Returns whether the patch is in place."""
+    import torch.distributed as dist
+    if (type(zero_optimizer).__name__ != "DeepSpeedZeroOptimizer" or getattr(zero_optimizer, "partition_gradients", True)
+            or getattr(zero_optimizer, "overlap_comm", True) or getattr(zero_optimizer, "contiguous_gradients", True)
+            or dist.get_world_size(group=zero_optimizer.dp_process_group) != 1 or not check_version()):
+        return False
+    zero_optimizer.reduce_gradients = lambda pipeline_parallel=False: \
+        zero_optimizer.independent_gradient_partition_epilogue()
+    return True
+
+
 def restore_view_refresh(zero_optimizer) -> None:
-    """DeepSpeed's own per-step refresh again (the benchmarks' "stock DeepSpeed" trainer)."""
+    """DeepSpeed's own per-step refresh and reduce again (the benchmarks' "stock DeepSpeed" trainer, the tests)."""
     zero_optimizer.__dict__.pop("_update_model_bit16_weights", None)
+    zero_optimizer.__dict__.pop("reduce_gradients", None)
 
 
 def loss_scale(engine) -> float:

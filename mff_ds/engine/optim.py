@@ -189,6 +189,7 @@ def build_deepspeed_engine(model: torch.nn.Module, param_groups: List[dict], ds_
     ds_compat.forget_autocast_of_earlier_engines()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=copy.deepcopy(ds_config))
     ds_compat.skip_view_refresh_while_intact(engine.optimizer)
+    ds_compat.skip_single_rank_reduce(engine.optimizer)
     if precision_of(ds_config) == "amp-fp16":
         ds_compat.amp_fp16_loss_scale(engine.optimizer)
     return engine, optimizer
