@@ -246,3 +246,19 @@ def test_amp_fp16_zero2_trains_with_a_dynamic_loss_scale_on_cuda(tmp_path):
     assert {v.dtype for v in model["module"].values()} == {torch.float32}
     ds = json.loads((out / "ds_config.json").read_text())
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "float16", "lower_precision_safe_modules": []}
+
+
+def test_amp_bf16_on_zero1_without_hooks_matches_zero2_and_resumes_bit_exactly(runs, tmp_path):
+    """The ViT-S/B path (ZeRO-1 without gradient hooks) with amp-bf16: ZeRO-2's losses to 1e-6, and a run stopped
+    halfway and resumed ends on the straight run's weights."""
+    z1 = ("precision=amp-bf16", "deepspeed.config=ds_configs/zero1.json")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    launch(straight, *z1)
+    assert json.loads((straight / "ds_config.json").read_text())["zero_optimization"]["stage"] == 1
+    a, b = losses(straight), losses(runs / "amp-bf16")
+    assert max(abs(a[s] / b[s] - 1) for s in b) < 1e-6
+    launch(split, *z1, max_steps=STEPS // 2)
+    launch(split, *z1)
+    wa, wb = load_file(str(straight / "model_fp32.safetensors")), load_file(str(split / "model_fp32.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert losses(split) == a

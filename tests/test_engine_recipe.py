@@ -170,9 +170,12 @@ def test_deepspeed_config_merge():
     r = load_recipe(str(REPO / "configs" / "mff_vit-b_300e.yaml"), ["batch.micro_batch=256"], world_size=8)
     cpu = torch.device("cpu")
     c = build_ds_config(r, 8, cpu)
-    z = c["zero_optimization"]
-    assert (z["stage"], z["overlap_comm"], z["contiguous_gradients"], z["reduce_scatter"]) == (2, True, True, True)
+    z = c["zero_optimization"]  # ViT-B: ZeRO-1 without gradient hooks (docs/ENGINE.md "Which path")
+    assert (z["stage"], z["overlap_comm"], z["contiguous_gradients"], z["reduce_scatter"]) == (1, False, False, True)
     assert z["reduce_bucket_size"] > 0 and z["allgather_bucket_size"] > 0
+    z2 = build_ds_config(load_recipe(str(REPO / "configs" / "mff_vit-l_800e.yaml"), world_size=8), 8, cpu)
+    z2 = z2["zero_optimization"]  # ViT-L: ZeRO-2 with its overlapped reduce
+    assert (z2["stage"], z2["overlap_comm"], z2["contiguous_gradients"], z2["reduce_scatter"]) == (2, True, True, True)
     assert (c["train_batch_size"], c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"]) == (4096, 256, 2)
     assert not c["bf16"]["enabled"] and not c["fp16"]["enabled"]  # auto on CPU = fp32
     with pytest.raises(RecipeError, match="fp16 needs a CUDA device"):

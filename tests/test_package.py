@@ -41,6 +41,7 @@ def run_outside(installed: Path, cwd: Path, *args, timeout=300):
 
 def test_installed_package_ships_configs_and_recipes(installed, tmp_path):
     assert (installed / "mff_ds" / "ds_configs" / "zero2.json").is_file()
+    assert (installed / "mff_ds" / "ds_configs" / "zero1.json").is_file()
     p = run_outside(installed, tmp_path, "-m", "mff_ds.pretrain", "--help")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "mff_vit-b_300e" in p.stdout  # the shipped recipes are listed by name
@@ -52,7 +53,7 @@ def test_installed_package_ships_configs_and_recipes(installed, tmp_path):
     p = run_outside(installed, tmp_path, "-c", code)
     assert p.returncode == 0, p.stderr[-3000:]
     where, stage = p.stdout.split()
-    assert where.startswith(str(installed)) and stage == "2"
+    assert where.startswith(str(installed)) and stage == "1"  # ds_configs/zero1.json, from the install
     p = run_outside(installed, tmp_path, "-m", "mff_ds.pretrain", "--config", "no_such_recipe")
     assert p.returncode == 2 and "mff_vit-b_300e" in p.stderr and "Traceback" not in p.stderr
 
