@@ -57,7 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--intra-latency-us", type=float, default=5.0)
     p.add_argument("--inter-latency-us", type=float, default=15.0)
     p.add_argument("--overlap", type=float, default=None,
-                   help="fraction of the backward that hides the gradient reduce-scatter (overlap_comm); 0..1 (default 0; --paths: 1)")
+                   help="fraction of the backward that hides the gradient reduce-scatter (overlap_comm); 0..1 "
+                        "(default 0; --paths: 1)")
     p.add_argument("--max-gpus", type=int, default=512)
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     p.add_argument("--json", default=None, metavar="OUT", help="default <out-dir>/scaling_model.json")

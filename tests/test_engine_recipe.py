@@ -49,7 +49,7 @@ def test_bad_recipe_lists_every_problem(tmp_path):
         "name": "bad", "colour": "red",
         "model": {"arch": "mff_vit_tiny_patch16", "depht": 3, "img_size": "big"},
         "data": {"source": "synthetic", "num_workers": -1, "shuffle": True},
-        "batch": {"global_batch": 100, "micro_batch": 16},
+        "batch": {"global_batch": 101, "micro_batch": 16},
         "optim": {"base_lr": "fast", "betas": [0.9]},
         "schedule": {"epochs": 10, "warmup_epochs": 20},
         "logging": {"every_steps": 0, "verbose": True},
@@ -60,7 +60,8 @@ def test_bad_recipe_lists_every_problem(tmp_path):
     expected = ["colour: unknown key", "data.shuffle: unknown key", "logging.verbose: unknown key",
                 "optim.base_lr: expected float, got 'fast'", "model.depht: unknown key",
                 "model.img_size: expected int, got 'big'", "data.num_workers: expected >= 0, got -1",
-                "batch.global_batch: 100 cannot be formed", "optim.betas: expected two numbers",
+                "batch.global_batch: 101 images cannot be split exactly over 2 rank(s)",
+                "optim.betas: expected two numbers",
                 "schedule.warmup_epochs: expected in [0, epochs=10], got 20.0", "logging.every_steps: expected >= 1"]
     for item in expected:
         assert item in msg, (item, msg)
@@ -68,14 +69,14 @@ def test_bad_recipe_lists_every_problem(tmp_path):
     bad.write_text(yaml.safe_dump({
         "model": {"arch": "mff_vit_tiny_patch16", "img_size": 30, "patch_size": 8},
         "data": {"source": "synthetic", "num_workers": -1},
-        "batch": {"global_batch": 100, "micro_batch": 16},
+        "batch": {"global_batch": 101, "micro_batch": 16},
         "optim": {"betas": [0.9]}, "schedule": {"epochs": 10, "warmup_epochs": 20},
         "logging": {"every_steps": 0}, "deepspeed": {"config": "nope.json"},
     }))
     with pytest.raises(RecipeError) as e:
         load_recipe(str(bad), world_size=2)
     p = e.value.problems
-    want = ["batch.global_batch: 100 cannot be formed from micro_batch 16 x world size 2 = 32",
+    want = ["batch.global_batch: 101 images cannot be split exactly over 2 rank(s) with at most 16 per micro batch",
             "optim.betas:", "schedule.warmup_epochs:", "logging.every_steps:", "deepspeed.config:",
             "model.img_size: expected a multiple of patch_size 8",
             "data.num_workers:"]
@@ -88,8 +89,9 @@ def test_three_problems_of_different_kinds_are_all_reported():
     with pytest.raises(RecipeError) as e:  # a wrong type, a batch no world of 8 can form, a negative epoch count
         load_recipe("demo", ["optim.weight_decay=lots", "batch.global_batch=100", "schedule.epochs=-3"], world_size=8)
     assert e.value.problems == [
-        "batch.global_batch: 100 cannot be formed from micro_batch 16 x world size 8 = 128 images per micro-step; "
-        "expected a multiple of 128",
+        "batch.global_batch: 100 images cannot be split exactly over 8 rank(s) with at most 16 per micro batch; "
+        "nearest: 96 (micro 12 x 1 accumulation, lr 0.0045) or 104 (micro 13 x 1 accumulation, lr 0.004875); "
+        "expected one of those, or batch.global_batch_policy: nearest to take the closest",
         "optim.weight_decay: expected float, got 'lots' (str)",
         "schedule.epochs: expected > 0, got -3"], e.value.problems
 
@@ -204,11 +206,11 @@ def test_launcher_environments():
 
 def test_cli_fails_fast_on_bad_recipe(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nbatch: {global_batch: 10, micro_batch: 4}\nmodel: {arch: mff_vit_nano_patch16}\n")
+    bad.write_text("name: x\nbatch: {global_batch: 11, micro_batch: 4}\nmodel: {arch: mff_vit_nano_patch16}\n")
     env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
     p = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(bad), "--output-dir",
                         str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2
-    assert "batch.global_batch: 10 cannot be formed from micro_batch 4 x world size 2" in p.stderr
+    assert "batch.global_batch: 11 images cannot be split exactly over 2 rank(s)" in p.stderr
     assert "model.arch: unknown architecture 'mff_vit_nano_patch16'" in p.stderr
     assert not (tmp_path / "out").exists()  # no work started

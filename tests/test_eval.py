@@ -108,10 +108,12 @@ def test_bad_recipe_lists_every_problem():
     with pytest.raises(RecipeError) as e:
         from_dict({"task": "finetune", "model": dict(TINY), "data": {"source": "imagefolder"}, "head": {"drop_path": 1},
                    "augment": {"mixup": 0.8}, "batch": {"global_batch": 6, "micro_batch": 3}}, 2)
-    assert e.value.problems == [
+    assert e.value.problems == [  # Mixup / CutMix pair the images of a micro batch: at most 3 per rank leaves 2
+        "batch.global_batch: 6 images cannot be split exactly over 2 rank(s) with at most 3 per micro batch (a "
+        "multiple of 2); nearest: 4 (micro 2 x 1 accumulation, lr 7.813e-06) or 8 (micro 2 x 2 accumulation, lr "
+        "1.563e-05); expected one of those, or batch.global_batch_policy: nearest to take the closest",
         "data.train_path: expected a directory or shard pattern for source 'imagefolder', got None",
         "data.val_path: expected a directory or shard pattern for source 'imagefolder', got None",
-        "batch.micro_batch: Mixup/CutMix pair images within a batch; expected an even number, got 3",
         "head.drop_path: expected < 1, got 1"], e.value.problems
 
 
@@ -121,8 +123,9 @@ def test_three_problems_of_different_kinds_are_all_reported():
         load_eval_recipe("configs/finetune_demo.yaml", ["optim.weight_decay=lots", "batch.global_batch=100",
                                                         "schedule.epochs=-3"], world_size=8)
     assert e.value.problems == [
-        "batch.global_batch: 100 cannot be formed from micro_batch 64 x world size 8 = 512 images per micro-step; "
-        "expected a multiple of 512",
+        "batch.global_batch: 100 images cannot be split exactly over 8 rank(s) with at most 64 per micro batch (a "
+        "multiple of 2); nearest: 96 (micro 12 x 1 accumulation, lr 0.000375) or 112 (micro 14 x 1 accumulation, lr "
+        "0.0004375); expected one of those, or batch.global_batch_policy: nearest to take the closest",
         "optim.weight_decay: expected float, got 'lots' (str)",
         "schedule.epochs: expected > 0, got -3"], e.value.problems
 

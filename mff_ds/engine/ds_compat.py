@@ -72,8 +72,9 @@ def skip_single_rank_reduce(zero_optimizer) -> bool:
     the epilogue that builds the optimizer's flat gradient partition. Run the epilogue alone there: the same values,
     without per-parameter host work. Returns whether the patch is in place."""
     import torch.distributed as dist
-    if (type(zero_optimizer).__name__ != "DeepSpeedZeroOptimizer" or getattr(zero_optimizer, "partition_gradients", True)
-            or getattr(zero_optimizer, "overlap_comm", True) or getattr(zero_optimizer, "contiguous_gradients", True)
+    hooked = any(getattr(zero_optimizer, k, True) for k in ("partition_gradients", "overlap_comm",
+                                                             "contiguous_gradients"))
+    if (type(zero_optimizer).__name__ != "DeepSpeedZeroOptimizer" or hooked
             or dist.get_world_size(group=zero_optimizer.dp_process_group) != 1 or not check_version()):
         return False
     zero_optimizer.reduce_gradients = lambda pipeline_parallel=False: \

@@ -8,12 +8,14 @@ import os
 from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple
 
 import yaml
-from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (AfterValidator, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from mff_ds.common import UserError
+from mff_ds.engine import batch
 from mff_ds.engine.schedule import LEGACY
 from mff_ds.schema import (Bool, Float, NonNegFloat, NonNegInt, PosFloat, PosInt, Section, fail, float_, int_,
-                           problems_of)
+                           problem, problems_of)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # configs/ and ds_configs/ sit at the repo root in a checkout; an installed package carries them as package data
@@ -31,16 +33,19 @@ class RecipeError(UserError):
 
 class BatchConfig(Section):
     global_batch: PosInt = 4096       # images per optimizer step, all ranks together
-    micro_batch: PosInt = 512         # images per forward on one device; accumulation = global / (micro * world)
+    micro_batch: PosInt = 512         # the most images one device holds in a forward; the engine takes the largest
+                                      # micro batch up to it that splits the global batch exactly (engine.batch)
+    # where no split is exact: refuse, naming the nearest global batches and their lr (exact), or train with the
+    # nearest one and say so at the start (nearest). Either way recipe.yaml records what was trained.
+    global_batch_policy: Literal["exact", "nearest"] = "exact"
 
     @model_validator(mode="after")
-    def _fits_the_world(self, info: ValidationInfo):
-        # the world size comes from the launcher, through the validation context (None: not checked)
-        world = (info.context or {}).get("world_size")
-        per_step = self.micro_batch * (world or 1)
-        if world and self.global_batch % per_step:
-            fail([("global_batch", f"{self.global_batch} cannot be formed from micro_batch {self.micro_batch} x "
-                   f"world size {world} = {per_step} images per micro-step; expected a multiple of {per_step}")])
+    def _splits_over_the_world(self, info: ValidationInfo):
+        # the world size comes from the launcher through the validation context (None: not checked), with the
+        # recipe's base_lr for the lr each alternative gives (BaseRecipe._base_lr_for_the_batch_check)
+        ctx = info.context or {}
+        if ctx.get("world_size") and self.global_batch_policy == "exact":
+            plan_batch(self, ctx.get("base_lr"), ctx["world_size"], ctx.get("micro_multiple", 1))  # the problem
         return self
 
 
@@ -173,6 +178,43 @@ class BaseRecipe(Section):
     checkpoint: CheckpointBase = Field(default_factory=CheckpointBase)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
+    _batch_note: Optional[str] = PrivateAttr(default=None)  # what the batch arithmetic changed, said at the start
+
+    @model_validator(mode="before")
+    @classmethod
+    def _base_lr_for_the_batch_check(cls, data, info: ValidationInfo):
+        """The batch section is checked before the optim section exists: hand it the base_lr (for the lr of the
+        alternatives it names) through the validation context; None when the recipe's own value is not a number."""
+        if isinstance(info.context, dict) and isinstance(data, dict):
+            optim = data.get("optim") if isinstance(data.get("optim"), dict) else {}
+            default = cls.model_fields["optim"].get_default(call_default_factory=True).base_lr
+            try:
+                info.context["base_lr"] = float(optim.get("base_lr", default))
+            except (TypeError, ValueError):
+                info.context["base_lr"] = None
+            info.context["micro_multiple"] = cls.micro_multiple(data)
+        return data
+
+    @model_validator(mode="after")
+    def _batch_for_the_world(self, info: ValidationInfo):
+        """The micro batch (and, with global_batch_policy nearest, the global batch) for the launcher's world size,
+        which comes through the validation context (None: not checked). Runs once every field is valid; the
+        optim field's validator has already reported an impossible split among the other problems."""
+        ctx = info.context or {}
+        if ctx.get("world_size"):
+            plan, self._batch_note = plan_batch(self.batch, self.optim.base_lr, ctx["world_size"],
+                                                ctx.get("micro_multiple", 1))
+            self.batch.global_batch, self.batch.micro_batch = plan.global_batch, plan.micro
+        return self
+
+    @classmethod
+    def micro_multiple(cls, data: dict) -> int:
+        """A micro batch must be a multiple of this, from the recipe's raw tree (Mixup / CutMix pair images)."""
+        return 1
+
+    def batch_note(self) -> Optional[str]:
+        return self._batch_note
+
     @field_validator("optim")
     @classmethod
     def _min_lr_below_lr(cls, o, info: ValidationInfo):
@@ -193,6 +235,33 @@ class BaseRecipe(Section):
 
     def compat_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.compat_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plan_batch(b: BatchConfig, base_lr: Optional[float], world: int,
+               multiple: int = 1) -> Tuple[batch.BatchPlan, Optional[str]]:
+    """(the split of batch section `b` over `world` ranks, a line saying what it changed or None); the problem
+    "batch.global_batch: ..." naming the nearest feasible global batches and their lr when it cannot split."""
+    plan, note = batch.split(b.global_batch, b.micro_batch, world, multiple), None
+    if plan is None:
+        options = batch.nearest(b.global_batch, b.micro_batch, world, multiple)
+        said = " or ".join(f"{p.global_batch} (micro {p.micro} x {p.accum} accumulation" +
+                           (f", lr {batch.lr_for(base_lr, p.global_batch):.4g})" if base_lr else ")") for p in options)
+        if b.global_batch_policy == "exact":
+            raise problem(f"{b.global_batch} images cannot be split exactly over {world} rank(s) with at most "
+                          f"{b.micro_batch} per micro batch{' (a multiple of 2)' if multiple == 2 else ''}; nearest: "
+                          f"{said}; expected one of those, or batch.global_batch_policy: nearest to take the closest",
+                          key="batch.global_batch")
+        plan = min(options, key=lambda p: (abs(p.global_batch - b.global_batch), p.global_batch))
+        note = (f"batch: global_batch_policy nearest: {b.global_batch} images do not split over {world} rank(s); "
+                f"training with {plan.describe()}, lr {batch.lr_for(base_lr, plan.global_batch):.4g} (base_lr x "
+                f"{plan.global_batch} / 256) instead of {batch.lr_for(base_lr, b.global_batch):.4g}")
+    elif plan.micro != b.micro_batch:
+        note = f"batch: {plan.describe()} (batch.micro_batch {b.micro_batch} is the most per rank)"
+    if not batch.efficient(plan, b.micro_batch):
+        faster = " or ".join(str(p.global_batch) for p in batch.nearest(plan.global_batch, b.micro_batch, world,
+                                                                        multiple))
+        note += f"; warning: micro batch {plan.micro} is far below {b.micro_batch}: {faster} images would run faster"
+    return plan, note
 
 
 def validate(cls, tree: dict, world_size: Optional[int] = None, source: str = "recipe"):

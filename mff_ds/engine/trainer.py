@@ -461,6 +461,8 @@ def setup(task: Task, output_dir: str, max_steps: Optional[int], resume: str) ->
     found = resume_target(task, v, resume)
     v.resumed = bool(found)
     if v.is_main:
+        if r.batch_note():  # the batch arithmetic changed the micro (or, policy nearest, the global) batch
+            print(r.batch_note(), file=sys.stderr, flush=True)
         os.makedirs(output_dir, exist_ok=True)
         save_recipe(r, os.path.join(output_dir, "recipe.yaml"))
         write_json(os.path.join(output_dir, "ds_config.json"), ds_config)
@@ -474,7 +476,10 @@ def setup(task: Task, output_dir: str, max_steps: Optional[int], resume: str) ->
     zero = ds_config.get("zero_optimization", {})
     meta = {"format_version": ckpt.FORMAT_VERSION, "recipe_hash": r.compat_hash(), "compat": r.compat_dict(),
             "recipe": r.to_dict(), "world_size": v.world, "zero_stage": int(zero.get("stage", 0)),
-            "precision": precision, "name": r.name, "parameter_alignment": bool(zero.get("parameter_alignment"))}
+            "precision": precision, "name": r.name, "parameter_alignment": bool(zero.get("parameter_alignment")),
+            "batch_plan": {"global_batch": r.batch.global_batch, "micro_batch": r.batch.micro_batch,
+                           "accumulation": accum, "world_size": v.world, "policy": r.batch.global_batch_policy,
+                           "lr": r.lr()}}
     s = Loop(task, v, v.engine, optimizer, loader, accum, schedule.steps_per_epoch * accum, schedule, meta,
              own_norm=norm_is_ours(ds_config, precision))
     v.save, v.say = lambda: save(s), (lambda line: s.bar.write(line)) if v.is_main and not task.quiet else print_none

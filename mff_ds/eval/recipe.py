@@ -129,15 +129,6 @@ class EvalRecipe(BaseRecipe):
         fail([(k, why) for k in ("train_path", "val_path") if (why := SOURCES.get(d.source).path_problem(getattr(d, k)))])
         return d
 
-    @field_validator("augment")
-    @classmethod
-    def _mixup_pairs(cls, a, info: ValidationInfo):
-        b = info.data.get("batch")
-        if b is not None and (a.mixup > 0 or a.cutmix > 0) and b.micro_batch % 2:
-            raise problem(f"Mixup/CutMix pair images within a batch; expected an even number, got {b.micro_batch}",
-                          key="batch.micro_batch")
-        return a
-
     @field_validator("task")
     @classmethod
     def _linprobe_trains_the_head(cls, task, info: ValidationInfo):
@@ -146,6 +137,14 @@ class EvalRecipe(BaseRecipe):
             raise problem(f"the linear probe trains only the head; expected 1.0, got {o.layer_decay}",
                           key="optim.layer_decay")
         return task
+
+    @classmethod
+    def micro_multiple(cls, data: dict) -> int:
+        aug = data.get("augment") if isinstance(data.get("augment"), dict) else {}
+        try:  # Mixup / CutMix pair the images of a micro batch
+            return 2 if float(aug.get("mixup", 0)) > 0 or float(aug.get("cutmix", 0)) > 0 else 1
+        except (TypeError, ValueError):  # the augment section reports it
+            return 1
 
     def compat_dict(self) -> dict:
         """What a resumed run must share with its checkpoint."""
