@@ -326,3 +326,28 @@ def test_randaugment_survives_zero_bit_posterize():
     img = Image.fromarray(np.full((16, 16, 3), 200, np.uint8))
     assert aa.NAME_TO_OP["PosterizeIncreasing"](img, 0).getextrema() == ((0, 0),) * 3
     assert t(img).shape == (3, 16, 16)
+
+
+def test_the_checkpoints_encoder_trains_and_every_key_the_recipe_says_otherwise_is_named(tmp_path, capsys):
+    """A recipe whose model section says 48-d x 3 blocks fine-tunes a 32-d x 2-block checkpoint: one line per
+    differing key, the checkpoint's encoder trains, recipe.yaml records it, and the run resumes."""
+    import yaml
+
+    from mff_ds.eval.train import run
+    torch.manual_seed(2)
+    mae = convert.build_model(TINY)
+    ckpt_path = tmp_path / "pretrained.safetensors"
+    convert.save_model(mae, ckpt_path)
+    r = _recipe(tmp_path, "finetune", init={"checkpoint": str(ckpt_path)},
+                model=dict(TINY, embed_dim=48, depth=3, num_heads=2), optim={"name": "adamw", "layer_decay": 0.65})
+    s = run(r, str(tmp_path / "out"), max_steps=2, quiet=True)
+    err = capsys.readouterr().err
+    assert "model.embed_dim: the recipe says 48, the checkpoint has 32; training the checkpoint's" in err
+    assert "model.depth: the recipe says 3, the checkpoint has 2" in err and "model.patch_size" not in err
+    saved = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())["model"]
+    assert (saved["embed_dim"], saved["depth"]) == (32, 2)
+    state = _module_state(str(tmp_path / "out"), 2)
+    assert state["blocks.0.attn.qkv.weight"].shape == (96, 32) and "blocks.2.norm1.weight" not in state
+    again = _recipe(tmp_path, "finetune", init={"checkpoint": str(ckpt_path)},
+                    model=dict(TINY, embed_dim=48, depth=3, num_heads=2), optim={"name": "adamw", "layer_decay": 0.65})
+    assert run(again, str(tmp_path / "out"), max_steps=3, quiet=True)["step"] == 3 == s["step"] + 1

@@ -64,3 +64,17 @@ def test_installed_package_runs_the_demo_from_any_directory(installed, tmp_path)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "done: step 2/" in p.stdout
     assert (tmp_path / "runs" / "demo" / "metrics.jsonl").is_file()
+
+
+def test_every_command_runs_from_the_installed_console_script(installed, tmp_path):
+    """`mff-ds COMMAND --help` (the console script pip installs) and `python -m mff_ds COMMAND --help`, outside the
+    checkout, for every command the README shows."""
+    script = installed / "bin" / "mff-ds"
+    assert script.is_file()
+    env = dict(os.environ, PYTHONPATH=str(installed), OMP_NUM_THREADS="1")
+    for command in ("pretrain", "finetune", "linprobe", "evaluate", "convert", "zoo"):
+        for argv in ([str(script), command, "--help"], [sys.executable, "-m", "mff_ds", command, "--help"]):
+            p = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+            assert p.returncode == 0 and "usage:" in p.stdout, (argv, p.stderr[-2000:])
+    p = subprocess.run([str(script), "pretrian"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "expected a command, one of pretrain" in p.stderr and "Traceback" not in p.stderr

@@ -1,4 +1,4 @@
-"""Command lines of launch/finetune.py, launch/linprobe.py and launch/evaluate.py."""
+"""Command lines of `mff-ds finetune | linprobe | evaluate` (also `python -m mff_ds ...` and launch/*.py)."""
 import argparse
 import os
 import sys
@@ -9,10 +9,31 @@ from mff_ds.engine.cli import load_or_report, print_schema, run_or_report, run_p
 from mff_ds.engine.recipe import RecipeError
 
 DEFAULT_CONFIGS = {"finetune": "finetune_vit-b_100e", "linprobe": "linprobe_vit-b_90e"}  # shipped recipes
+_LAUNCH = """
+  torchrun --nproc_per_node 8 -m mff_ds {task} --checkpoint PATH [--checkpoint-format auto|mff_ds|mmpretrain|mae] \\
+      --set data.train_path=/data/imagenet/train --set data.val_path=/data/imagenet/val
+  deepspeed / srun launch/{task}.py ...     (in a checkout: the same command as a script, for launchers that take one)
+
+Writes metrics.jsonl (train loss, per-epoch top-1/top-5), checkpoints/ (resumable), best.safetensors, results.json.
+"""
+DOCS = {
+    "finetune": "Fine-tune a pretrained encoder (global-pool ViT, layer decay, Mixup/CutMix, RandAugment) on "
+                "DeepSpeed.\n\n  mff-ds finetune --config finetune_demo --checkpoint runs/demo/model_fp32.safetensors"
+                "   # the digits demo here" + _LAUNCH.format(task="finetune"),
+    "linprobe": "Linear probe of a frozen pretrained encoder (cls token + final norm, BatchNorm, LARS) on DeepSpeed."
+                "\n\n  mff-ds linprobe --config linprobe_demo --checkpoint runs/demo/model_fp32.safetensors"
+                "   # the digits demo here" + _LAUNCH.format(task="linprobe"),
+    "evaluate": """Top-1 / top-5 of classifier checkpoints on an ImageFolder or WebDataset validation set, as a table.
+
+  mff-ds evaluate runs/finetune_vit-b_100e/best.safetensors --val /data/imagenet/val
+  mff-ds evaluate mae_finetuned_vit_base.pth mmpretrain_linear.pth --val /data/imagenet/val
+  torchrun --nproc_per_node 8 -m mff_ds evaluate CKPT --val '/data/in1k-val-{000..063}.tar'
+""",
+}
 
 
-def train_main(task: str, argv=None, doc: str = "") -> int:
-    p = run_parser(doc, DEFAULT_CONFIGS[task], "data.train_path=/data/in1k/train")
+def train_main(task: str, argv=None, doc: str = None) -> int:
+    p = run_parser(doc or DOCS[task], DEFAULT_CONFIGS[task], "data.train_path=/data/in1k/train")
     p.add_argument("--checkpoint", default=None, help="pretrained weights: a file or a zoo name (python -m "
                    "mff_ds.zoo list); sets init.checkpoint")
     p.add_argument("--checkpoint-format", default=None, choices=["auto", "mff_ds", "mmpretrain", "mae"],
@@ -71,8 +92,8 @@ def _feature_probes(recipe, probe: str, pool: str, out: str) -> int:
     return 0
 
 
-def evaluate_main(argv=None, doc: str = "") -> int:
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+def evaluate_main(argv=None, doc: str = None) -> int:
+    p = argparse.ArgumentParser(description=doc or DOCS["evaluate"], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="+", help="classifier file(s): best.safetensors from finetune/linprobe, an "
                                                  "mmpretrain / official MAE fine-tuned or linear-probe checkpoint, "
                                                  "or a zoo name (python -m mff_ds.zoo list)")

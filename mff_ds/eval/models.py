@@ -12,7 +12,7 @@
   fine-tuned / linear-probe layouts through `classifier_state_from_external`.
 """
 import re
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from mff_ds import convert, zoo
 from mff_ds.common import UserError
-from mff_ds.models import ModelConfig, build_model
+from mff_ds.models import ModelConfig, ModelSection, build_model
 
 CLASSIFIER_FORMAT = "mff_ds.classifier.v1"
 VIT_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
@@ -41,6 +41,19 @@ def load_encoder(path: Optional[str], fmt: str = "auto", model: Optional[dict] =
         hints = {"num_heads": model["num_heads"]} if "num_heads" in model and fmt != "mff_ds" else {}
         m = convert.load_any(path, fmt, **hints)
     return convert.to_timm(m), m.cfg
+
+
+def checkpoint_wins(model: dict, cfg: ModelConfig) -> List[str]:
+    """The keys where a recipe's `model:` section (an arch and/or fields) says another encoder than the checkpoint
+    `cfg` was trained as, one line each: the weights fix the architecture, so the checkpoint's is trained."""
+    # an arch states all its sizes; without one, only the fields written down are claims (num_heads alone is a
+    # hint for files that do not record it)
+    keys = VIT_KEYS if model.get("arch") else [k for k in VIT_KEYS if k in model]
+    if not keys:
+        return []
+    said = ModelSection.model_validate(model).config()
+    return [f"model.{k}: the recipe says {getattr(said, k)!r}, the checkpoint has {getattr(cfg, k)!r}; training the "
+            f"checkpoint's" for k in keys if getattr(said, k) != getattr(cfg, k)]
 
 
 def vit_kwargs(cfg) -> dict:

@@ -150,6 +150,8 @@ class EvalRecipe(BaseRecipe):
         """What a resumed run must share with its checkpoint."""
         d = self.to_dict()
         keep = {k: d[k] for k in ("task", "seed", "precision", "init", "model", "augment", "head", "optim", "schedule")}
+        if self.init.checkpoint is not None:  # the checkpoint fixes the encoder; only a num_heads hint is read
+            keep["model"] = {k: v for k, v in d["model"].items() if k == "num_heads"}
         keep["data"] = {k: v for k, v in d["data"].items() if k not in ("num_workers", "pin_memory")}
         keep["batch.global_batch"] = d["batch"]["global_batch"]
         return keep

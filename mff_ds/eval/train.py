@@ -12,6 +12,7 @@ autocast when the recipe's precision asks for it.
 """
 import copy
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,7 +25,7 @@ from mff_ds.engine import checkpoint as ckpt
 from mff_ds.engine.distributed import device_for, init_distributed
 from mff_ds.engine.metrics import MetricsLogger
 from mff_ds.engine.optim import build_deepspeed_engine, build_ds_config, precision_of
-from mff_ds.engine.recipe import RecipeError
+from mff_ds.engine.recipe import RecipeError, save_recipe
 from mff_ds.engine.trainer import Task, fit
 
 from . import data as edata
@@ -132,6 +133,14 @@ class ClassifyTask(Task):
         """Encoder + head (identical on every rank) and the train / val loaders."""
         r = self.recipe
         encoder_sd, cfg = emodels.load_encoder(r.init.checkpoint, r.init.format, r.model)
+        if r.init.checkpoint is not None:  # the checkpoint's encoder trains: said per key, recorded in recipe.yaml
+            ignored = emodels.checkpoint_wins(r.model, cfg)
+            r.model = dict(emodels.vit_kwargs(cfg), **{k: v for k, v in r.model.items() if k not in emodels.VIT_KEYS
+                                                       and k != "arch"})
+            if run.is_main:
+                for line in ignored:
+                    print(f"{line} ({r.init.checkpoint}; docs/EVALUATION.md)", file=sys.stderr, flush=True)
+                save_recipe(r, os.path.join(run.output_dir, "recipe.yaml"))
         img_size = r.data.img_size or cfg.img_size
         train_loader, classes = edata.build_train_loader(
             r.data, edata.train_transform(r.task, img_size, r.augment), micro_batch=r.batch.micro_batch,
