@@ -2,6 +2,7 @@
 import io
 import os
 import struct
+import sys
 import zlib
 
 import numpy as np
@@ -12,6 +13,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
+from conftest import REPO, tiny_recipe
 from mff_ds.common import UserError
 from mff_ds.data import BadDataError, BadImage, DataConfig, build_loader, decode_rgb, normalize
 from mff_ds.data import decode as device_decode, demo, sources
@@ -286,6 +288,9 @@ def test_loader_skips_bad_files(tmp_path, photo, decode):
     assert sorted(e.split(": ")[0].rsplit("/", 1)[1] for e in loader.bad_examples) == \
         ["bad_corrupt.jpg", "bad_notimage.jpg", "bad_truncated.jpg"]
     assert all((y == 0).all() for _, y in batches)  # replaced by good samples of the same batch
+    records = loader.take_bad()  # each skipped sample: (epoch, batch, file, reason), for OUTPUT_DIR/bad_samples/
+    assert sorted(r[2].rsplit("/", 1)[1] for r in records) == ["bad_corrupt.jpg", "bad_notimage.jpg", "bad_truncated.jpg"]
+    assert all(r[0] == 0 and 0 <= r[1] < 5 and r[3] for r in records) and loader.take_bad() == []
 
     strict = DataConfig(source="imagefolder", path=str(root), num_workers=0, max_bad_fraction=0.01, decode=decode)
     with pytest.raises(BadDataError, match=r"3 of 24 samples.*bad_"):
@@ -591,3 +596,35 @@ def test_demo_data():
     assert im.size == (32, 32) and im.mode == "RGB"
     with pytest.raises(ValueError, match="split"):
         demo.digits_root("test")
+
+
+def test_a_run_names_every_skipped_sample_once_per_epoch(tmp_path, photo):
+    """The console says one skipped file per 30 s; OUTPUT_DIR/bad_samples/rank000.tsv names every one, with the step
+    that would have used it; a resumed run adds only what it reads anew."""
+    import subprocess
+    files, _ = odd_files(photo)
+    root = tmp_path / "odd"
+    (root / "a").mkdir(parents=True)
+    for name in ("bad_truncated.jpg", "bad_corrupt.jpg", "bad_notimage.jpg"):
+        (root / "a" / name).write_bytes(files[name])
+    for k in range(13):
+        (root / "a" / f"good{k}.jpg").write_bytes(jpeg(photo.resize((50 + k, 40), box=(9 * k, 0, 300, 200))))
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(tiny_recipe(data={"source": "imagefolder", "path": str(root), "num_workers": 0,
+                                     "max_bad_fraction": 0.3, "num_samples": None},
+                               batch={"global_batch": 8, "micro_batch": 4}, schedule={"epochs": 2, "warmup_epochs": 0},
+                               checkpoint={"every_steps": 2, "keep_last": 2}))
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(cfg), "--output-dir", str(out)]
+    p = subprocess.run(cmd + ["--max-steps", "2"], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stderr.count("skipped a bad sample") == 1  # rate-limited
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = (out / "bad_samples" / "rank000.tsv").read_text().splitlines()
+    assert lines[0] == "step\tepoch\tbatch\tsample\treason"
+    rows = [line.split("\t") for line in lines[1:]]
+    assert sorted((r[1], r[3].rsplit("/", 1)[1]) for r in rows) == sorted(
+        (e, n) for e in ("0", "1") for n in ("bad_corrupt.jpg", "bad_notimage.jpg", "bad_truncated.jpg"))
+    assert all(int(r[0]) in (1, 2) if r[1] == "0" else int(r[0]) in (3, 4) for r in rows) and all(r[4] for r in rows)

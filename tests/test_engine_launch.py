@@ -56,3 +56,41 @@ def test_rerun_of_a_finished_run_says_there_is_nothing_to_do(tmp_path):
     assert first.returncode == again.returncode == 0, again.stderr[-2000:]
     assert "done: step 2/" in first.stdout and "None" not in first.stdout
     assert f"nothing to do: the run in {tmp_path / 'out'} is already at step 2/" in again.stdout
+
+
+# ------------------------------------------------------------------ the SLURM script's arguments
+def _sbatch_with_fake_srun(tmp_path, *args, **env_over):
+    """Run launch/slurm/pretrain.sbatch outside SLURM with an `srun` that records its arguments."""
+    import stat
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    fake = bindir / "srun"
+    fake.write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$FAKE_SRUN_ARGS"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    record = tmp_path / "srun_args.txt"
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", FAKE_SRUN_ARGS=str(record), MFF_REPO=str(REPO),
+               SLURM_JOB_ID="7", SLURM_JOB_NODELIST="node1", MASTER_ADDR="127.0.0.1", MFF_PYTHON=sys.executable,
+               **env_over)
+    if "MFF_OUTPUT_DIR" not in env_over:
+        env.pop("MFF_OUTPUT_DIR", None)
+    p = subprocess.run(["bash", str(REPO / "launch" / "slurm" / "pretrain.sbatch"), *args], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60)
+    return p, record.read_text().splitlines() if record.exists() else []
+
+
+def test_sbatch_keeps_the_users_output_dir(tmp_path):
+    mine = str(tmp_path / "mine")
+    p, args = _sbatch_with_fake_srun(tmp_path, "--config", "demo", "--output-dir", mine, "--set", "a=b")
+    assert p.returncode == 0, p.stderr
+    assert f"output {mine}" in p.stdout and args.count("--output-dir") == 1
+    assert args[args.index("--output-dir") + 1] == mine
+    assert args[args.index("--config") + 1] == "demo" and "a=b" in args
+    p, args = _sbatch_with_fake_srun(tmp_path, f"--output-dir={mine}2")
+    assert args[args.index("--output-dir") + 1] == f"{mine}2"
+    job = f"test-sbatch-{os.getpid()}"  # the documented default, runs/<job name> (from the checkout)
+    try:
+        p, args = _sbatch_with_fake_srun(tmp_path, "--config", "demo", SLURM_JOB_NAME=job)
+        assert args[args.index("--output-dir") + 1] == f"runs/{job}"
+    finally:
+        import shutil
+        shutil.rmtree(REPO / "runs" / job, ignore_errors=True)

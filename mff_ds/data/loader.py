@@ -167,6 +167,8 @@ class Loader:
                          len(loader) - skip_batches batches, starting at batch index `skip_batches`.
     loader.bad_samples   samples skipped (replaced) so far this epoch; `bad_examples` lists up to 10 as
                          "path-or-shard:key: reason"; `seen_samples` counts the samples read.
+    loader.take_bad()    every skipped sample since the last call, as (epoch, batch index, "path-or-shard:key",
+                         reason): the trainer names each in OUTPUT_DIR/bad_samples/ (the console line is rate-limited).
     loader.set_epoch(e, skip_batches=0)   reuse the same (persistent) workers for another epoch.
     loader.device        where batches are decoded (decode: gpu; images arrive there), None: in the workers.
     Raises BadDataError when bad_samples / seen_samples exceeds max_bad_fraction (checked once 1000 samples,
@@ -176,6 +178,7 @@ class Loader:
     def __init__(self, dataset, cfg, num_samples, epoch, skip_batches, device=None):
         self.dataset, self.cfg, self.num_samples, self.device = dataset, cfg, num_samples, device
         self._bad_logged_at, self._bad_unlogged = float("-inf"), 0  # rate limit of the "skipped" lines
+        self._bad_records = []  # (epoch, batch, sample, reason) not yet taken by take_bad()
         self.batches_per_epoch, self.micro_batch = dataset.plan.batches, dataset.plan.batch
         nw = cfg.num_workers
         # The DataLoader's first iter() draws the workers' base seed from `generator`, by default torch's global
@@ -195,6 +198,10 @@ class Loader:
 
     def __len__(self):
         return self.batches_per_epoch
+
+    def take_bad(self) -> list:
+        records, self._bad_records = self._bad_records, []
+        return records
 
     def close(self) -> None:
         """Stop the persistent workers now. Without it they outlive the run until the garbage collector breaks the
@@ -223,6 +230,7 @@ class Loader:
             pending[item[0]] = item
             while nxt in pending:  # shard workers resume out of order after a skip
                 _, imgs, labels, bad, n = pending.pop(nxt)
+                self._bad_records += [(self.epoch, nxt, *msg.split(": ", 1)) for _, msg in bad]
                 nxt += 1
                 self.seen_samples += n
                 self.bad_samples += len(bad)

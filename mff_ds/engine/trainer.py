@@ -259,6 +259,7 @@ class Loop:
     steps_mark: int = 0
     data_wait: float = 0.0  # seconds spent waiting for the loader since the last logging step
     input_bound: int = 0    # logging intervals in a row that were input-bound
+    bad_seen: Any = None    # (epoch, batch, sample) already named in bad_samples/ (read on the first bad sample)
     first_loss: Optional[float] = None
     last_loss: Optional[float] = None
 
@@ -363,7 +364,7 @@ def input_wait(s: Loop):
 
 
 def timed(loader, s: Loop):
-    """The loader's batches, adding the time each took to arrive to s.data_wait."""
+    """The loader's batches, adding the time each took to arrive to s.data_wait; the samples it skipped are named."""
     it = iter(loader)
     while True:
         t = time.perf_counter()
@@ -372,7 +373,33 @@ def timed(loader, s: Loop):
         except StopIteration:
             return
         s.data_wait += time.perf_counter() - t
+        if hasattr(loader, "take_bad"):
+            record_bad(s, loader.take_bad())
         yield batch
+
+
+def record_bad(s: Loop, records: list) -> None:
+    """Every skipped sample, once, in OUTPUT_DIR/bad_samples/rank<R>.tsv: the optimizer step that would have used
+    it, epoch, batch, the file (or shard:member) and why (a resumed stretch does not name one twice)."""
+    if not records:
+        return
+    path = os.path.join(s.view.output_dir, "bad_samples", f"rank{s.view.rank:03d}.tsv")
+    if s.bad_seen is None:
+        s.bad_seen = set()
+        if os.path.exists(path):
+            with open(path) as f:
+                s.bad_seen = {tuple(line.rstrip("\n").split("\t")[1:4]) for line in f if not line.startswith("step")}
+    new = [r for r in records if (str(r[0]), str(r[1]), r[2]) not in s.bad_seen]
+    if not new:
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    header = not os.path.exists(path)
+    with open(path, "a") as f:
+        if header:
+            f.write("step\tepoch\tbatch\tsample\treason\n")
+        for epoch, b, sample, *why in new:
+            f.write(f"{s.pos.step + 1}\t{epoch}\t{b}\t{sample}\t{' '.join(why).replace(chr(9), ' ')}\n")
+            s.bad_seen.add((str(epoch), str(b), sample))
 
 
 def roll_back(s: Loop, at: int) -> None:
