@@ -289,7 +289,8 @@ def test_loader_skips_bad_files(tmp_path, photo, decode):
         ["bad_corrupt.jpg", "bad_notimage.jpg", "bad_truncated.jpg"]
     assert all((y == 0).all() for _, y in batches)  # replaced by good samples of the same batch
     records = loader.take_bad()  # each skipped sample: (epoch, batch, file, reason), for OUTPUT_DIR/bad_samples/
-    assert sorted(r[2].rsplit("/", 1)[1] for r in records) == ["bad_corrupt.jpg", "bad_notimage.jpg", "bad_truncated.jpg"]
+    assert sorted(r[2].rsplit("/", 1)[1] for r in records) == \
+        ["bad_corrupt.jpg", "bad_notimage.jpg", "bad_truncated.jpg"]
     assert all(r[0] == 0 and 0 <= r[1] < 5 and r[3] for r in records) and loader.take_bad() == []
 
     strict = DataConfig(source="imagefolder", path=str(root), num_workers=0, max_bad_fraction=0.01, decode=decode)

@@ -198,8 +198,8 @@ class BaseRecipe(Section):
     @model_validator(mode="after")
     def _batch_for_the_world(self, info: ValidationInfo):
         """The micro batch (and, with global_batch_policy nearest, the global batch) for the launcher's world size,
-        which comes through the validation context (None: not checked). Runs once every field is valid; the
-        optim field's validator has already reported an impossible split among the other problems."""
+        which comes through the validation context (None: not checked). Runs once every field is valid; the batch
+        section's own validator has already reported an impossible split among the other problems."""
         ctx = info.context or {}
         if ctx.get("world_size"):
             plan, self._batch_note = plan_batch(self.batch, self.optim.base_lr, ctx["world_size"],
@@ -247,10 +247,10 @@ def plan_batch(b: BatchConfig, base_lr: Optional[float], world: int,
         said = " or ".join(f"{p.global_batch} (micro {p.micro} x {p.accum} accumulation" +
                            (f", lr {batch.lr_for(base_lr, p.global_batch):.4g})" if base_lr else ")") for p in options)
         if b.global_batch_policy == "exact":
+            pairs = f" (a multiple of {multiple})" if multiple > 1 else ""
             raise problem(f"{b.global_batch} images cannot be split exactly over {world} rank(s) with at most "
-                          f"{b.micro_batch} per micro batch{' (a multiple of 2)' if multiple == 2 else ''}; nearest: "
-                          f"{said}; expected one of those, or batch.global_batch_policy: nearest to take the closest",
-                          key="batch.global_batch")
+                          f"{b.micro_batch} per micro batch{pairs}; nearest: {said}; expected one of those, or "
+                          f"batch.global_batch_policy: nearest to take the closest", key="batch.global_batch")
         plan = min(options, key=lambda p: (abs(p.global_batch - b.global_batch), p.global_batch))
         note = (f"batch: global_batch_policy nearest: {b.global_batch} images do not split over {world} rank(s); "
                 f"training with {plan.describe()}, lr {batch.lr_for(base_lr, plan.global_batch):.4g} (base_lr x "
@@ -260,7 +260,8 @@ def plan_batch(b: BatchConfig, base_lr: Optional[float], world: int,
     if not batch.efficient(plan, b.micro_batch):
         faster = " or ".join(str(p.global_batch) for p in batch.nearest(plan.global_batch, b.micro_batch, world,
                                                                         multiple))
-        note += f"; warning: micro batch {plan.micro} is far below {b.micro_batch}: {faster} images would run faster"
+        note = (note or f"batch: {plan.describe()}") + (f"; warning: micro batch {plan.micro} is far below "
+                                                        f"{b.micro_batch}: {faster} images would run faster")
     return plan, note
 
 

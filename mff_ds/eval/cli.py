@@ -93,7 +93,8 @@ def _feature_probes(recipe, probe: str, pool: str, out: str) -> int:
 
 
 def evaluate_main(argv=None, doc: str = None) -> int:
-    p = argparse.ArgumentParser(description=doc or DOCS["evaluate"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=doc or DOCS["evaluate"],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="+", help="classifier file(s): best.safetensors from finetune/linprobe, an "
                                                  "mmpretrain / official MAE fine-tuned or linear-probe checkpoint, "
                                                  "or a zoo name (python -m mff_ds.zoo list)")
