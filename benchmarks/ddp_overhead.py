@@ -13,8 +13,8 @@ Every rank builds the same trainers on MFF with ViT-B's parameter layout at tiny
 - `ddp`: torch DistributedDataParallel + fused AdamW under bf16 autocast, what a user would write instead.
 The timed steps alternate trainer by trainer (a barrier before each), so drifts hit all alike. Reported per trainer:
 median step ms, the paired median ratio to DDP's step, and for ours the ms per step spent inside torch.distributed
-collectives (timed by wrapping them) and the host time apart from them. DDP's reducer runs its all-reduce from C++
-(not timed here); its collective time equals zero1's reduce of the same bytes to within gloo's noise.
+collectives (timed by wrapping them) and the host time apart from them. DDP's reducer runs its all-reduce from C++,
+out of reach of the wrapper, so its row has no split.
 
 Output: <out-dir>/ddp_overhead_w<N>.json and .md.
 """
@@ -140,13 +140,9 @@ def worker(a) -> None:
     everyone = [None] * env.world_size
     dist.all_gather_object(everyone, out)
     if env.rank == 0:
-        write_json(a.worker, {"ranks": everyone, "model_tensors": sum(1 for _ in build_model_params(cfg))})
+        from mff_ds.models import build_model
+        write_json(a.worker, {"ranks": everyone, "model_tensors": sum(1 for _ in build_model(cfg).parameters())})
     dist.barrier()
-
-
-def build_model_params(cfg):
-    from mff_ds.models import build_model
-    return build_model(cfg).parameters()
 
 
 def summarize(a, ranks: list) -> dict:

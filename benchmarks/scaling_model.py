@@ -37,7 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
-from mff_ds.common import atomic_write, write_json  # noqa: E402
+from mff_ds.common import atomic_write, write_json, write_text  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -165,7 +165,6 @@ def paths_main(args) -> dict:
            "args": {k: v for k, v in vars(args).items() if k != "worker"}}
     stem = os.path.splitext(args.json)[0] if args.json else os.path.join(args.out_dir, "scaling_paths")
     write_json(stem + ".json", res)
-    from mff_ds.common import write_text
     write_text(stem + ".md", "\n".join(md))
     print(f"wrote {stem}.json, {stem}.md")
     return res

@@ -72,9 +72,10 @@ def skip_single_rank_reduce(zero_optimizer) -> bool:
     the epilogue that builds the optimizer's flat gradient partition. Run the epilogue alone there: the same values,
     without per-parameter host work. Returns whether the patch is in place."""
     import torch.distributed as dist
-    hooked = any(getattr(zero_optimizer, k, True) for k in ("partition_gradients", "overlap_comm",
-                                                             "contiguous_gradients"))
-    if (type(zero_optimizer).__name__ != "DeepSpeedZeroOptimizer" or hooked
+    # with hooks, fp32 gradient accumulation or CPU offload the reduce does more than copy over one rank
+    busy = any(getattr(zero_optimizer, k, True) for k in ("partition_gradients", "overlap_comm", "contiguous_gradients",
+                                                           "use_grad_accum_attribute", "cpu_offload"))
+    if (type(zero_optimizer).__name__ != "DeepSpeedZeroOptimizer" or busy
             or dist.get_world_size(group=zero_optimizer.dp_process_group) != 1 or not check_version()):
         return False
     zero_optimizer.reduce_gradients = lambda pipeline_parallel=False: \
