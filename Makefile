@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.stamp-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test eval-demo clean
+.PHONY: setup demo test eval-demo mutation clean
 
 setup: $(STAMP)
 
@@ -28,5 +28,15 @@ test: setup
 eval-demo: setup
 	OMP_NUM_THREADS=2 $(BIN)/python launch/eval_demo.py
 
+# The mutation score of the arithmetic and resume rules every run depends on (not in CI; about 3 min on 2 cores):
+# mutmut mutates them, the fast unit and property tests must notice; docs/TESTING.md lists the score and survivors
+MUTATE := "mff_ds.engine.batch*" "mff_ds.engine.schedule*" "mff_ds.engine.compat*" "mff_ds.eval.lars*" \
+          "mff_ds.data.sources.x_rank_indices*"
+mutation: setup
+	$(BIN)/python -m pip install -q mutmut==3.8.1
+	rm -rf mutants
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run $(MUTATE) > /dev/null
+	$(BIN)/mutmut results --all true | $(BIN)/python tests/mutation_report.py
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache mutants

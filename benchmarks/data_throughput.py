@@ -142,7 +142,7 @@ def measure_device(root, aug, a, device):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     ap.add_argument("--json", help="write results here (atomically)")
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers for both pipelines (0: in-process)")

@@ -42,7 +42,7 @@ COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--world", type=int, default=2, help="ranks (gloo on CPU)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16", help="our engine's weights")
     p.add_argument("--amp", action="store_true", help="also ZeRO-1 / ZeRO-2 with precision amp-bf16")

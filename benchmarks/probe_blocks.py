@@ -83,7 +83,7 @@ def probe_run(run: str, images, labels, checkpoints: bool, folds: int = 5) -> di
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="pretraining dirs or eval_demo output dirs")
     ap.add_argument("--checkpoints", action="store_true", help="probe every kept checkpoint, not the final weights")
     ap.add_argument("--folds", type=int, default=5, help="k-fold cross-validation over all digits (as eval_demo)")

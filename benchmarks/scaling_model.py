@@ -41,7 +41,7 @@ from mff_ds.common import atomic_write, write_json, write_text  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--from-json", default=None, help="a throughput.py JSON: step time, micro batch, params, precision")
     p.add_argument("--model", choices=("mff", "mae"), default="mff", help="which entry of --from-json")
     p.add_argument("--step-ms", type=float, default=None, help="measured single-device step time (ms)")

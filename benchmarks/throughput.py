@@ -80,7 +80,7 @@ FP16 = ("fp16", "amp-fp16")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="mff_vit_base_patch16",
                    help="MFF arch name (mff_vit_{tiny,small,base,large,huge}_patch{14,16}); MAE = the same with mae_")
     p.add_argument("--preset", choices=("auto", "tiny", "overhead", "none"), default="auto",

@@ -169,7 +169,8 @@ def pretrain_all(tasks: list, epochs, jobs: int, t0: float) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--seeds", type=int, default=5, help="number of seeds (pretraining and random init)")
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--output-dir", default=os.path.join("runs", "eval_demo"))

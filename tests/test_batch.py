@@ -62,7 +62,30 @@ def test_every_shipped_recipe_on_1_to_64_ranks_trains_exactly_or_names_the_neare
             continue
         b = r.batch
         assert b.global_batch == base.batch.global_batch and b.micro_batch <= base.batch.micro_batch
-        assert world * b.micro_batch * r.grad_accum(world) == b.global_batch
+        assert r.plan.world == world and (r.plan.global_batch, r.plan.micro) == (b.global_batch, b.micro_batch)
+        assert world * r.plan.micro * r.plan.accum == b.global_batch
+
+
+def test_the_plan_the_check_makes_is_the_one_that_runs():
+    """A recipe validated without a world size and checked for 16 ranks: the DeepSpeed config, the schedule and
+    the lr read the plan that check made (it used to train with 0 accumulation steps and die dividing by it)."""
+    import torch
+
+    from mff_ds.engine.optim import build_ds_config, schedule_steps
+    from mff_ds.engine.recipe import check
+    from mff_ds.pretrain.recipe import from_dict
+    r = from_dict(yaml.safe_load((REPO / "configs" / "mff_vit-b_300e.yaml").read_text()), world_size=None)
+    with pytest.raises(RuntimeError, match="not checked for a world size"):
+        r.plan
+    assert check(r, 16) == [] and (r.plan.world, r.plan.micro, r.plan.accum) == (16, 256, 1)
+    cfg = build_ds_config(r, 16, torch.device("cpu"))
+    assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == \
+        (4096, 256, 1)
+    schedule, stop = schedule_steps(r, 313, None)
+    assert schedule.steps_per_epoch == 313 and stop == 300 * 313 and schedule.peak == r.plan.lr == 2.4e-3
+    # the recipe resolved for 16 ranks plans 32 from its batch section as written, not from the 16-rank micro batch
+    assert check(r, 32) == [] and (r.plan.micro, r.plan.accum) == (128, 1)
+    assert check(r, 3)[0].startswith("batch.global_batch: 4096 images cannot be split exactly over 3 rank(s)")
 
 
 def test_a_demo_on_three_ranks_trains_with_the_batch_and_lr_it_announces(tmp_path):

@@ -8,6 +8,7 @@ import torch
 import forkserver
 from conftest import REPO, fixture, require_fixtures
 from mff_ds import convert
+from mff_ds.convert.__main__ import main as convert_main
 from mff_ds.models import build_model
 
 SMALL = dict(img_size=32, patch_size=16, embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=32,
@@ -100,7 +101,7 @@ def test_official_mae_layouts(tmp_path):
 def test_cli_chain(tmp_path, suffix):
     require_fixtures("tiny64")
     ours = tmp_path / f"ours{suffix}"
-    run = lambda *a: convert.main([str(x) for x in a])
+    run = lambda *a: convert_main([str(x) for x in a])
     forkserver.run([sys.executable, "-m", "mff_ds.convert", "from-mmpretrain", fixture("tiny64_ckpt.pth"), ours],
                    cwd=REPO, check=True, capture_output=True)
     ref = convert.load_mmpretrain(fixture("tiny64_ckpt.pth"))

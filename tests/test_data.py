@@ -493,13 +493,13 @@ def test_device_decode_falls_back_per_file(photo, folder):
     good = [p.read_bytes() for p in sorted(folder.rglob("*.jpg"))[:5]]
     whole = jpeg(photo)
     broken = whole[:2000] + bytes(range(256)) * 8 + whole[4048:]  # header and end marker intact
-    raw = [(f"f{k}", d, k) for k, d in enumerate(good[:2] + [broken] + good[2:])]
+    raw = [(f"f{k}: a\tname", d, k) for k, d in enumerate(good[:2] + [broken] + good[2:])]
     cfg = DataConfig(source="imagefolder", path=str(folder), num_workers=0, decode="gpu")
     ds = load(cfg, device="cpu").dataset
     b, enc, labels, bad, n = ds._make(0, 0, raw)
     assert enc.params[2] is not None and not bad and not enc.done  # the worker sent it to the device
     imgs, labels, bad = device_decode.decode_batch(enc, labels, bad, ds.aug, ds.size, torch.device("cpu"))
-    assert [k for k, _ in bad] == [2] and bad[0][1].startswith("f2: ")
+    assert [(k, name) for k, name, _ in bad] == [(2, "f2: a\tname")] and bad[0][2]  # the name, the reason
     assert labels.tolist() == [0, 1, 3, 3, 4, 5] and torch.equal(imgs[2], imgs[3])
 
 
@@ -599,10 +599,65 @@ def test_demo_data():
         demo.digits_root("test")
 
 
+def _loop_stub(out):
+    """What engine.trainer.timed / record_bad use of the training loop's state."""
+    from types import SimpleNamespace
+    return SimpleNamespace(view=SimpleNamespace(output_dir=str(out), rank=0), pos=SimpleNamespace(step=0),
+                           bad_seen=None, data_wait=0.0)
+
+
+def test_the_batch_that_stops_the_run_names_its_skipped_files(tmp_path, photo):
+    """BadDataError comes out of the loader with the batch whose bad samples exceed max_bad_fraction: the files
+    of that batch are named in bad_samples/rank000.tsv as well."""
+    from mff_ds.engine.trainer import timed
+    root = tmp_path / "odd" / "a"
+    root.mkdir(parents=True)
+    for k in range(2):
+        (root / f"bad{k}.jpg").write_bytes(b"not an image")
+        (root / f"good{k}.jpg").write_bytes(jpeg(photo.resize((50 + k, 40))))
+    cfg = DataConfig(source="imagefolder", path=str(root.parent), num_workers=0, max_bad_fraction=0.01)
+    s = _loop_stub(tmp_path / "out")
+    with pytest.raises(BadDataError, match="2 of 4 samples"):
+        list(timed(load(cfg, micro_batch=4), s))  # one batch: the check comes with it
+    lines = (tmp_path / "out" / "bad_samples" / "rank000.tsv").read_text().splitlines()
+    assert sorted(line.split("\t")[3] for line in lines[1:]) == [str(root / "bad0.jpg"), str(root / "bad1.jpg")]
+
+def test_skipped_files_are_named_exactly_whatever_their_names_and_reasons(tmp_path, photo, monkeypatch):
+    """bad_samples/rank000.tsv gives back each skipped file's name and reason exactly: tabs, newlines, ': ',
+    backslashes and bytes that are not UTF-8 in the name, a reason of several lines."""
+    from mff_ds.data import loader as loader_module
+    from mff_ds.engine import bad_samples
+    from mff_ds.engine.trainer import timed
+    root = tmp_path / "odd" / "a"
+    root.mkdir(parents=True)
+    names = ["x: y.jpg", "tab\there.jpg", "new\nline.jpg", "back\\slash\\n.jpg", "cr\r.jpg",
+             os.fsdecode(b"\xff\xfe.jpg")]
+    for name in names:
+        (root / name).write_bytes(b"not an image")
+    for k in range(2):
+        (root / f"good{k}.jpg").write_bytes(jpeg(photo.resize((50 + k, 40))))
+    process = loader_module.process
+
+    def failing(data, *args):
+        if data == b"not an image":
+            raise ValueError("two\nlines\tand a tab")
+        return process(data, *args)
+
+    monkeypatch.setattr(loader_module, "process", failing)
+    cfg = DataConfig(source="imagefolder", path=str(root.parent), num_workers=0, max_bad_fraction=0.9, decode="cpu")
+    assert len(list(timed(load(cfg, micro_batch=8), _loop_stub(tmp_path / "out")))) == 1
+    records = bad_samples.read(bad_samples.rank_file(str(tmp_path / "out"), 0))
+    assert sorted(records) == sorted((1, 0, 0, str(root / name), "two\nlines\tand a tab") for name in names)
+
+
 def test_a_run_names_every_skipped_sample_once_per_epoch(tmp_path, photo):
     """The console says one skipped file per 30 s; OUTPUT_DIR/bad_samples/rank000.tsv names every one, with the step
-    that would have used it; a resumed run adds only what it reads anew."""
-    import subprocess
+    that would have used it; a run killed mid-epoch after a skipped sample past its last checkpoint replays that
+    stretch when resumed, and names no file twice."""
+    import forkserver
+    from test_engine_resume import WRAPPER
+
+    from mff_ds.engine import bad_samples
     files, _ = odd_files(photo)
     root = tmp_path / "odd"
     (root / "a").mkdir(parents=True)
@@ -610,22 +665,25 @@ def test_a_run_names_every_skipped_sample_once_per_epoch(tmp_path, photo):
         (root / "a" / name).write_bytes(files[name])
     for k in range(13):
         (root / "a" / f"good{k}.jpg").write_bytes(jpeg(photo.resize((50 + k, 40), box=(9 * k, 0, 300, 200))))
-    cfg = tmp_path / "r.yaml"
+    cfg = tmp_path / "r.yaml"  # 4 batches of 4 per epoch, one optimizer step each, a checkpoint after each
     cfg.write_text(tiny_recipe(data={"source": "imagefolder", "path": str(root), "num_workers": 0,
                                      "max_bad_fraction": 0.3, "num_samples": None},
-                               batch={"global_batch": 8, "micro_batch": 4}, schedule={"epochs": 2, "warmup_epochs": 0},
-                               checkpoint={"every_steps": 2, "keep_last": 2}))
-    out = tmp_path / "out"
-    cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(cfg), "--output-dir", str(out)]
-    p = subprocess.run(cmd + ["--max-steps", "2"], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert p.returncode == 0, p.stderr[-3000:]
+                               batch={"global_batch": 4, "micro_batch": 4}, schedule={"epochs": 2, "warmup_epochs": 0},
+                               checkpoint={"every_steps": 1, "keep_last": 2}))
+    out, tsv = tmp_path / "out", tmp_path / "out" / "bad_samples" / "rank000.tsv"
+    script = tmp_path / "pretrain.py"
+    script.write_text(WRAPPER.format(repo=str(REPO), script=str(REPO / "launch" / "pretrain.py")))  # can kill itself
+    cmd = [sys.executable, str(script), "--config", str(cfg), "--output-dir", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = forkserver.run(cmd, env=dict(env, CRASH="step:2:0"), capture_output=True, text=True, timeout=300)
+    assert p.returncode == -9, p.stderr[-3000:]  # killed after step 2, saved 1: batch 1 of epoch 0 is read again
     assert p.stderr.count("skipped a bad sample") == 1  # rate-limited
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert "2" in [line.split("\t")[0] for line in tsv.read_text().splitlines()], "no bad sample past step 1"
+    p = forkserver.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    lines = (out / "bad_samples" / "rank000.tsv").read_text().splitlines()
-    assert lines[0] == "step\tepoch\tbatch\tsample\treason"
-    rows = [line.split("\t") for line in lines[1:]]
-    assert sorted((r[1], r[3].rsplit("/", 1)[1]) for r in rows) == sorted(
-        (e, n) for e in ("0", "1") for n in ("bad_corrupt.jpg", "bad_notimage.jpg", "bad_truncated.jpg"))
-    assert all(int(r[0]) in (1, 2) if r[1] == "0" else int(r[0]) in (3, 4) for r in rows) and all(r[4] for r in rows)
+    assert "resumed from" in p.stdout + p.stderr and "step 1 (epoch 0, batch 1)" in p.stdout + p.stderr
+    assert tsv.read_text().startswith("step\tepoch\tbatch\tsample\treason\n")
+    rows = bad_samples.read(str(tsv))
+    assert sorted((r.epoch, os.path.basename(r.sample)) for r in rows) == sorted(  # each once per epoch
+        (e, n) for e in (0, 1) for n in ("bad_corrupt.jpg", "bad_notimage.jpg", "bad_truncated.jpg"))
+    assert all(r.step == 4 * r.epoch + r.batch + 1 and r.reason for r in rows)

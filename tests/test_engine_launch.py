@@ -94,3 +94,24 @@ def test_sbatch_keeps_the_users_output_dir(tmp_path):
     finally:
         import shutil
         shutil.rmtree(REPO / "runs" / job, ignore_errors=True)
+
+
+def test_an_abbreviated_output_dir_is_refused_not_trained_elsewhere(tmp_path):
+    """`--output mine` is no `--output-dir mine`: argparse's abbreviations are off, so launch/pretrain.py refuses it
+    in one line (exit 2) instead of training into the default directory; under the sbatch script (which knows only
+    the full name) the job fails the same way at once."""
+    mine = tmp_path / "mine"
+    p = forkserver.run([sys.executable, str(REPO / "launch" / "pretrain.py"), "--output", str(mine), "--max-steps",
+                        "1"], cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and f"error: unrecognized arguments: --output {mine}" in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and not mine.exists() and not (tmp_path / "runs").exists()
+    default = tmp_path / "job-output"
+    p, args = _sbatch_with_fake_srun(tmp_path, "--config", "demo", "--output", str(mine), "--max-steps", "1",
+                                     MFF_OUTPUT_DIR=str(default))
+    assert p.returncode == 0, p.stderr
+    assert args[args.index("--output-dir") + 1] == str(default) and args[args.index("--output") + 1] == str(mine)
+    r = forkserver.run([sys.executable, *args[args.index("launch/pretrain.py"):]], cwd=REPO,  # what srun runs
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and f"error: unrecognized arguments: --output {mine}" in r.stderr, r.stderr[-2000:]
+    assert not mine.exists() and not any(default.iterdir())

@@ -10,7 +10,7 @@ import yaml
 
 from mff_ds.engine import distributed as D
 from mff_ds.engine.optim import build_ds_config
-from mff_ds.engine.recipe import RecipeError
+from mff_ds.engine.recipe import RecipeError, check
 from mff_ds.pretrain.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +26,8 @@ def test_shipped_recipes_validate(name):
 
 def test_reference_recipe_values():
     r300 = load_recipe(str(REPO / "configs" / "mff_vit-b_300e.yaml"), world_size=8)
-    assert r300.lr() == pytest.approx(2.4e-3) and r300.grad_accum(8) == 1 and r300.grad_accum(4) == 2
+    assert r300.lr() == pytest.approx(2.4e-3) and (r300.plan.micro, r300.plan.accum) == (512, 1)
+    assert check(r300, 4) == [] and (r300.plan.world, r300.plan.micro, r300.plan.accum) == (4, 512, 2)
     assert (r300.optim.betas, r300.optim.weight_decay, r300.schedule.warmup_epochs) == ([0.9, 0.95], 0.05, 40)
     assert r300.model_cfg().out_indices == [0, 2, 4, 6, 8, 11] and r300.model_cfg().mask_ratio == 0.75
     r800 = load_recipe(str(REPO / "configs" / "mff_vit-b_800e.yaml"), world_size=8)

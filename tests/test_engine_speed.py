@@ -264,19 +264,19 @@ def test_checkpoint_without_alignment_resumes_with_its_own_layout(tmp_path):
     p = launch()
     assert "parameter_alignment=false; resuming with that layout" in p.stderr
     # its lr schedule followed no reference exactly: the change is named, not refused (tests/test_schedule.py)
-    assert "schedule.reference: checkpoint 'legacy (mff-ds before 2026-12-04" in p.stderr
+    assert "changed: schedule.reference: the checkpoint's: legacy (mff-ds before 2026-12-04" in p.stderr
     steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 6
 
 
 def test_decode_device_may_change_on_resume():
     """data.decode moves the same crops and flips to another device: a compatible change, listed, not refused."""
-    from mff_ds.engine.recipe import resume_differences
+    from mff_ds.engine.compat import reconcile
     old = recipe(1, data={"source": "synthetic", "num_samples": 8, "decode": "cpu"})
     new = recipe(1, data={"source": "synthetic", "num_samples": 8, "decode": "gpu"})
     meta = {"compat": old.compat_dict(), "recipe": old.to_dict()}
-    incompatible, compatible = resume_differences(meta, new)
-    assert incompatible == [] and any(c.startswith("data.decode") for c in compatible)
+    result = reconcile(meta, new, 2)
+    assert result.incompatible == [] and any(c.startswith("data.decode") for c in result.changed)
 
 
 def test_zero_step_keeps_parameters_on_the_flat_buffer_and_follows_a_replaced_one(dist_env):

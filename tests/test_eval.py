@@ -329,8 +329,9 @@ def test_randaugment_survives_zero_bit_posterize():
 
 
 def test_the_checkpoints_encoder_trains_and_every_key_the_recipe_says_otherwise_is_named(tmp_path, capsys):
-    """A recipe whose model section says 48-d x 3 blocks fine-tunes a 32-d x 2-block checkpoint: one line per
-    differing key, the checkpoint's encoder trains, recipe.yaml records it, and the run resumes."""
+    """A recipe whose model section says 48-d x 3 blocks x 4 heads fine-tunes a 32-d x 2-block x 2-head checkpoint:
+    one line per differing key, the checkpoint's encoder trains, recipe.yaml records it, and the same recipe
+    resumes the run (the resume compares what trains, not what the recipe said)."""
     import yaml
 
     from mff_ds.eval.train import run
@@ -339,15 +340,16 @@ def test_the_checkpoints_encoder_trains_and_every_key_the_recipe_says_otherwise_
     ckpt_path = tmp_path / "pretrained.safetensors"
     convert.save_model(mae, ckpt_path)
     r = _recipe(tmp_path, "finetune", init={"checkpoint": str(ckpt_path)},
-                model=dict(TINY, embed_dim=48, depth=3, num_heads=2), optim={"name": "adamw", "layer_decay": 0.65})
+                model=dict(TINY, embed_dim=48, depth=3, num_heads=4), optim={"name": "adamw", "layer_decay": 0.65})
     s = run(r, str(tmp_path / "out"), max_steps=2, quiet=True)
     err = capsys.readouterr().err
     assert "model.embed_dim: the recipe says 48, the checkpoint has 32; training the checkpoint's" in err
     assert "model.depth: the recipe says 3, the checkpoint has 2" in err and "model.patch_size" not in err
+    assert "model.num_heads: the recipe says 4, the checkpoint has 2" in err  # the resume must not hold it against it
     saved = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())["model"]
     assert (saved["embed_dim"], saved["depth"]) == (32, 2)
     state = _module_state(str(tmp_path / "out"), 2)
     assert state["blocks.0.attn.qkv.weight"].shape == (96, 32) and "blocks.2.norm1.weight" not in state
     again = _recipe(tmp_path, "finetune", init={"checkpoint": str(ckpt_path)},
-                    model=dict(TINY, embed_dim=48, depth=3, num_heads=2), optim={"name": "adamw", "layer_decay": 0.65})
+                    model=dict(TINY, embed_dim=48, depth=3, num_heads=4), optim={"name": "adamw", "layer_decay": 0.65})
     assert run(again, str(tmp_path / "out"), max_steps=3, quiet=True)["step"] == 3 == s["step"] + 1

@@ -153,6 +153,95 @@ def test_linprobe_cli_runs_the_feature_probes(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "expected some of knn, logreg" in r.stderr
 
 
+def _probe_cmd(cfg, out, probe="knn,logreg"):
+    return [sys.executable, "-m", "mff_ds", "linprobe", "--config", str(cfg), "--probe", probe, "--output-dir",
+            str(out)]
+
+
+def _children(pid: int) -> list:
+    """PIDs of the processes whose parent is `pid` (data-loader workers)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(d.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _gone(pid: int, within=30.0) -> bool:
+    """True once `pid` has exited and been reaped (bounded wait: a worker may still be unwinding)."""
+    import time
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True  # exited; its new parent reaps it
+        except OSError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 75), ("SIGINT", 130)])
+def test_a_stop_signal_ends_the_feature_probes_and_their_workers(tmp_path, sig, code):
+    """The probes save nothing to resume: `mff-ds linprobe --probe knn,logreg` stops within seconds on SIGTERM or
+    SIGINT, with one line and the documented exit code, and leaves no data-loader worker behind, even one stuck
+    reading a file (a FIFO that nobody writes)."""
+    import os
+    import subprocess
+    from test_cli import stop_while_reading, user_lines
+    train = Path(_imagefolder(tmp_path / "train"))
+    stuck = train / "0" / "stuck.png"
+    os.mkfifo(stuck)
+    cfg = tmp_path / "probe.yaml"
+    cfg.write_text(json.dumps({"name": "p", "task": "linprobe", "model": dict(TINY),
+                               "data": {"source": "imagefolder", "train_path": str(train),
+                                        "val_path": _imagefolder(tmp_path / "val", seed=1), "num_workers": 1}}))
+    out = tmp_path / "out"
+    p = forkserver.popen(_probe_cmd(cfg, out), env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    stdout, stderr, workers = stop_while_reading(p, stuck, "a data-loader worker read the training images", sig,
+                                                 before=lambda: _children(p.pid))
+    assert p.returncode == code, stdout[-2000:] + stderr[-2000:]
+    assert user_lines(stderr) == [f"stopped by {sig} during the knn, logreg probes: the feature probes save nothing "
+                                  f"to resume; rerun the command"], stderr[-3000:]
+    assert not (out / "probes.json").exists()
+    assert workers and all(_gone(w) for w in workers), workers
+
+
+def test_a_stop_signal_during_start_up_ends_the_probes_before_they_begin(tmp_path):
+    """A SIGTERM while the command still reads its recipe (here a FIFO the test writes after the signal) is kept
+    by the handlers `mff-ds` installs first, and the probes stop as they begin instead of running to the end."""
+    import os
+    import signal
+    import subprocess
+    from test_cli import reader_of, user_lines
+    cfg = tmp_path / "probe.yaml"
+    os.mkfifo(cfg)
+    out = tmp_path / "out"
+    p = forkserver.popen(_probe_cmd(cfg, out, "knn"), env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    recipe = json.dumps({"name": "p", "task": "linprobe", "model": dict(TINY),
+                         "data": {"source": "imagefolder", "train_path": _imagefolder(tmp_path / "train"),
+                                  "val_path": _imagefolder(tmp_path / "val", seed=1), "num_workers": 0}})
+    try:
+        w = reader_of(cfg, p, "the command read its recipe")
+        try:
+            p.send_signal(signal.SIGTERM)
+            os.write(w, recipe.encode())
+        finally:
+            os.close(w)
+        stdout, stderr = p.communicate(timeout=120)
+    finally:
+        p.kill()  # (if it is still running: the test has failed)
+    assert p.returncode == 75, stdout[-2000:] + stderr[-2000:]
+    assert user_lines(stderr) == ["stopped by SIGTERM during the knn probe: the feature probes save nothing to "
+                                  "resume; rerun the command"], stderr[-3000:]
+    assert not (out / "probes.json").exists()
+
+
 # ------------------------------------------------------------------ the multi-seed demo's report
 def _demo():
     sys.path.insert(0, "launch")

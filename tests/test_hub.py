@@ -11,6 +11,7 @@ import torch
 import forkserver
 from conftest import REPO
 from mff_ds import convert, hub
+from mff_ds.convert.__main__ import main as convert_main
 from mff_ds.pretrain.export import export
 from mff_ds.models import build_model
 from test_convert import perturbed, same_state
@@ -143,7 +144,7 @@ def test_bad_folders_give_one_clear_line(tmp_path, capsys):
         hub.from_hf(tmp_path / "hf")
     with pytest.raises(ValueError, match="expected a folder to write into .*, got a file"):
         hub.to_hf(model, tmp_path / "hf" / "config.json")
-    run = lambda folder: convert.main(["from-hf", str(folder), str(tmp_path / "o.pth")])
+    run = lambda folder: convert_main(["from-hf", str(folder), str(tmp_path / "o.pth")])
     for folder, want in ((tmp_path / "hf", "model.safetensors is missing"), (tmp_path / "nope", "got no such folder")):
         assert run(folder) == 2
         err = capsys.readouterr().err
@@ -159,7 +160,7 @@ def test_cli_folders(tmp_path):
     pytest.importorskip("transformers", reason="the optional extra mff-ds[hf]; make test installs it")
     model = perturbed(build_model({**DECODER, **HF_SIZES["tiny_p16"], "out_indices": [0, 2]}))
     convert.save_model(model, tmp_path / "m.safetensors")
-    run = lambda *a: convert.main([str(v) for v in a])
+    run = lambda *a: convert_main([str(v) for v in a])
     assert run("to-timm-dir", tmp_path / "m.safetensors", tmp_path / "timm") == 0
     assert run("to-hf", tmp_path / "m.safetensors", tmp_path / "hf") == 0
     assert run("from-hf", tmp_path / "hf", tmp_path / "back.pth") == 0

@@ -78,3 +78,21 @@ def test_every_command_runs_from_the_installed_console_script(installed, tmp_pat
             assert p.returncode == 0 and "usage:" in p.stdout, (argv, p.stderr[-2000:])
     p = subprocess.run([str(script), "pretrian"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "expected a command, one of pretrain" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run([str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stdout == "" and "mff-ds: expected a command, one of pretrain" in p.stderr
+
+
+def test_the_installed_console_script_runs_a_real_command(installed, tmp_path):
+    """Not only --help: `mff-ds zoo list` from the install, outside the checkout, reads the zoo table shipped in the
+    package and the (empty) cache; so does `python -m mff_ds --local_rank=0 zoo list`, as `deepspeed --module
+    mff_ds` runs it."""
+    script = installed / "bin" / "mff-ds"
+    env = dict(os.environ, PYTHONPATH=str(installed), OMP_NUM_THREADS="1", MFF_DS_CACHE=str(tmp_path / "cache"))
+    for argv in ([str(script), "zoo", "list"], [sys.executable, "-u", "-m", "mff_ds", "--local_rank=0", "zoo", "list"]):
+        p = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, (argv, p.stderr[-3000:])
+        header, *rows = p.stdout.splitlines()
+        assert header.split() == ["name", "kind", "params", "result", "file", "sha256", "cached"]
+        names = {r.split()[0]: r for r in rows}
+        assert {"mff_vit-b_300e", "mff_vit-b_800e", "mff_vit-b_300e_ft"} <= set(names)
+        assert names["mff_vit-b_300e"].rstrip().endswith(" no")  # nothing cached in the fresh cache

@@ -3,7 +3,7 @@ shipped mmpretrain-derived recipes, official MAE's formula for the others), the 
 references' forms, the engine reproducing mmpretrain's 8-iteration trajectory, and resuming a run written with the
 old schedule.
 
-mmengine's numbers are ../shared/fixtures/mmpretrain/recipe/ (README there): traced with mmengine 0.10.7's own
+mmengine's numbers are tests/fixtures/mmpretrain/recipe/ (README there; a copy of ../shared/fixtures/mmpretrain/recipe): traced with mmengine 0.10.7's own
 schedulers on mmpretrain 1.2.0's MFF pretrain, fine-tune and linear-probe configs."""
 import json
 import math
@@ -22,7 +22,8 @@ import forkserver
 from conftest import fixture
 from mff_ds.convert import to_mmpretrain
 from mff_ds.engine import checkpoint as ckpt
-from mff_ds.engine.recipe import RecipeError, resume_differences
+from mff_ds.engine.compat import reconcile
+from mff_ds.engine.recipe import RecipeError
 from mff_ds.engine.schedule import LEGACY, LrSchedule, lr_schedule
 from mff_ds.eval import models as em
 from mff_ds.eval.lars import LARS
@@ -44,15 +45,9 @@ def rel(a: float, b: float) -> float:
     return abs(a - b) / abs(b)
 
 
-def require_recipe_fixtures():
-    if not fixture("recipe/lr_schedules.json").is_file():
-        pytest.skip("../shared/fixtures/mmpretrain/recipe not found beside the repo")
-
-
 # ------------------------------------------------------------------ mmengine: the fixture's own numbers
 def _fixture_keys():
-    path = fixture("recipe/lr_schedules.json")
-    return sorted(json.loads(path.read_text())) if path.is_file() else ["(fixtures missing)"]
+    return sorted(json.loads(fixture("recipe/lr_schedules.json").read_text()))
 
 
 # mmpretrain's fine-tune parameter names -> ours (timm's VisionTransformer), for the fixture's example parameters
@@ -86,7 +81,6 @@ def test_mmengine_recipes_match_mmengines_own_lr_at_every_iteration(key):
     """Each mmpretrain-derived recipe, at the fixture's epoch length, gives every group mmengine's lr at every
     iteration to 1e-9 relative (measured: <= 5e-15; the old schedule was up to 1/N off in warmup and 265x at the
     end of fine-tuning's embedding group)."""
-    require_recipe_fixtures()
     ref = json.loads(fixture("recipe/lr_schedules.json").read_text())[key]
     name, per_epoch = key.split("@")
     r = shipped(name)
@@ -118,18 +112,21 @@ def test_mmengine_recipes_match_mmengines_own_lr_at_every_iteration(key):
 
 def test_mmengine_edges_follow_its_chained_form():
     """A 1-iteration LinearLR leaves the cosine starting from base x start_factor (mmengine's chained cosine starts
-    from whatever lr the group has); no warmup starts at the peak; a fractional warmup is cut with int()."""
+    from whatever lr the group has); no warmup starts at the peak; a fractional warmup is cut with int(); eta_min is
+    absolute, so a group whose initial lr is below it rises to it. The expected values are mmengine's schedulers
+    stepped one by one (tests/test_properties_engine.py), not a closed form."""
+    from test_properties_engine import mmengine_lrs
+    cases = {"one-iteration warmup": (0.01, 0.0, 1e-4, 7, 1, 1, 1.0), "no warmup": (0.01, 0.0, 1e-4, 10, 0, 3, 1.0),
+             "fractional warmup": (1.0, 0.0, 1e-4, 10, 1.5, 3, 1.0), "below eta_min": (1e-3, 1e-6, 1e-4, 10, 1, 10, 1e-4)}
+    for name, (peak, eta, sf, epochs, warmup, per_epoch, scale) in cases.items():
+        s = LrSchedule("mmengine", peak, eta, sf, epochs, warmup, per_epoch, per_epoch)
+        want = mmengine_lrs(peak * scale, sf, eta, epochs, warmup, per_epoch)
+        assert [s.lr(i, scale) for i in range(s.total_steps)] == pytest.approx(want, rel=1e-12), name
     one = LrSchedule("mmengine", 0.01, 0.0, 1e-4, 7, 1, 1, 1)
-    assert one.warmup_steps == 1 and one.lr(0) == pytest.approx(1e-6)
-    assert one.lr(1) == pytest.approx(1e-6)  # the cosine's first iteration keeps the group's lr
-    assert one.lr(4) == pytest.approx(1e-6 * (1 + math.cos(math.pi * 3 / 6)) / 2)
-    none = LrSchedule("mmengine", 0.01, 0.0, 1e-4, 10, 0, 3, 3)
-    assert none.lr(0) == 0.01 and none.lr(15) == pytest.approx(0.01 * (1 + math.cos(math.pi * 15 / 30)) / 2)
-    frac = LrSchedule("mmengine", 1.0, 0.0, 1e-4, 10, 1.5, 3, 3)
-    assert frac.warmup_steps == 4 and frac.lr(3) == pytest.approx(1.0, rel=1e-12) and frac.lr(4) == pytest.approx(1.0)
-    # eta_min is absolute: a group whose initial lr is below it rises to it
+    assert one.warmup_steps == 1 and one.lr(0) == one.lr(1) == pytest.approx(1e-6)  # the cosine keeps the group's lr
+    assert LrSchedule("mmengine", 1.0, 0.0, 1e-4, 10, 1.5, 3, 3).warmup_steps == 4
     tiny = LrSchedule("mmengine", 1e-3, 1e-6, 1e-4, 10, 1, 10, 10)
-    assert tiny.lr(99, 1e-4) == pytest.approx(1e-6, rel=1e-3) and tiny.lr(10, 1e-4) == pytest.approx(1e-7)
+    assert tiny.lr(10, 1e-4) == pytest.approx(1e-7) and tiny.lr(99, 1e-4) == pytest.approx(1e-6, rel=1e-3)
 
 
 def test_start_factor_zero_is_maes_not_mmengines():
@@ -153,8 +150,8 @@ def mae_adjust_learning_rate(param_groups, epoch, lr, min_lr, warmup_epochs, epo
         param_group["lr"] = lr * param_group["lr_scale"] if "lr_scale" in param_group else lr
 
 
-@pytest.mark.parametrize("name,loader_len,accum", [("finetune_vit-l_50e", 6, 2), ("finetune_vit-h_50e", 9, 3),
-                                                    ("linprobe_vit-l_90e", 5, 1), ("linprobe_vit-h_90e", 7, 1)])
+@pytest.mark.parametrize("name,loader_len,accum", [("finetune_vit-l_50e", 6, 2), ("finetune_vit-h_50e", 10, 3),
+                                                    ("linprobe_vit-l_90e", 5, 1), ("linprobe_vit-h_90e", 7, 2)])
 def test_mae_recipes_follow_official_maes_lr_sched(name, loader_len, accum):
     """main_finetune / main_linprobe's train_one_epoch: at every data_iter_step % accum_iter == 0,
     adjust_learning_rate(optimizer, data_iter_step / len(data_loader) + epoch, args). min_lr is scaled with each
@@ -237,14 +234,20 @@ def mae_lars_step(params, grads, state, lr, momentum, weight_decay, trust_coeffi
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
 @pytest.mark.parametrize("convention", ["mmpretrain", "mae"])
 def test_lars_steps_are_the_references(convention, weight_decay):
-    """Six steps under a rising lr (warmup), a weight and a zero-initialised bias (the probe head's), float64."""
+    """Six steps under a rising lr (warmup), float64, on a weight, a zero-initialised bias (the probe head's) and the
+    trust ratio's edges: a zero weight matrix, norms below 1 (weight and gradient), a gradient of exactly 0."""
     g = torch.Generator().manual_seed(0)
-    w0, b0 = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
-    grads = [(torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64))
+
+    def randn(*shape, scale=1.0):
+        return scale * torch.randn(*shape, generator=g, dtype=torch.float64)
+    start = [randn(5, 3), torch.zeros(5, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.float64),
+             randn(4, 2, scale=0.01), randn(2, 2)]
+    grads = [(randn(5, 3), randn(5), randn(3, 2), randn(4, 2, scale=0.01), torch.zeros(2, 2, dtype=torch.float64))
              for _ in range(6)]
     lrs = [0.1, 0.5, 1.0, 2.0, 3.0, 6.4]
-    ref, state = [w0.clone(), b0.clone()], {}
-    ours = [torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())]
+    b0 = start[1]
+    ref, state = [t.clone() for t in start], {}
+    ours = [torch.nn.Parameter(t.clone()) for t in start]
     exclude_1d = convention == "mae"  # each reference's own rule for the bias
     groups = [{"params": [p], "weight_decay": 0.0 if exclude_1d and p.ndim == 1 else weight_decay,
                "lars_exclude": exclude_1d and p.ndim == 1} for p in ours]
@@ -260,6 +263,16 @@ def test_lars_steps_are_the_references(convention, weight_decay):
         for a, b in zip(ours, ref):
             assert torch.allclose(a.detach(), b, rtol=1e-12, atol=1e-15)
     assert not torch.equal(ours[1].detach(), b0)  # the zero bias moved (trust ratio 1 at |w| = 0, or excluded)
+    assert all(torch.isfinite(p).all() for p in ours)
+
+
+def test_lars_defaults_and_a_bad_convention():
+    p = torch.nn.Parameter(torch.ones(2, 2))
+    group = LARS([p], lr=0.3, convention="mae").param_groups[0]
+    assert {k: v for k, v in group.items() if k != "params"} == dict(
+        lr=0.3, momentum=0.9, weight_decay=0.0, trust_coeff=0.001, eps=1e-8, lars_exclude=False)
+    with pytest.raises(ValueError, match=r"LARS convention: expected one of \['mmpretrain', 'mae'\], got 'timm'"):
+        LARS([p], lr=0.3, convention="timm")
 
 
 def test_lars_conventions_differ_only_when_the_lr_changes():
@@ -318,7 +331,6 @@ def _trajectory_errors(out: Path, traj: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def trajectory():
-    require_recipe_fixtures()
     return torch.load(fixture("recipe/trajectory.pth"), weights_only=True)
 
 
@@ -341,19 +353,17 @@ def test_trajectory_check_sees_a_schedule_one_step_off(tmp_path, trajectory):
 
 
 # ------------------------------------------------------------------ resuming a run of the old schedule
-def test_a_checkpoint_of_the_old_schedule_resumes_with_a_warning(capsys):
-    from mff_ds.engine.trainer import check_resume
+def test_a_checkpoint_of_the_old_schedule_resumes_with_a_warning():
     r = load_recipe("configs/demo.yaml", world_size=1)
     old = {"format_version": 2, "compat": r.compat_dict(), "recipe": r.to_dict(), "world_size": 1, "zero_stage": 2}
     for record in (old["compat"], old["recipe"]):
         del record["schedule"]["reference"]  # what mff-ds wrote before schedules named their reference
     meta = ckpt.migrate(old, "old")
     assert meta["compat"]["schedule"]["reference"] == LEGACY and "reference" not in old["compat"]["schedule"]
-    incompatible, changed = resume_differences(meta, r)
-    assert incompatible == [] and changed == [f"schedule.reference: checkpoint {LEGACY!r} -> recipe 'mmengine'"]
-    check_resume(meta, r, 1, 2, "runs/old/checkpoints", "global_step100")
-    assert "schedule.reference: checkpoint 'legacy" in capsys.readouterr().err
-    # a run of this version switching reference is a schedule change like any other: refused
+    result = reconcile(meta, r, 2)
+    assert result.incompatible == [] and result.kept == [] and result.changed == [
+        f"schedule.reference: the checkpoint's: {LEGACY}; continuing with the recipe's 'mmengine'"]
+    # a run of this version switching reference by hand is a schedule change like any other: refused
     mae = load_recipe("configs/demo.yaml", ["schedule.reference=mae"], world_size=1)
     current = {"format_version": ckpt.FORMAT_VERSION, "compat": r.compat_dict(), "recipe": r.to_dict()}
-    assert resume_differences(current, mae)[0] == ["schedule.reference: checkpoint 'mmengine' -> recipe 'mae'"]
+    assert reconcile(current, mae, 2).incompatible == ["schedule.reference: checkpoint 'mmengine' -> recipe 'mae'"]

@@ -21,6 +21,7 @@ import forkserver
 from conftest import REPO, fixture, tiny_recipe
 from mff_ds import convert, zoo
 from mff_ds.common import MissingFileError, UserError
+from mff_ds.convert.__main__ import main as convert_main
 from mff_ds.zoo.__main__ import main as zoo_main, rows
 
 # tests/fixtures/mmpretrain/README.md: tiny64 is an mmpretrain MFF (embed 64, 4 blocks, 2 heads, 64 px, patch 16)
@@ -244,7 +245,7 @@ def test_evaluate_and_convert_take_a_zoo_name(env, server, tmp_path):
     assert p.returncode == 0, p.stderr
     got = json.loads(open(tmp_path / "ev" / "metrics.jsonl").readline())
     assert (got["top1"], got["top5"], got["checkpoint"]) == (want["top1"], want["top5"], "t_cls")
-    assert convert.main(["to-timm", "t_mff", str(tmp_path / "enc.safetensors")]) == 0  # detected: mmpretrain
+    assert convert_main(["to-timm", "t_mff", str(tmp_path / "enc.safetensors")]) == 0  # detected: mmpretrain
     enc, _ = convert.read_file(tmp_path / "enc.safetensors")
     ref = convert.from_mmpretrain(torch.load(server["mff"], weights_only=True)["state_dict"])
     assert torch.equal(enc["blocks.3.mlp.fc2.weight"], ref["blocks.3.mlp.fc2.weight"])

@@ -1,4 +1,4 @@
-"""Train the reference trajectory (../shared/fixtures/mmpretrain/recipe/trajectory*.pth: 8 iterations of a small
+"""Train the reference trajectory (tests/fixtures/mmpretrain/recipe/trajectory*.pth: 8 iterations of a small
 perturbed MFF under mmpretrain's pretraining optimizer and schedule, 2 iterations per epoch, batch 4) through the
 real pretraining path: a shipped-style recipe, `init_from` the fixture's mmpretrain checkpoint, `fit` with DeepSpeed
 (ZeRO-2 or, --stage 1, ZeRO-1 without gradient hooks; fp32) on 1 or 2 CPU ranks, and `--micro` images per rank per micro-batch (4 / (micro x world) accumulation
@@ -83,7 +83,7 @@ class TrajectoryTask(PretrainTask):
 
 
 def main():
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(allow_abbrev=False)
     p.add_argument("out")
     p.add_argument("--micro", type=int, default=BATCH)
     p.add_argument("--reference", default="mmengine", help="another schedule, to show the comparison can fail")

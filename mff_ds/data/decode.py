@@ -92,8 +92,8 @@ def _decode_jpegs(files, device):
 
 
 def decode_batch(packed, labels, bad, aug, size, device, fast=True):
-    """PackedBatch -> (uint8 (n, 3, size, size) on `device`, labels, bad [(k, message)]); bad samples are
-    replaced as on the CPU path (`fill_bad`)."""
+    """PackedBatch -> (uint8 (n, 3, size, size) on `device`, labels, bad [(k, sample name, reason)]); bad samples
+    are replaced as on the CPU path (`fill_bad`)."""
     n = len(packed.params)
     files = [packed.data[a:b] for a, b in zip(packed.offsets[:-1], packed.offsets[1:])]
     gpu = [k for k in range(n) if packed.params[k] is not None]
@@ -112,7 +112,7 @@ def decode_batch(packed, labels, bad, aug, size, device, fast=True):
             out[k] = aug.apply(x.float(), p)
             good.append(k)
         except Exception as e:  # never let one file stop the run
-            bad.append((k, f"{packed.names[k]}: {str(e)[:200]}"))
+            bad.append((k, packed.names[k], str(e)[:200]))
     imgs = to_uint8(out)
     good.sort()
     fill_bad(imgs, labels, good, bad)
@@ -122,7 +122,7 @@ def decode_batch(packed, labels, bad, aug, size, device, fast=True):
 def fill_bad(imgs, labels, good, bad):
     """Replace bad samples by good ones of the same batch (keeps stream positions fixed), or zeros / -1.
     Shared by both paths, so that they replace alike."""
-    for k, _ in bad:
+    for k, *_ in bad:
         if good:
             src = good[k % len(good)]
             imgs[k], labels[k] = imgs[src], labels[src]

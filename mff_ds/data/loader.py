@@ -89,8 +89,8 @@ def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=torch.float32)
 
 
 class _Batches(IterableDataset):
-    """Yields (batch_index, images uint8 or decode.PackedBatch, labels int64, bad [(k, message)], n_samples) for the
-    batches of this worker, from the source's samples (or its finished batches)."""
+    """Yields (batch_index, images uint8 or decode.PackedBatch, labels int64, bad [(k, name, reason)], n_samples) for
+    the batches of this worker, from the source's samples (or its finished batches)."""
 
     def __init__(self, source, plan, cfg, state, pack=False):
         self.source, self.plan, self.cfg = source, plan, cfg
@@ -112,7 +112,7 @@ class _Batches(IterableDataset):
                 yield self._make(b, epoch, batch)
 
     def _make(self, b, epoch, raw):
-        """-> (b, uint8 images or decode.PackedBatch, labels, bad [(k, message)], n)."""
+        """-> (b, uint8 images or decode.PackedBatch, labels, bad [(k, sample name, reason)], n)."""
         rng = np.random.default_rng([self.seed, epoch, self.plan.rank, b])
         n, fast = len(raw), self.cfg.fast_decode
         imgs = None if self.pack else torch.empty((n, 3, self.size, self.size), dtype=torch.uint8)
@@ -132,7 +132,7 @@ class _Batches(IterableDataset):
                 else:
                     done[k] = finish(image, self.aug, p, fast)
             except Exception as e:  # never let one file kill a worker
-                bad.append((k, f"{name}: {str(e)[:200]}"))
+                bad.append((k, name, str(e)[:200]))
         if self.pack:
             return b, pack_batch(jpegs, done, [name for name, _, _ in raw], self.size), labels, bad, n
         fill_bad(imgs, labels, good, bad)
@@ -230,13 +230,14 @@ class Loader:
             pending[item[0]] = item
             while nxt in pending:  # shard workers resume out of order after a skip
                 _, imgs, labels, bad, n = pending.pop(nxt)
-                self._bad_records += [(self.epoch, nxt, *msg.split(": ", 1)) for _, msg in bad]
+                self._bad_records += [(self.epoch, nxt, name, why) for _, name, why in bad]
                 nxt += 1
                 self.seen_samples += n
                 self.bad_samples += len(bad)
-                self.bad_examples += [msg for _, msg in bad[:MAX_EXAMPLES - len(self.bad_examples)]]
+                messages = [f"{name}: {why}" for _, name, why in bad]
+                self.bad_examples += messages[:MAX_EXAMPLES - len(self.bad_examples)]
                 if bad:
-                    self._log_bad([msg for _, msg in bad])
+                    self._log_bad(messages)
                 if (self.seen_samples >= check_after
                         and self.bad_samples > self.cfg.max_bad_fraction * self.seen_samples):
                     raise BadDataError(

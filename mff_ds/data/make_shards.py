@@ -123,7 +123,8 @@ def convert(src, out, shard_size, split="train", seed=0, shuffle=True, workers=1
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m mff_ds.data.make_shards", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m mff_ds.data.make_shards", description=__doc__.split("\n")[0],
+                                 allow_abbrev=False)
     ap.add_argument("src", help="ImageFolder root (class sub-directories, or images directly for unlabelled)")
     ap.add_argument("out", help="output directory for the shards and _info.json")
     ap.add_argument("--shard-size", type=int, required=True, help="images per shard (e.g. 1000-5000)")

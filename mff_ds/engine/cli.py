@@ -13,7 +13,8 @@ from .recipe import RecipeError, shipped_recipes
 def run_parser(doc: str, config: str, set_example: str) -> argparse.ArgumentParser:
     """--config (default `config`), --output-dir, --set, --max-steps, --resume and the deepspeed launcher's
     --local_rank; the caller adds its own options."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--config", default=config,
                    help=f"recipe: a YAML path, or the name of a shipped recipe ({', '.join(shipped_recipes())})")
     p.add_argument("--output-dir", default=None, help="default: runs/<recipe name>")

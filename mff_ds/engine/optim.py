@@ -24,8 +24,10 @@ PRECISION_FILES = {p: f"ds_configs/{p}.json" for p in ("fp32", "bf16", "fp16", "
 PRECISION_SECTIONS = ("fp16", "bf16", "torch_autocast")
 
 
-def schedule_steps(recipe, batches_per_epoch: int, accum: int, max_steps=None) -> Tuple[LrSchedule, int]:
-    """(the lr schedule, stop_step) for `batches_per_epoch` micro-batches per rank and `accum` per optimizer step."""
+def schedule_steps(recipe, batches_per_epoch: int, max_steps=None) -> Tuple[LrSchedule, int]:
+    """(the lr schedule, stop_step) for `batches_per_epoch` micro-batches per rank, in optimizer steps of the
+    recipe's batch plan."""
+    accum = recipe.plan.accum
     if batches_per_epoch // accum < 1:
         raise RecipeError([f"batch.global_batch: one epoch gives {batches_per_epoch} micro-batches per rank, fewer "
                            f"than the {accum} needed for one optimizer step; expected a larger dataset or a smaller "
@@ -111,10 +113,12 @@ def build_ds_config(recipe, world_size: int, device: torch.device) -> dict:
     if recipe.deepspeed.deepcompile:
         cfg["compile"] = dict(cfg.get("compile", {}), deepcompile=True)
     _deep_update(cfg, recipe.deepspeed.overrides)
-    cfg.update(train_batch_size=recipe.batch.global_batch,
-               train_micro_batch_size_per_gpu=recipe.batch.micro_batch,
-               gradient_accumulation_steps=recipe.grad_accum(world_size),
-               gradient_clipping=recipe.optim.grad_clip)
+    plan = recipe.plan
+    if plan.world != world_size:
+        raise RuntimeError(f"the recipe's batch plan is for {plan.world} rank(s), not {world_size}: "
+                           f"check(recipe, {world_size}) first")
+    cfg.update(train_batch_size=plan.global_batch, train_micro_batch_size_per_gpu=plan.micro,
+               gradient_accumulation_steps=plan.accum, gradient_clipping=recipe.optim.grad_clip)
     stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
     _set_defaults(cfg, engine_defaults(stage, world_size, recipe.optim.grad_clip))
     cfg.setdefault("steps_per_print", 1 << 30)

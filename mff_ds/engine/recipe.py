@@ -5,6 +5,7 @@ import copy
 import hashlib
 import json
 import os
+from dataclasses import replace
 from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple
 
 import yaml
@@ -13,7 +14,7 @@ from pydantic import (AfterValidator, Field, PrivateAttr, ValidationError, Valid
 
 from mff_ds.common import UserError
 from mff_ds.engine import batch
-from mff_ds.engine.schedule import LEGACY
+from mff_ds.engine.batch import BatchPlan
 from mff_ds.schema import (Bool, Float, NonNegFloat, NonNegInt, PosFloat, PosInt, Section, fail, float_, int_,
                            problem, problems_of)
 
@@ -44,8 +45,12 @@ class BatchConfig(Section):
         # the world size comes from the launcher through the validation context (None: not checked), with the
         # recipe's base_lr for the lr each alternative gives (BaseRecipe._base_lr_for_the_batch_check)
         ctx = info.context or {}
+        multiple = ctx.get("micro_multiple", 1)
+        if self.micro_batch < multiple:  # Mixup / CutMix pair the images of a micro batch
+            raise problem(f"Mixup / CutMix pair the images of a micro batch: expected at least {multiple} (micro "
+                          f"batches are multiples of {multiple}), got {self.micro_batch}", key="batch.micro_batch")
         if ctx.get("world_size") and self.global_batch_policy == "exact":
-            plan_batch(self, ctx.get("base_lr"), ctx["world_size"], ctx.get("micro_multiple", 1))  # the problem
+            plan_batch(self, ctx.get("base_lr"), ctx["world_size"], multiple)  # the problem
         return self
 
 
@@ -179,6 +184,11 @@ class BaseRecipe(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     _batch_note: Optional[str] = PrivateAttr(default=None)  # what the batch arithmetic changed, said at the start
+    _plan: Optional[BatchPlan] = PrivateAttr(default=None)  # the split for the world size it was checked for
+    _requested: Optional[dict] = PrivateAttr(default=None)  # the batch section as written, before any plan
+    # the dotted keys the user set (--set, or a YAML file that is not a shipped recipe); None: all of them
+    # (a recipe built in code). engine.compat keeps a run's saved value where a key was not set by hand.
+    _by_hand: Optional[frozenset] = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -201,11 +211,31 @@ class BaseRecipe(Section):
         which comes through the validation context (None: not checked). Runs once every field is valid; the batch
         section's own validator has already reported an impossible split among the other problems."""
         ctx = info.context or {}
+        self._requested = self.batch.model_dump()
         if ctx.get("world_size"):
-            plan, self._batch_note = plan_batch(self.batch, self.optim.base_lr, ctx["world_size"],
-                                                ctx.get("micro_multiple", 1))
-            self.batch.global_batch, self.batch.micro_batch = plan.global_batch, plan.micro
+            self._adopt(*plan_batch(self.batch, self.optim.base_lr, ctx["world_size"], ctx.get("micro_multiple", 1)))
         return self
+
+    def _adopt(self, plan: BatchPlan, note: Optional[str]) -> None:
+        """Train with `plan`: the batch section then says what runs (recipe.yaml and the marker record it)."""
+        self._plan, self._batch_note = plan, note
+        self.batch.global_batch, self.batch.micro_batch = plan.global_batch, plan.micro
+
+    @property
+    def plan(self) -> BatchPlan:
+        """The batch plan (global, micro, accumulation, world, lr) this recipe was checked for, by validation with a
+        world size or by `check(recipe, world)`: the only one the engine reads."""
+        if self._plan is None:
+            raise RuntimeError("recipe.plan: the recipe was not checked for a world size; call "
+                               "mff_ds.engine.recipe.check(recipe, world_size) first")
+        return self._plan
+
+    def by_hand(self, key: str) -> bool:
+        """Whether the user set dotted `key` (or a section above or below it) rather than taking a default or a
+        shipped recipe's value."""
+        if self._by_hand is None:
+            return True
+        return any(key == h or key.startswith(h + ".") or h.startswith(key + ".") for h in self._by_hand)
 
     @classmethod
     def micro_multiple(cls, data: dict) -> int:
@@ -223,11 +253,8 @@ class BaseRecipe(Section):
             fail([("min_lr", f"expected in [0, lr = base_lr*global_batch/256], got {o.min_lr}")])
         return o
 
-    def grad_accum(self, world_size: int) -> int:
-        return self.batch.global_batch // (self.batch.micro_batch * world_size)
-
     def lr(self) -> float:
-        return self.optim.base_lr * self.batch.global_batch / 256
+        return self._plan.lr if self._plan is not None else batch.lr_for(self.optim.base_lr, self.batch.global_batch)
 
     def compat_dict(self) -> dict:
         """What a resumed run must share with its checkpoint (each kind says)."""
@@ -257,6 +284,7 @@ def plan_batch(b: BatchConfig, base_lr: Optional[float], world: int,
                 f"{plan.global_batch} / 256) instead of {batch.lr_for(base_lr, b.global_batch):.4g}")
     elif plan.micro != b.micro_batch:
         note = f"batch: {plan.describe()} (batch.micro_batch {b.micro_batch} is the most per rank)"
+    plan = replace(plan, lr=batch.lr_for(base_lr, plan.global_batch) if base_lr is not None else None)
     if not batch.efficient(plan, b.micro_batch):
         faster = " or ".join(str(p.global_batch) for p in batch.nearest(plan.global_batch, b.micro_batch, world,
                                                                         multiple))
@@ -265,50 +293,35 @@ def plan_batch(b: BatchConfig, base_lr: Optional[float], world: int,
     return plan, note
 
 
-def validate(cls, tree: dict, world_size: Optional[int] = None, source: str = "recipe"):
+def validate(cls, tree: dict, world_size: Optional[int] = None, source: str = "recipe",
+             by_hand: Optional[List[str]] = None):
     """Recipe class `cls` from the plain `tree`, or RecipeError listing every problem (world_size: for the batch
-    arithmetic; None = not checked)."""
+    arithmetic; None = not checked; by_hand: the dotted keys the user set, None = all)."""
     try:
-        return cls.model_validate(tree or {}, context={"world_size": world_size})
+        recipe = cls.model_validate(tree or {}, context={"world_size": world_size})
     except ValidationError as e:
         raise RecipeError(problems_of(e, cls), source) from None
+    recipe._by_hand = None if by_hand is None else frozenset(by_hand)
+    return recipe
 
 
 def check(recipe: BaseRecipe, world_size: Optional[int] = None) -> List[str]:
-    """The problems of a built recipe for `world_size` (empty = runnable): what the trainer asks before it starts."""
+    """The problems of a built recipe for `world_size` (empty = runnable): what the trainer asks before it starts.
+    With a world size and no problem, `recipe.plan` is then the split this check computed (from the batch section
+    as written, whatever world the recipe was validated for before)."""
+    tree = recipe.to_dict()
+    if recipe._requested is not None:
+        tree["batch"] = dict(recipe._requested)
     try:
-        validate(type(recipe), recipe.to_dict(), world_size)
+        checked = validate(type(recipe), tree, world_size)
     except RecipeError as e:
         return e.problems
+    for name in type(recipe).model_fields:  # the validated values (a value set on the recipe may be raw)
+        if name != "batch" or world_size:  # without a world size the recipe keeps the split it has
+            setattr(recipe, name, getattr(checked, name))
+    if world_size:
+        recipe._adopt(checked._plan, checked._batch_note)
     return []
-
-
-def diff_settings(old: dict, new: dict, prefix: str = "", only_new: bool = False) -> List[str]:
-    """'key: checkpoint OLD -> recipe NEW' for every nested key that differs (only_new: keys of `new` only)."""
-    out = []
-    for k in sorted(set(new) if only_new else set(old) | set(new)):
-        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += diff_settings(a, b, f"{prefix}{k}.", only_new)
-        elif a != b:
-            out.append(f"{prefix}{k}: checkpoint {a!r} -> recipe {b!r}")
-    return out
-
-
-def resume_differences(meta: dict, recipe) -> Tuple[List[str], List[str]]:
-    """(incompatible, compatible) differences between a checkpoint's completion marker and the recipe resuming it.
-    Keys the recipe no longer treats as binding (e.g. data.pin_memory in older markers) are not held against it; a
-    run written before schedules named their reference (checkpoint.migrate: schedule.reference = LEGACY) resumes
-    with the recipe's reference, listed as a compatible change."""
-    if "compat" in meta:
-        old = copy.deepcopy(meta["compat"])
-        if old.get("schedule", {}).get("reference") == LEGACY:  # the lr changes from here on: warned, not refused
-            old["schedule"]["reference"] = recipe.schedule.reference
-        incompatible = diff_settings(old, recipe.compat_dict(), only_new=True)
-    else:
-        incompatible = [] if meta.get("recipe_hash") in (None, recipe.compat_hash()) else ["(recipe hash differs)"]
-    compatible = [] if incompatible or "recipe" not in meta else diff_settings(meta["recipe"], recipe.to_dict())
-    return incompatible, compatible
 
 
 # ------------------------------------------------------------------ overrides
@@ -373,8 +386,24 @@ def recipe_path(config: str) -> str:
     return resolve_path(config)
 
 
-def read_tree(path: Optional[str], overrides: Optional[List[str]] = None) -> Tuple[dict, str]:
-    """(YAML tree with `--set` overrides applied, source name). Shared by every recipe kind."""
+def is_shipped(path: str) -> bool:
+    """`path` is one of the recipes in configs/ (installed or in the checkout): its values are the project's."""
+    found = os.path.realpath(recipe_path(path))
+    return any(os.path.dirname(found) == os.path.realpath(os.path.join(root, "configs"))
+               for root in (PACKAGE_ROOT, REPO_ROOT))
+
+
+def leaf_keys(tree: dict, prefix: str = "") -> List[str]:
+    """The dotted keys of every value in a nested mapping that is not itself a non-empty mapping."""
+    out = []
+    for k, v in tree.items():
+        out += leaf_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
+    return out
+
+
+def read_tree(path: Optional[str], overrides: Optional[List[str]] = None) -> Tuple[dict, str, List[str]]:
+    """(YAML tree with `--set` overrides applied, source name, the dotted keys set by hand: the overrides', and every
+    key of a YAML file that is not a shipped recipe). Shared by every recipe kind."""
     tree: dict = {}
     source = path or "recipe"
     if path is not None:
@@ -394,10 +423,11 @@ def read_tree(path: Optional[str], overrides: Optional[List[str]] = None) -> Tup
                               source)
         if not isinstance(tree, dict):
             raise RecipeError([f"recipe: expected a mapping at the top level, got {type(tree).__name__}"], source)
+    by_hand = [] if path is None or is_shipped(path) else leaf_keys(tree)
     problems = apply_overrides(tree, overrides or [])
     if problems:
         raise RecipeError(problems, source)
-    return tree, source
+    return tree, source, by_hand + [item.split("=", 1)[0].strip() for item in overrides or []]
 
 
 def launcher_world_size() -> int:

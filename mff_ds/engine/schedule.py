@@ -23,7 +23,7 @@ from dataclasses import dataclass
 REFERENCES = ("mmengine", "mae")
 # what a checkpoint written before schedules named their reference recorded (checkpoint.migrate fills it in):
 # warmup reached the peak one step later than mmengine's, min_lr was scaled per group; resuming it warns, never
-# refuses (engine.recipe.resume_differences)
+# refuses (engine.compat.reconcile)
 LEGACY = "legacy (mff-ds before 2026-12-04: warmup peak at iteration N, min_lr x lr_scale)"
 
 

@@ -10,7 +10,12 @@ exits at once (130) without saving; one within a second is the same Ctrl-C forwa
 
 `catch()` installs the handlers; launch/pretrain.py calls it before importing torch, so a signal during start-up is
 kept and honoured at the first check instead of killing the process. This module imports torch lazily for that.
+
+Work that saves nothing to resume (the feature probes, evaluation, conversion, downloads) has nothing to poll: it
+runs inside `raising()`, where a stop signal raises `Stopped` in the main thread at once (75 for SIGUSR1/SIGTERM:
+"try again", 130 for SIGINT; nothing saved, rerun the command).
 """
+import contextlib
 import os
 import signal
 import sys
@@ -69,6 +74,59 @@ def release() -> None:
 
 def exit_code(stopped_by: str) -> int:
     return EXIT_INTERRUPTED if stopped_by == "SIGINT" else EXIT_PREEMPTED
+
+
+class Stopped(BaseException):
+    """A stop signal inside `raising()`. A BaseException, as KeyboardInterrupt is: `except Exception` (e.g. around
+    one unreadable image) does not swallow it. `.signal`: its name; `.exit_code`: 75, or 130 for SIGINT."""
+
+    def __init__(self, signum: int):
+        self.signal = signal.Signals(signum).name
+        self.exit_code = exit_code(self.signal)
+        super().__init__(f"stopped by {self.signal}")
+
+
+@contextlib.contextmanager
+def raising(signals: Optional[Iterable[str]] = None):
+    """Within the block (main thread), a stop signal raises Stopped at once, and one that catch() kept before the
+    block (during start-up) raises as it begins. After the first, further stop signals are ignored while the
+    exception unwinds (a data loader shutting its workers down), except a second SIGINT a second or more later,
+    which exits at once (130); the handler then stays. A block that ends otherwise puts the previous handlers back.
+    A process forked inside the block (a data-loader worker) gets KeyboardInterrupt instead, as Python's default
+    SIGINT gives: a worker then exits quietly, and the main process ends the others."""
+    sigs = _parse(_names(signals))
+    owner, got = os.getpid(), []
+
+    def handle(signum, frame):
+        if os.getpid() != owner:
+            raise KeyboardInterrupt
+        if not got:
+            got.append(time.monotonic())
+            raise Stopped(signum)
+        if signum == signal.SIGINT and time.monotonic() - got[0] > SECOND_SIGINT_AFTER_S:
+            print("second SIGINT: exiting now", file=sys.stderr, flush=True)
+            os._exit(EXIT_INTERRUPTED)
+
+    previous = {s: signal.signal(s, handle) for s in sigs}
+    try:
+        if _first and _first[0][0] in sigs:
+            got.append(time.monotonic())
+            raise Stopped(_first[0][0])
+        yield
+    finally:
+        if got:
+            _end_children()
+        else:
+            for s, h in previous.items():
+                signal.signal(s, signal.SIG_DFL if h is None else h)  # None: a handler not set from Python
+
+
+def _end_children() -> None:
+    """SIGTERM to the processes this one started through multiprocessing (data-loader workers: KeyboardInterrupt
+    there, on which a worker exits quietly), instead of waiting for them to finish work that nobody will use."""
+    mp = sys.modules.get("multiprocessing")
+    for child in mp.active_children() if mp is not None else ():
+        child.terminate()
 
 
 class StopOnSignal:

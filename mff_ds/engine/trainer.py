@@ -20,12 +20,14 @@ import torch.distributed as dist
 
 from mff_ds.common import DTYPES, UserError, seed_everything, write_json
 
+from . import bad_samples
 from . import checkpoint as ckpt
 from . import ds_compat
 from .distributed import all_gather_object, device_for, init_distributed
 from .metrics import MetricsLogger, memory_gb, progress_bar
 from .optim import build_deepspeed_engine, build_ds_config, grad_norm, norm_is_ours, precision_of, schedule_steps
-from .recipe import RecipeError, resume_differences, save_recipe
+from .compat import Reconciled, reconcile
+from .recipe import RecipeError, check, save_recipe
 from .rundir import owns_output_dir
 from .signals import StopOnSignal
 
@@ -56,7 +58,8 @@ class Position:
 class RunView:
     """What a task's hooks see of the run, and all they may use.
 
-    rank, world: this process and the number of processes; device, dtype, precision: where and in what the model
+    rank, world: this process and the number of processes; plan: the recipe's batch plan for them (global, micro,
+    accumulation, lr); device, dtype, precision: where and in what the model
     computes; output_dir, ckpt_root (= output_dir/checkpoints); ds_config: the merged DeepSpeed config; engine: the
     DeepSpeed engine (None until built); step (optimizer steps done) and epoch: kept current by the loop;
     stop_step: the run's last step (max_steps, or the step a stop signal asked for); total_steps: of the schedule.
@@ -72,6 +75,7 @@ class RunView:
     precision: str
     output_dir: str
     ds_config: dict
+    plan: Any = None
     _pos: Position = field(default_factory=Position, repr=False)  # the loop's; hooks read step and epoch
     engine: Any = None
     stop_step: int = 0
@@ -101,23 +105,28 @@ class RunView:
 
 class Task:
     """The hooks `fit` calls. `recipe` has the shared sections (mff_ds.engine.recipe: seed, batch, optim, schedule,
-    deepspeed, checkpoint, logging) and `lr()`, `grad_accum(world)`, `compat_hash()`, `compat_dict()`, `to_dict()`."""
+    deepspeed, checkpoint, logging) and `plan`, `lr()`, `compat_hash()`, `compat_dict()`, `to_dict()`."""
     quiet = False  # no progress bar or console lines (the loop's and the task's)
 
     def __init__(self, recipe):
         self.recipe = recipe
 
     def check(self, world: int) -> list:
-        """Every problem of the recipe for this world size, as 'key: expected ..., got ...'."""
+        """The task's own problems for this world size beyond the recipe's (engine.recipe.check, which the loop
+        asks first), as 'key: expected ..., got ...'."""
         return []
+
+    def prepare(self, is_main: bool) -> None:
+        """Before the resume comparison, on every rank: settle what the recipe leaves to the run's inputs (a
+        fine-tune's encoder comes from its checkpoint), so a resumed run compares what it trains."""
 
     def ds_config(self, world: int, device) -> dict:
         return build_ds_config(self.recipe, world, device)
 
     def build(self, run: RunView):
-        """-> (model, training loader) on the seeded global RNG. The loader has len() (micro-batches per epoch
-        on this rank), set_epoch(epoch, skip_batches) and yields (images, labels); an optional close() is called
-        when the run ends."""
+        """-> (model, training loader of micro batches of `run.plan.micro`) on the seeded global RNG. The loader has
+        len() (micro-batches per epoch on this rank), set_epoch(epoch, skip_batches) and yields (images, labels); an
+        optional close() is called when the run ends."""
         raise NotImplementedError
 
     def param_groups(self, model) -> list:
@@ -198,24 +207,29 @@ class LossMeter:
         self.n = 0
 
 
-def check_resume(meta: dict, recipe, world_size: int, zero_stage: int, root: str, tag: str) -> bool:
-    """Refuse incompatible checkpoints with a clear message; returns True when it is a universal checkpoint."""
-    where = os.path.join(root, tag)
-    incompatible, changed = resume_differences(meta, recipe)
-    if incompatible:
+def reconcile_recipe(task: Task, found, zero_stage: int) -> Reconciled:
+    """The recipe resuming checkpoint `found` = (root, tag, marker): refused where it differs in a key set by hand;
+    the run's saved values kept where this version changed a default (engine.compat; the caller checks the recipe
+    again when any was), and the compatible changes, for one warning once the checkpoint is known to load."""
+    root, tag, meta = found
+    r = reconcile(meta, task.recipe, zero_stage)
+    if r.incompatible:
         raise IncompatibleCheckpointError(
-            f"checkpoint {where} was written by an incompatible recipe; differences:\n  " + "\n  ".join(incompatible) +
-            "\nRevert these settings, or start afresh with --resume fresh (moves the old run aside) / another "
-            "--output-dir.")
+            f"checkpoint {os.path.join(root, tag)} was written by an incompatible recipe; differences:\n  " +
+            "\n  ".join(r.incompatible) + "\nRevert these settings, or start afresh with --resume fresh (moves the "
+            "old run aside) / another --output-dir.")
+    return r
+
+
+def check_resume(meta: dict, world_size: int, zero_stage: int, root: str, tag: str) -> bool:
+    """Refuse a checkpoint this engine cannot load with a clear message; True when it is a universal checkpoint."""
+    where = os.path.join(root, tag)
     universal = bool(meta.get("universal"))
     if meta.get("zero_stage") not in (None, zero_stage) and not universal:
         raise IncompatibleCheckpointError(
             f"checkpoint {where} was saved with ZeRO stage {meta['zero_stage']}, this run uses stage {zero_stage}; "
             f"DeepSpeed cannot load one stage's optimizer state into another. Set deepspeed.zero_stage="
             f"{meta['zero_stage']} (or the same deepspeed.config) to resume.")
-    if changed and int(os.environ.get("RANK", "0")) == 0:
-        print(f"warning: resuming {where} with changed settings (compatible with it):\n  " + "\n  ".join(changed),
-              file=sys.stderr, flush=True)
     if ckpt.needs_universal(meta, world_size, zero_stage):
         raise IncompatibleCheckpointError(
             f"checkpoint {where} was saved with world size {meta['world_size']} (ZeRO stage {meta.get('zero_stage')}), "
@@ -372,34 +386,26 @@ def timed(loader, s: Loop):
             batch = next(it)
         except StopIteration:
             return
-        s.data_wait += time.perf_counter() - t
-        if hasattr(loader, "take_bad"):
-            record_bad(s, loader.take_bad())
+        finally:  # also when it raises: BadDataError comes with the batch that crossed the limit, its files named too
+            s.data_wait += time.perf_counter() - t
+            if hasattr(loader, "take_bad"):
+                record_bad(s, loader.take_bad())
         yield batch
 
 
 def record_bad(s: Loop, records: list) -> None:
-    """Every skipped sample, once, in OUTPUT_DIR/bad_samples/rank<R>.tsv: the optimizer step that would have used
-    it, epoch, batch, the file (or shard:member) and why (a resumed stretch does not name one twice)."""
+    """Every skipped sample (epoch, batch, sample, reason), once, in OUTPUT_DIR/bad_samples/rank<R>.tsv with the
+    optimizer step that would have used it (the format: engine/bad_samples.py). A resumed run replays the stretch
+    after its checkpoint: a (epoch, batch, sample) the file names already is not named again."""
     if not records:
         return
-    path = os.path.join(s.view.output_dir, "bad_samples", f"rank{s.view.rank:03d}.tsv")
+    path = bad_samples.rank_file(s.view.output_dir, s.view.rank)
     if s.bad_seen is None:
-        s.bad_seen = set()
-        if os.path.exists(path):
-            with open(path) as f:
-                s.bad_seen = {tuple(line.rstrip("\n").split("\t")[1:4]) for line in f if not line.startswith("step")}
-    new = [r for r in records if (str(r[0]), str(r[1]), r[2]) not in s.bad_seen]
-    if not new:
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    header = not os.path.exists(path)
-    with open(path, "a") as f:
-        if header:
-            f.write("step\tepoch\tbatch\tsample\treason\n")
-        for epoch, b, sample, *why in new:
-            f.write(f"{s.pos.step + 1}\t{epoch}\t{b}\t{sample}\t{' '.join(why).replace(chr(9), ' ')}\n")
-            s.bad_seen.add((str(epoch), str(b), sample))
+        s.bad_seen = {(r.epoch, r.batch, r.sample) for r in bad_samples.read(path)}
+    new = [r for r in records if tuple(r[:3]) not in s.bad_seen]
+    if new:
+        bad_samples.append(path, s.pos.step + 1, new)
+        s.bad_seen.update(tuple(r[:3]) for r in new)
 
 
 def roll_back(s: Loop, at: int) -> None:
@@ -426,7 +432,7 @@ def save(s: Loop) -> str:
     """A checkpoint of this step (collective): weights, optimizer, data position, every rank's RNG, task state."""
     p, v = s.pos, s.view
     client = {"step": p.step, "epoch": p.epoch, "batch": p.batch, "rng": all_gather_object(ckpt.rng_state()),
-              "samples": p.batch * s.task.recipe.batch.micro_batch * v.world,  # of this epoch, all ranks
+              "samples": p.batch * v.plan.micro * v.world,  # of this epoch, all ranks
               "task": s.task.state_dict(), "mff_meta": dict(s.meta, step=p.step), **ds_compat.universal_info()}
     s.last_saved = p.step
     return ckpt.save(s.engine, v.ckpt_root, p.step, client, dict(s.meta, epoch=p.epoch, batch=p.batch),
@@ -447,46 +453,62 @@ def restore(s: Loop, root: str, tag: str, rollback: bool = False) -> None:
     if rollback:
         return
     p.epoch, p.batch = int(client["epoch"]), int(client["batch"])
-    per_batch = r.batch.micro_batch * v.world
+    per_batch = v.plan.micro * v.world
     if client.get("samples") is not None and int(client["samples"]) != p.batch * per_batch:
         p.batch = int(client["samples"]) // per_batch  # another world size / micro batch (universal)
     if p.batch >= s.per_epoch:  # saved at the end of an epoch
         p.epoch, p.batch = p.epoch + 1, 0
 
 
-def resume_target(task: Task, v: RunView, resume: str):
+def resume_target(v: RunView, found):
     """The checkpoint to resume (converted to universal when saved by another world size), checked before any
     heavy work; sets the DeepSpeed config's loading options to match it."""
+    if not found:
+        return None
     zero_stage = int(v.ds_config.get("zero_optimization", {}).get("stage", 0))
-    found = ckpt.find(v.output_dir, resume)
-    if found and ckpt.needs_universal(found[2], v.world, zero_stage):
+    if ckpt.needs_universal(found[2], v.world, zero_stage):
         found = ckpt.to_universal(*found)  # converted once, then loaded as universal
-    if found:
-        root, tag, meta = found
-        if check_resume(meta, task.recipe, v.world, zero_stage, root, tag):
-            v.ds_config.setdefault("checkpoint", {})["load_universal"] = True
-        else:
-            same_flat_layout(meta, v.ds_config, zero_stage, os.path.join(root, tag), v.is_main)
+    root, tag, meta = found
+    if check_resume(meta, v.world, zero_stage, root, tag):
+        v.ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    else:
+        same_flat_layout(meta, v.ds_config, zero_stage, os.path.join(root, tag), v.is_main)
     return found
 
 
+def checked(task: Task, world: int) -> None:
+    """The recipe's problems for this world size (the check that makes its batch plan) and the task's own."""
+    problems = check(task.recipe, world) or task.check(world)
+    if problems:
+        raise RecipeError(problems)
+
+
 def setup(task: Task, output_dir: str, max_steps: Optional[int], resume: str) -> Loop:
-    """Distributed start-up, the recipe's problems for this world size, the DeepSpeed config, the checkpoint to
-    resume, model / data / engine (identical init on every rank; then per-rank randomness, as the reference's
-    diff_rank_seed), the schedule from the loader's length, and the restored position."""
+    """Distributed start-up, the recipe's problems and batch plan for this world size, the checkpoint to resume
+    (the recipe reconciled with it), the DeepSpeed config, model / data / engine (identical init on every rank; then
+    per-rank randomness, as the reference's diff_rank_seed), the schedule from the loader's length, and the
+    restored position."""
     from deepspeed.utils import logger as ds_logger
     ds_logger.setLevel(os.environ.get("MFF_DS_LOG_LEVEL", "WARNING"))
     r, env = task.recipe, init_distributed()
     ds_compat.check_version(env.rank == 0)
-    problems = task.check(env.world_size)
-    if problems:
-        raise RecipeError(problems)
+    checked(task, env.world_size)
     device = device_for(env.local_rank)
+    task.prepare(env.rank == 0)
     ds_config = task.ds_config(env.world_size, device)
+    found = ckpt.find(output_dir, resume)  # collective: checksums verified in parallel
+    said = reconcile_recipe(task, found, int(ds_config.get("zero_optimization", {}).get("stage", 0))) if found else None
+    if said and said.kept:
+        checked(task, env.world_size)  # with the run's saved values (and the batch plan they give)
+        ds_config = task.ds_config(env.world_size, device)
     precision = precision_of(ds_config)
-    v = RunView(env.rank, env.world_size, device, DTYPES[precision], precision, output_dir, ds_config)
-    found = resume_target(task, v, resume)
+    v = RunView(env.rank, env.world_size, device, DTYPES[precision], precision, output_dir, ds_config, r.plan)
+    found = resume_target(v, found)
     v.resumed = bool(found)
+    if said and said.warning() and v.is_main:
+        print(f"warning: resuming {os.path.join(found[0], found[1])}: {len(said.kept)} saved setting(s) kept where "
+              f"this version's defaults differ, {len(said.changed)} compatible change(s):\n  {said.warning()}",
+              file=sys.stderr, flush=True)
     if v.is_main:
         if r.batch_note():  # the batch arithmetic changed the micro (or, policy nearest, the global) batch
             print(r.batch_note(), file=sys.stderr, flush=True)
@@ -495,8 +517,8 @@ def setup(task: Task, output_dir: str, max_steps: Optional[int], resume: str) ->
         write_json(os.path.join(output_dir, "ds_config.json"), ds_config)
     seed_everything(r.seed)
     model, loader = task.build(v)
-    accum = r.grad_accum(v.world)
-    schedule, v.stop_step = schedule_steps(r, len(loader), accum, max_steps)
+    plan = v.plan
+    schedule, v.stop_step = schedule_steps(r, len(loader), max_steps)
     v.total_steps = schedule.total_steps
     v.engine, optimizer = task.build_engine(v, model)
     seed_everything(r.seed + v.rank)
@@ -504,10 +526,9 @@ def setup(task: Task, output_dir: str, max_steps: Optional[int], resume: str) ->
     meta = {"format_version": ckpt.FORMAT_VERSION, "recipe_hash": r.compat_hash(), "compat": r.compat_dict(),
             "recipe": r.to_dict(), "world_size": v.world, "zero_stage": int(zero.get("stage", 0)),
             "precision": precision, "name": r.name, "parameter_alignment": bool(zero.get("parameter_alignment")),
-            "batch_plan": {"global_batch": r.batch.global_batch, "micro_batch": r.batch.micro_batch,
-                           "accumulation": accum, "world_size": v.world, "policy": r.batch.global_batch_policy,
-                           "lr": r.lr()}}
-    s = Loop(task, v, v.engine, optimizer, loader, accum, schedule.steps_per_epoch * accum, schedule, meta,
+            "batch_plan": {"global_batch": plan.global_batch, "micro_batch": plan.micro, "accumulation": plan.accum,
+                           "world_size": plan.world, "policy": r.batch.global_batch_policy, "lr": plan.lr}}
+    s = Loop(task, v, v.engine, optimizer, loader, plan.accum, schedule.steps_per_epoch * plan.accum, schedule, meta,
              own_norm=norm_is_ours(ds_config, precision))
     v.save, v.say = lambda: save(s), (lambda line: s.bar.write(line)) if v.is_main and not task.quiet else print_none
     if found:

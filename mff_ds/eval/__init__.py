@@ -4,7 +4,16 @@ recipe.py  EvalRecipe (YAML + --set overrides, validated)     models.py  timm Vi
 data.py    ImageFolder / WebDataset + timm transforms          train.py   the loop on the DeepSpeed engine
 metrics.py top-k accuracy and the results table               probes.py  k-NN / logistic regression on frozen features
 stats.py   mean, Student-t interval and paired difference over seeds
-"""
-from .recipe import EvalRecipe, load_eval_recipe
 
-__all__ = ["EvalRecipe", "load_eval_recipe"]
+Names are imported on first use: `mff-ds finetune --help` answers without loading torch.
+"""
+import importlib
+
+_WHERE = {"EvalRecipe": "recipe", "load_eval_recipe": "recipe"}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'mff_ds.eval' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

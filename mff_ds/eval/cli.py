@@ -80,9 +80,17 @@ def train_main(task: str, argv=None, doc: str = None) -> int:
 
 
 def _feature_probes(recipe, probe: str, pool: str, out: str) -> int:
-    from .probes import probe_main
+    """The probes save nothing to resume: a stop signal (also one `mff-ds` kept during start-up) ends them at once."""
+    from mff_ds.engine import signals
+    names = [p.strip() for p in probe.split(",") if p.strip()]
     try:
-        res = probe_main(recipe, [p.strip() for p in probe.split(",") if p.strip()], out, pool)
+        with signals.raising():
+            from .probes import probe_main
+            res = probe_main(recipe, names, out, pool)
+    except signals.Stopped as e:
+        print(f"stopped by {e.signal} during the {', '.join(names)} probe{'s' if len(names) > 1 else ''}: the "
+              f"feature probes save nothing to resume; rerun the command", file=sys.stderr, flush=True)
+        return e.exit_code
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -93,7 +101,7 @@ def _feature_probes(recipe, probe: str, pool: str, out: str) -> int:
 
 
 def evaluate_main(argv=None, doc: str = None) -> int:
-    p = argparse.ArgumentParser(description=doc or DOCS["evaluate"],
+    p = argparse.ArgumentParser(allow_abbrev=False, description=doc or DOCS["evaluate"],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="+", help="classifier file(s): best.safetensors from finetune/linprobe, an "
                                                  "mmpretrain / official MAE fine-tuned or linear-probe checkpoint, "

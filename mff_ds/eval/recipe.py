@@ -164,5 +164,5 @@ def from_dict(tree: dict, world_size: Optional[int] = None, source: str = "recip
 def load_eval_recipe(path: Optional[str], overrides: Optional[List[str]] = None,
                      world_size: Optional[int] = None) -> EvalRecipe:
     """Read YAML `path` (None: defaults), apply `--set` overrides, validate (world size from the launcher)."""
-    tree, source = read_tree(path, overrides)
-    return from_dict(tree, launcher_world_size() if world_size is None else world_size, source)
+    tree, source, by_hand = read_tree(path, overrides)
+    return validate(EvalRecipe, tree, launcher_world_size() if world_size is None else world_size, source, by_hand)

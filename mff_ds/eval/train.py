@@ -25,14 +25,14 @@ from mff_ds.engine import checkpoint as ckpt
 from mff_ds.engine.distributed import device_for, init_distributed
 from mff_ds.engine.metrics import MetricsLogger
 from mff_ds.engine.optim import build_deepspeed_engine, build_ds_config, precision_of
-from mff_ds.engine.recipe import RecipeError, save_recipe
+from mff_ds.engine.recipe import RecipeError
 from mff_ds.engine.trainer import Task, fit
 
 from . import data as edata
 from . import metrics
 from . import models as emodels
 from .lars import LARS
-from .recipe import EvalRecipe, check
+from .recipe import EvalRecipe
 
 
 def _criterion(recipe: EvalRecipe, num_classes: int):
@@ -121,9 +121,22 @@ class ClassifyTask(Task):
         super().__init__(recipe)
         self.quiet = quiet
         self.best_top1, self.best_epoch, self.history = -1.0, -1, []
+        self.encoder = None  # (weights, config) of init.checkpoint, from prepare() until build()
 
-    def check(self, world):
-        return check(self.recipe, world)
+    def prepare(self, is_main):
+        """The encoder of init.checkpoint: its architecture trains, each key the recipe says otherwise is named,
+        and the recipe records it before the resume comparison."""
+        r = self.recipe
+        if r.init.checkpoint is not None:  # (a random encoder is drawn in build(), from the seeded RNG)
+            self.encoder = emodels.load_encoder(r.init.checkpoint, r.init.format, r.model)
+            cfg = self.encoder[1]
+            ignored = emodels.checkpoint_wins(r.model, cfg)
+            # every key the recipe's section has, with the checkpoint's value (a pretraining key such as
+            # out_indices must still suit the checkpoint's depth when the recipe is checked again)
+            r.model = dict({k: getattr(cfg, k) for k in r.model if k != "arch" and hasattr(cfg, k)},
+                           **emodels.vit_kwargs(cfg))
+            for line in ignored if is_main else ():
+                print(f"{line} ({r.init.checkpoint}; docs/EVALUATION.md)", file=sys.stderr, flush=True)
 
     def ds_config(self, world, device):
         cfg, self.autocast = _ds_config(self.recipe, world, device)
@@ -132,18 +145,11 @@ class ClassifyTask(Task):
     def build(self, run):
         """Encoder + head (identical on every rank) and the train / val loaders."""
         r = self.recipe
-        encoder_sd, cfg = emodels.load_encoder(r.init.checkpoint, r.init.format, r.model)
-        if r.init.checkpoint is not None:  # the checkpoint's encoder trains: said per key, recorded in recipe.yaml
-            ignored = emodels.checkpoint_wins(r.model, cfg)
-            r.model = dict(emodels.vit_kwargs(cfg), **{k: v for k, v in r.model.items() if k not in emodels.VIT_KEYS
-                                                       and k != "arch"})
-            if run.is_main:
-                for line in ignored:
-                    print(f"{line} ({r.init.checkpoint}; docs/EVALUATION.md)", file=sys.stderr, flush=True)
-                save_recipe(r, os.path.join(run.output_dir, "recipe.yaml"))
+        encoder_sd, cfg = self.encoder or emodels.load_encoder(None, r.init.format, r.model)
+        self.encoder = None  # the model holds the weights now; no second copy
         img_size = r.data.img_size or cfg.img_size
         train_loader, classes = edata.build_train_loader(
-            r.data, edata.train_transform(r.task, img_size, r.augment), micro_batch=r.batch.micro_batch,
+            r.data, edata.train_transform(r.task, img_size, r.augment), micro_batch=run.plan.micro,
             rank=run.rank, world=run.world, seed=r.seed)
         self.val_loader, val_classes = edata.build_val_loader(r.data, edata.val_transform(img_size, r.augment),
                                                               batch=r.eval_batch, rank=run.rank, world=run.world)

@@ -1,5 +1,5 @@
 """What the fused ops share: which implementation runs, the input checks, the dtypes the kernels take, the
-torch path's backward, the allocation hook.
+torch path's backward, the allocation hook, the fusion op's level limit (its checks and its kernels both need it).
 
 impl "auto" = the fused op on CUDA tensors, the plain torch reference elsewhere; "triton" = always the fused op
 (a `torch.library` custom op: Triton on CUDA and under TRITON_INTERPRET=1, the reference on other devices, so
@@ -12,6 +12,7 @@ import torch
 
 IMPLS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the Triton kernels load and store
+MAX_LEVELS = 8  # fused_fusion_layernorm's levels: one kernel pointer per level (fusion_triton.py)
 empty = torch.empty  # allocation hook for every buffer a kernel fills; tests swap in a NaN-filling one
 # autograd's dispatch keys, which torch excludes while a custom op's body runs (see reference_vjp)
 _AUTOGRAD_KEYS = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
-
-MAX_LEVELS = 8  # one kernel pointer per level (fusion_triton.py)
+from .dispatch import MAX_LEVELS
 
 
 def _fuse_and_norm(levels, w, weight, bias, eps):

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import dispatch
-from .fusion import MAX_LEVELS
+from .dispatch import MAX_LEVELS
 
 
 @triton.jit

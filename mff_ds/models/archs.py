@@ -1,4 +1,4 @@
-"""Model configuration (a validated pydantic model), the named sizes and build_model()."""
+"""Model configuration (a validated pydantic model) and the named sizes; mae.build_model() builds from them."""
 from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Union
 
 from pydantic import AfterValidator, ValidationError, WithJsonSchema, model_validator
@@ -148,9 +148,3 @@ def resolve_config(name_or_config: Union[str, dict, ModelConfig, None] = None, *
     if problems:
         raise ValueError("invalid model config:\n  " + "\n  ".join(problems))
     return cfg
-
-
-def build_model(name_or_config: Union[str, dict, ModelConfig, None] = "mff_vit_base_patch16", **overrides):
-    """Build a MaskedAutoencoder (MFF when out_indices has several entries, plain MAE with one)."""
-    from .mae import MaskedAutoencoder
-    return MaskedAutoencoder(resolve_config(name_or_config, **overrides))

@@ -6,7 +6,7 @@ outputs of `out_indices` -> MFF fusion (Linear per level but the last, softmax w
 Numerically this is mmpretrain 1.2.0's MFF / MAE (see shared docs/mff-reference.md).
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import PatchEmbed
 
 from .. import kernels
-from .archs import ModelConfig
+from .archs import ModelConfig, resolve_config
 from .vit import LayerNorm, fixed_param, make_blocks, sincos_pos_embed
 
 
@@ -172,3 +172,8 @@ class MaskedAutoencoder(nn.Module):
                 (no_decay if n in skip else decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
                 {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def build_model(name_or_config: Union[str, dict, ModelConfig, None] = "mff_vit_base_patch16", **overrides):
+    """Build a MaskedAutoencoder (MFF when out_indices has several entries, plain MAE with one)."""
+    return MaskedAutoencoder(resolve_config(name_or_config, **overrides))

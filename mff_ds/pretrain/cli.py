@@ -10,11 +10,10 @@ import os
 
 from mff_ds.engine.cli import load_or_report, print_schema, run_or_report, run_parser, stopped
 
-from .recipe import Recipe, load_recipe
-
 
 def main(argv=None, doc=__doc__) -> int:
     args = run_parser(doc, "demo", "batch.micro_batch=256").parse_args(argv)
+    from .recipe import Recipe, load_recipe  # after --help, which needs neither torch nor the models
     if args.print_schema:
         return print_schema(Recipe)
     recipe = load_or_report(load_recipe, args, args.overrides)

@@ -64,5 +64,5 @@ def load_recipe(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     """Read YAML `path` (None: an all-defaults recipe), apply `--set` overrides, validate.
 
     world_size: for the batch arithmetic; None = from the launcher environment (1 if none)."""
-    tree, source = read_tree(path, overrides)
-    return from_dict(tree, launcher_world_size() if world_size is None else world_size, source)
+    tree, source, by_hand = read_tree(path, overrides)
+    return validate(Recipe, tree, launcher_world_size() if world_size is None else world_size, source, by_hand)

@@ -14,22 +14,19 @@ from mff_ds.models import build_model
 from mff_ds.models.flops import flops_per_image, peak_tflops
 
 from .export import export
-from .recipe import Recipe, check
+from .recipe import Recipe
 
 
 class PretrainTask(Task):
     """MFF / MAE pretraining on the shared loop: uint8 batches normalised on the device, the model's own
     reconstruction loss, fusion weights and MFU in the metrics, reconstruction grids, exports at the end."""
 
-    def check(self, world):
-        return check(self.recipe, world)
-
     def build(self, run):
         r = self.recipe
         model = build_model(r.model_cfg())
         if r.init_from and not run.resumed:
             load_init(model, r.init_from)
-        loader = build_loader(r.data, img_size=model.cfg.img_size, micro_batch=r.batch.micro_batch, rank=run.rank,
+        loader = build_loader(r.data, img_size=model.cfg.img_size, micro_batch=run.plan.micro, rank=run.rank,
                               world_size=run.world, seed=r.seed, epoch=0)
         self.cfg, self.device, self.dtype = model.cfg, run.device, run.dtype
         self.flops, self.peak = float(flops_per_image(model.cfg)), peak_tflops(run.device, r.logging.peak_tflops)

@@ -28,10 +28,12 @@ def table(rows: list) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mff_ds.zoo", description=__doc__)
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m mff_ds.zoo", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="every entry: what it is, params, reported result, source file, cached or not")
-    f = sub.add_parser("fetch", help="download and verify entries into the cache (e.g. before a cluster job)")
+    sub.add_parser("list", allow_abbrev=False,
+                   help="every entry: what it is, params, reported result, source file, cached or not")
+    f = sub.add_parser("fetch", allow_abbrev=False,
+                       help="download and verify entries into the cache (e.g. before a cluster job)")
     f.add_argument("names", nargs="+")
     a = p.parse_args(argv)
     try:

@@ -2,29 +2,22 @@
 
 Our parameter names are the official MAE / timm names (patch_embed.proj, blocks.i.norm1, ..., decoder_*),
 plus the MFF fusion: fusion_proj.j (mmpretrain backbone.proj_layers.j) and fusion_logits (K,)
-(mmpretrain backbone.proj_weights, (K,1,1,1)). CLI:
-
-    python -m mff_ds.convert {from-mmpretrain,from-mae,to-timm,to-mae,to-mmpretrain} IN OUT
-    python -m mff_ds.convert {to-timm-dir,to-hf} MODEL OUT_DIR      # folders timm / transformers load (mff_ds.hub)
-    python -m mff_ds.convert from-hf HF_DIR OUT
-
-IN / MODEL: a file, or a zoo name (mff_ds.zoo: fetched and verified); to-* commands take any format load_any reads.
+(mmpretrain backbone.proj_weights, (K,1,1,1)). `mff_ds.convert` gives every name of this module; the command line
+(`python -m mff_ds.convert`, `mff-ds convert`) is __main__.py.
 
 Files ending in .safetensors are written/read with safetensors, anything else with torch.save.
 """
-import argparse
 import ast
 import json
 import re
-import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-from .common import MissingFileError, UserError, atomic_write
-from .models import ModelConfig, build_model
-from .models.archs import default_out_indices
+from mff_ds.common import MissingFileError, UserError, atomic_write
+from mff_ds.models import ModelConfig, build_model
+from mff_ds.models.archs import default_out_indices
 
 FORMAT = "mff_ds.model.v1"
 
@@ -370,7 +363,7 @@ def to_timm(model_or_sd) -> dict:
 def timm_name(cfg: ModelConfig) -> str:
     """The registered timm ViT with this width, depth, heads and patch (timm takes the image size as img_size)."""
     import timm
-    from .models.archs import SIZES
+    from mff_ds.models.archs import SIZES
     for size, (dim, depth, heads) in SIZES.items():
         name = f"vit_{size}_patch{cfg.patch_size}_224"
         if (cfg.embed_dim, cfg.depth, cfg.num_heads) == (dim, depth, heads) and timm.is_model(name):
@@ -439,58 +432,3 @@ def model_state(path) -> dict:
     if fmt == "mmpretrain":
         return from_mmpretrain(obj.get("state_dict", obj))
     return {k: v for k, v in obj.get("model", obj).items() if torch.is_tensor(v)}
-
-
-# ------------------------------------------------------------------ CLI
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m mff_ds.convert", description=__doc__.split("\n")[0])
-    ap.add_argument("command", choices=["from-mmpretrain", "from-mae", "from-hf", "to-timm", "to-timm-dir", "to-hf",
-                                        "to-mae", "to-mmpretrain"])
-    ap.add_argument("src")
-    ap.add_argument("dst")
-    ap.add_argument("--encoder-only", action="store_true", help="to-mae: write the encoder-only layout")
-    ap.add_argument("--crop-pct", type=float, default=None, help="to-timm-dir: pretrained_cfg crop_pct "
-                    "(default: the fine-tune recipes' val_crop_pct)")
-    ap.add_argument("--interpolation", default=None, help="to-timm-dir: pretrained_cfg interpolation "
-                    "(default: the fine-tune recipes' val_interpolation)")
-    a = ap.parse_args(argv)
-    try:
-        model = _run(a)
-    except (UserError, ImportError) as e:
-        print(f"error: {a.command}: {e}", file=sys.stderr)
-        return 2
-    print(f"{a.command}: {a.src} -> {a.dst} ({model.cfg.depth} blocks, embed {model.cfg.embed_dim}, "
-          f"{len(model.levels)} fused level(s))")
-    return 0
-
-
-def _run(a):
-    from . import hub, zoo
-    if a.command != "from-hf":  # a folder, not a file: no zoo entry is one
-        a.src = zoo.resolve(a.src)
-    st = Path(a.dst).suffix == ".safetensors"
-    if a.command in ("from-mmpretrain", "from-mae", "from-hf"):
-        load = {"from-mmpretrain": load_mmpretrain, "from-mae": load_mae, "from-hf": hub.from_hf}[a.command]
-        model = load(a.src)
-        save_model(model, a.dst)
-        return model
-    model = load_any(a.src)
-    if a.command == "to-timm":
-        save_file(to_timm(model), a.dst)
-    elif a.command == "to-timm-dir":
-        hub.to_timm_dir(model, model.cfg, a.dst, crop_pct=a.crop_pct, interpolation=a.interpolation)
-    elif a.command == "to-hf":
-        hub.to_hf(model, a.dst)
-    elif a.command == "to-mae":
-        out = to_mae(model, full=not a.encoder_only)
-        save_file(out["model"] if st else out, a.dst)
-    elif st:  # safetensors: the mmengine cfg text travels in the metadata
-        ck = mmpretrain_checkpoint(model)
-        save_file(ck["state_dict"], a.dst, ck["meta"])
-    else:
-        save_file(mmpretrain_checkpoint(model), a.dst)
-    return model
-
-
-if __name__ == "__main__":
-    sys.exit(main())
