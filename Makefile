@@ -28,7 +28,7 @@ test: setup
 eval-demo: setup
 	OMP_NUM_THREADS=2 $(BIN)/python launch/eval_demo.py
 
-# The mutation score of the arithmetic and resume rules every run depends on (not in CI; about 3 min on 2 cores):
+# The mutation score of the arithmetic and resume rules every run depends on (not in CI; about 2 min on 2 cores):
 # mutmut mutates them, the fast unit and property tests must notice; docs/TESTING.md lists the score and survivors
 MUTATE := "mff_ds.engine.batch*" "mff_ds.engine.schedule*" "mff_ds.engine.compat*" "mff_ds.eval.lars*" \
           "mff_ds.data.sources.x_rank_indices*"

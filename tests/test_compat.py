@@ -175,3 +175,20 @@ def test_the_data_order_of_a_run_in_flight_is_the_one_it_started_with():
     for case in saved:
         args = {k: v for k, v in case.items() if k != "indices"}
         assert rank_indices(**args).tolist() == case["indices"], args
+
+
+def test_a_kept_value_this_start_cannot_honour_is_refused_not_trained_otherwise():
+    """The run trained 33 images per step (32 do not split over 3 ranks; policy nearest). Resumed on 2 ranks, the
+    kept 33 splits no better there and would become 32: refused, naming it. On 1 rank 33 splits (11 x 3): kept."""
+    then = load_recipe("demo", ["batch.global_batch_policy=nearest"], world_size=3)
+    assert then.plan.global_batch == 33
+    kept = ["batch.global_batch: the run's 33 (this version's recipe says 32; set it by hand to change it)"]
+    for world, sets, refused in ((2, ["batch.global_batch_policy=nearest"], ["batch.global_batch: checkpoint 33 -> "
+                                                                             "recipe 32"]), (1, [], [])):
+        now = load_recipe("demo", sets, world_size=world)
+        checks = []
+        out = compat.resume_recipe(marker(then), now, 2, lambda: checks.append(check(now, world)) or 2)
+        assert checks == [[]] and out.kept == kept and out.incompatible == refused
+    assert now.plan.global_batch == 33 and (now.plan.micro, now.plan.accum) == (11, 3)
+    same = load_recipe("demo", ["batch.global_batch_policy=nearest"], world_size=3)
+    assert compat.resume_recipe(marker(then), same, 2, lambda: pytest.fail("nothing kept: no second check")).kept == []

@@ -15,7 +15,7 @@ with the recipe starting now, key by key:
 import copy
 import os
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from .recipe import resolve_path
 from .schedule import LEGACY
@@ -66,10 +66,11 @@ def set_key(recipe, key: str, value) -> None:
         setattr(node, last, copy.deepcopy(value))
 
 
-def reconcile(meta: dict, recipe, zero_stage: int) -> Reconciled:
+def reconcile(meta: dict, recipe, zero_stage: int, keep: bool = True) -> Reconciled:
     """Compare checkpoint marker `meta` (checkpoint.migrate'd) with `recipe` (whose DeepSpeed config has ZeRO stage
-    `zero_stage`) and set the run's saved values on `recipe` where the rules above keep them. The caller checks the
-    recipe again and rebuilds what depends on it."""
+    `zero_stage`) and set the run's saved values on `recipe` where the rules above keep them (keep=False: keep none,
+    every difference of a binding key is incompatible). The caller checks the recipe again and rebuilds what depends
+    on it: `resume_recipe` does both."""
     out = Reconciled()
     if "compat" not in meta:  # a marker with a hash only: equal or refused
         if meta.get("recipe_hash") not in (None, recipe.compat_hash()):
@@ -82,7 +83,7 @@ def reconcile(meta: dict, recipe, zero_stage: int) -> Reconciled:
         if a == ABSENT or a == LEGACY:
             why = "not recorded by the version that wrote the checkpoint" if a == ABSENT else f"the checkpoint's: {a}"
             out.changed.append(f"{key}: {why}; continuing with the recipe's {b!r}")
-        elif same_run and key not in NEVER_KEPT and not recipe.by_hand(key):
+        elif keep and same_run and key not in NEVER_KEPT and not recipe.by_hand(key):
             set_key(recipe, key, a)
             if key.startswith("batch.") and recipe._requested is not None:  # what the batch plan is made from
                 recipe._requested[key[len("batch."):]] = a
@@ -90,7 +91,7 @@ def reconcile(meta: dict, recipe, zero_stage: int) -> Reconciled:
         else:
             out.incompatible.append(f"{key}: checkpoint {a!r} -> recipe {b!r}")
     stage = meta.get("zero_stage")
-    if (stage is not None and stage != zero_stage and not meta.get("universal") and same_run
+    if (keep and stage is not None and stage != zero_stage and not meta.get("universal") and same_run
             and not any(recipe.by_hand(k) for k in DEEPSPEED_KEYS)):
         ds = saved.get("deepspeed") or {}
         if ds.get("config") and os.path.isfile(resolve_path(ds["config"])):  # the run's own settings, still there
@@ -102,4 +103,15 @@ def reconcile(meta: dict, recipe, zero_stage: int) -> Reconciled:
     if not out.incompatible and saved:
         named = {key for key, _, _ in binding}
         out.changed += describe([d for d in differences(saved, recipe.to_dict()) if d[0] not in named])
+    return out
+
+
+def resume_recipe(meta: dict, recipe, zero_stage: int, recheck: Callable[[], int]) -> Reconciled:
+    """`reconcile`, then, when it kept saved values, `recheck()` (the caller checks the recipe for its world size,
+    which plans the batch from them, and returns the ZeRO stage of its DeepSpeed config) and a second comparison
+    that keeps nothing: a kept value this start cannot honour (a saved global batch that does not split over the
+    new world size) is refused, never trained with something else."""
+    out = reconcile(meta, recipe, zero_stage)
+    if out.kept and not out.incompatible:
+        out.incompatible = reconcile(meta, recipe, recheck(), keep=False).incompatible
     return out

@@ -26,7 +26,7 @@ from . import ds_compat
 from .distributed import all_gather_object, device_for, init_distributed
 from .metrics import MetricsLogger, memory_gb, progress_bar
 from .optim import build_deepspeed_engine, build_ds_config, grad_norm, norm_is_ours, precision_of, schedule_steps
-from .compat import Reconciled, reconcile
+from .compat import Reconciled, resume_recipe
 from .recipe import RecipeError, check, save_recipe
 from .rundir import owns_output_dir
 from .signals import StopOnSignal
@@ -207,12 +207,12 @@ class LossMeter:
         self.n = 0
 
 
-def reconcile_recipe(task: Task, found, zero_stage: int) -> Reconciled:
+def reconcile_recipe(task: Task, found, zero_stage: int, recheck: Callable[[], int]) -> Reconciled:
     """The recipe resuming checkpoint `found` = (root, tag, marker): refused where it differs in a key set by hand;
-    the run's saved values kept where this version changed a default (engine.compat; the caller checks the recipe
-    again when any was), and the compatible changes, for one warning once the checkpoint is known to load."""
+    the run's saved values kept where this version changed a default (engine.compat.resume_recipe; `recheck` checks
+    the recipe again with them), and the compatible changes, for one warning once the checkpoint is known to load."""
     root, tag, meta = found
-    r = reconcile(meta, task.recipe, zero_stage)
+    r = resume_recipe(meta, task.recipe, zero_stage, recheck)
     if r.incompatible:
         raise IncompatibleCheckpointError(
             f"checkpoint {os.path.join(root, tag)} was written by an incompatible recipe; differences:\n  " +
@@ -465,7 +465,7 @@ def resume_target(v: RunView, found):
     heavy work; sets the DeepSpeed config's loading options to match it."""
     if not found:
         return None
-    zero_stage = int(v.ds_config.get("zero_optimization", {}).get("stage", 0))
+    zero_stage = zero_stage_of(v.ds_config)
     if ckpt.needs_universal(found[2], v.world, zero_stage):
         found = ckpt.to_universal(*found)  # converted once, then loaded as universal
     root, tag, meta = found
@@ -474,6 +474,10 @@ def resume_target(v: RunView, found):
     else:
         same_flat_layout(meta, v.ds_config, zero_stage, os.path.join(root, tag), v.is_main)
     return found
+
+
+def zero_stage_of(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
 def checked(task: Task, world: int) -> None:
@@ -497,10 +501,13 @@ def setup(task: Task, output_dir: str, max_steps: Optional[int], resume: str) ->
     task.prepare(env.rank == 0)
     ds_config = task.ds_config(env.world_size, device)
     found = ckpt.find(output_dir, resume)  # collective: checksums verified in parallel
-    said = reconcile_recipe(task, found, int(ds_config.get("zero_optimization", {}).get("stage", 0))) if found else None
-    if said and said.kept:
-        checked(task, env.world_size)  # with the run's saved values (and the batch plan they give)
+
+    def recheck() -> int:  # with the run's saved values (and the batch plan they give)
+        nonlocal ds_config
+        checked(task, env.world_size)
         ds_config = task.ds_config(env.world_size, device)
+        return zero_stage_of(ds_config)
+    said = reconcile_recipe(task, found, zero_stage_of(ds_config), recheck) if found else None
     precision = precision_of(ds_config)
     v = RunView(env.rank, env.world_size, device, DTYPES[precision], precision, output_dir, ds_config, r.plan)
     found = resume_target(v, found)
