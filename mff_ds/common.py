@@ -13,6 +13,23 @@ from typing import Callable
 
 import numpy as np
 
+def lazy_exports(package: str, where) -> Callable[[str], object]:
+    """A package's module-level __getattr__ that imports its names on first use, so that a command's --help (or a
+    signal handler installed first) does not wait for torch: `where` maps each name to the submodule that holds it,
+    or is the one submodule that holds them all."""
+    import importlib
+
+    def __getattr__(name: str):
+        module = where if isinstance(where, str) else where.get(name)
+        try:
+            if module is None or name.startswith("__"):
+                raise AttributeError(name)
+            return getattr(importlib.import_module(f"{package}.{module}"), name)
+        except AttributeError:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+    return __getattr__
+
+
 class UserError(ValueError):
     """Bad input or state the user can fix (a recipe, data, a checkpoint refused, a file they named that is missing):
     the command lines print it as one line and exit 2. Anything else is a bug and keeps its traceback (exit 1).

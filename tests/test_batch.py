@@ -85,6 +85,7 @@ def test_the_plan_the_check_makes_is_the_one_that_runs():
     assert schedule.steps_per_epoch == 313 and stop == 300 * 313 and schedule.peak == r.plan.lr == 2.4e-3
     # the recipe resolved for 16 ranks plans 32 from its batch section as written, not from the 16-rank micro batch
     assert check(r, 32) == [] and (r.plan.micro, r.plan.accum) == (128, 1)
+    assert check(r, None) == [] and r.plan.world == 32 and r.batch.micro_batch == 128  # no world: the split stays
     assert check(r, 3)[0].startswith("batch.global_batch: 4096 images cannot be split exactly over 3 rank(s)")
 
 

@@ -52,3 +52,15 @@ def test_config_problems_are_a_list_naming_each_key():
     assert cfg is None and problems[0].startswith("model.arch: unknown architecture 'mae_vit_nano_patch16'")
     cfg, problems = config_problems("mae_vit_tiny_patch16", img_size=32)
     assert problems == [] and cfg.embed_dim == 192 and cfg.out_indices == [11]
+
+
+def test_lazy_exports_import_on_first_use_and_name_what_is_missing():
+    import sys
+
+    from mff_ds.common import lazy_exports
+    get = lazy_exports("mff_ds.eval", {"EvalRecipe": "recipe", "nothing": "recipe"})
+    assert get("EvalRecipe").__name__ == "EvalRecipe" and "mff_ds.eval.recipe" in sys.modules
+    for name in ("nothing", "absent", "__path__"):
+        with pytest.raises(AttributeError, match=f"module 'mff_ds.eval' has no attribute '{name}'"):
+            get(name)
+    assert lazy_exports("mff_ds.convert", "formats")("load_any").__module__ == "mff_ds.convert.formats"

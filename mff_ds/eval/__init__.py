@@ -7,13 +7,9 @@ stats.py   mean, Student-t interval and paired difference over seeds
 
 Names are imported on first use: `mff-ds finetune --help` answers without loading torch.
 """
-import importlib
+from mff_ds.common import lazy_exports
 
 _WHERE = {"EvalRecipe": "recipe", "load_eval_recipe": "recipe"}
 __all__ = list(_WHERE)
 
-
-def __getattr__(name):
-    if name not in _WHERE:
-        raise AttributeError(f"module 'mff_ds.eval' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+__getattr__ = lazy_exports(__name__, _WHERE)

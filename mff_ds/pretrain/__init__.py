@@ -6,13 +6,9 @@ exports (`export.py`) and the command line (`cli.py`, `python -m mff_ds.pretrain
 
 Names are imported on first use: `python -m mff_ds.pretrain` installs its signal handlers before torch loads.
 """
-import importlib
+from mff_ds.common import lazy_exports
 
 _WHERE = {"Recipe": "recipe", "load_recipe": "recipe", "PretrainTask": "task", "train": "task", "main": "cli"}
 __all__ = list(_WHERE)
 
-
-def __getattr__(name):
-    if name not in _WHERE:
-        raise AttributeError(f"module 'mff_ds.pretrain' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+__getattr__ = lazy_exports(__name__, _WHERE)
