@@ -7,12 +7,13 @@ same as `python -m mff_ds COMMAND` (and `torchrun ... -m mff_ds COMMAND` under a
   mff-ds evaluate  CKPT... --val PATH                           top-1 / top-5 of classifier files
   mff-ds convert   COMMAND SRC DST                              checkpoint formats      (python -m mff_ds.convert)
   mff-ds zoo       list | fetch NAME...                         released checkpoints    (python -m mff_ds.zoo)
+  mff-ds index     DATA_DIR [--out FILE] [--list FILE]          list a dataset once for every rank and run
 """
 import os
 import sys
 
 TRAINING = ("pretrain", "finetune", "linprobe")  # stop signals are caught before torch is imported
-COMMANDS = TRAINING + ("evaluate", "convert", "zoo")
+COMMANDS = TRAINING + ("evaluate", "convert", "zoo", "index")
 
 
 def run(command: str, argv) -> int:
@@ -27,6 +28,9 @@ def run(command: str, argv) -> int:
         return evaluate_main(argv)
     if command == "convert":
         from mff_ds.convert.__main__ import main
+        return main(argv)
+    if command == "index":
+        from mff_ds.data.index import main
         return main(argv)
     from mff_ds.zoo.__main__ import main
     return main(argv)

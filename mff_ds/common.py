@@ -4,10 +4,12 @@ seeding, registries.
 Kept free of imports from the rest of mff_ds so that data, models, engine, eval, convert and the benchmarks can
 all use it without a cycle, and free of a torch import at import time.
 """
+import contextlib
 import json
 import os
 import random
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -101,6 +103,21 @@ def cache_dir() -> Path:
     if os.environ.get("MFF_DS_CACHE"):
         return Path(os.environ["MFF_DS_CACHE"]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "mff_ds"
+
+
+# This process's start-up, phase -> seconds: the engine's trainer times its own phases and reports them after the first
+# step (engine/trainer.py); lower layers (the data index) add theirs here, as they know nothing of the trainer.
+STARTUP: dict = {}
+
+
+@contextlib.contextmanager
+def startup_phase(name: str):
+    """Add the time the block takes to STARTUP[name] (phases entered twice add up)."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        STARTUP[name] = STARTUP.get(name, 0.0) + time.perf_counter() - t
 
 
 def seed_everything(seed: int) -> None:

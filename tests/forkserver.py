@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRELOAD = ("torch", "torchvision", "timm", "numpy", "yaml", "PIL.Image", "safetensors.torch", "deepspeed",
            "deepspeed.runtime.engine", "deepspeed.runtime.zero.stage_1_and_2", "deepspeed.utils.zero_to_fp32",
            "deepspeed.checkpoint", "deepspeed.runtime.zero.muon.muon_optimizer", "torch._inductor.compile_fx",
-           "torch.distributed.run", "mff_ds.models", "mff_ds.data", "mff_ds.convert",
+           "torch.distributed.run", "mff_ds.models", "mff_ds.data.loader", "mff_ds.convert",
            "mff_ds.engine.trainer", "mff_ds.engine.optim", "mff_ds.pretrain", "mff_ds.pretrain.cli")
 
 

@@ -16,7 +16,7 @@ import forkserver
 from mff_ds import cli
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = "pretrain, finetune, linprobe, evaluate, convert, zoo"
+COMMANDS = "pretrain, finetune, linprobe, evaluate, convert, zoo, index"
 
 
 def _env(**extra) -> dict:
@@ -211,7 +211,7 @@ except signals.Stopped as e:
 def test_help_answers_without_loading_torch():
     """`mff-ds COMMAND --help` reads no model, data or checkpoint code: torch is not imported (it took ~12 s here)."""
     probe = ("import contextlib, io, sys\nfrom mff_ds.cli import main\n"
-             "for command in ('pretrain', 'finetune', 'linprobe', 'evaluate', 'convert', 'zoo'):\n"
+             "for command in ('pretrain', 'finetune', 'linprobe', 'evaluate', 'convert', 'zoo', 'index'):\n"
              "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
              "        try:\n            main([command, '--help'])\n        except SystemExit as e:\n"
              "            assert e.code == 0, (command, e.code)\n"

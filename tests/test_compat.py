@@ -192,3 +192,13 @@ def test_a_kept_value_this_start_cannot_honour_is_refused_not_trained_otherwise(
     assert now.plan.global_batch == 33 and (now.plan.micro, now.plan.accum) == (11, 3)
     same = load_recipe("demo", ["batch.global_batch_policy=nearest"], world_size=3)
     assert compat.resume_recipe(marker(then), same, 2, lambda: pytest.fail("nothing kept: no second check")).kept == []
+
+
+def test_a_key_added_since_the_run_started_is_silent_at_its_default_and_named_when_set_by_hand():
+    then = marker(demo())
+    del then["recipe"]["distributed"]  # written before the section existed
+    del then["recipe"]["data"]["index"]
+    out = compat.reconcile(copy.deepcopy(then), demo(), 2)
+    assert (out.incompatible, out.kept, out.changed) == ([], [], [])
+    out = compat.reconcile(copy.deepcopy(then), demo("distributed.timeout_s=60"), 2)
+    assert out.changed == ["distributed: checkpoint '<absent>' -> recipe {'timeout_s': 60.0}"]

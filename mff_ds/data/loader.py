@@ -45,6 +45,8 @@ class BadDataError(UserError):
 class DataConfig(Section):
     source: str = "demo"                # a registry.SOURCES name: demo | imagefolder | webdataset | synthetic | ...
     path: Optional[str] = None          # ImageFolder root, or shard path / brace pattern
+    index: Optional[str] = None         # imagefolder: the dataset index file (mff-ds index) or an mmpretrain list
+                                        # file (`relative/path label` lines); None: found or built (docs/DATA.md)
     augment: str = "mff"                # mff (MFF reference) | mae (RandomResizedCrop 0.2-1) | center (eval)
     num_workers: NonNegInt = 4
     prefetch_factor: int_(ge=1) = 2
@@ -74,8 +76,9 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _path_suits_the_source(self):
-        why = SOURCES.get(self.source).path_problem(self.path)
-        fail([("path", why)] if why else [])
+        source = SOURCES.get(self.source)
+        fail([(k, why) for k, why in (("path", source.path_problem(self.path)),
+                                      ("index", source.index_problem(self.index))) if why])
         return self
 
 
@@ -279,7 +282,7 @@ def build_loader(cfg, *, img_size, micro_batch, rank, world_size, seed, epoch, s
     if problems:
         raise UserError("invalid data configuration:\n  " + "\n  ".join(problems))
 
-    source = SOURCES.get(cfg.source)(cfg.path, num_samples=cfg.num_samples)
+    source = SOURCES.get(cfg.source)(cfg.path, num_samples=cfg.num_samples, index=cfg.index)
     total = len(source)
     per_rank = total // world_size if drop_last else math.ceil(total / world_size)
     nb = per_rank // micro_batch if drop_last else math.ceil(per_rank / micro_batch)

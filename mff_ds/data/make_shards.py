@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from mff_ds.common import UserError, write_json
 
-from .sources import INFO_NAME, scan_imagefolder
+from .index import open_index
+from .sources import INFO_NAME
 from .transforms import decode_rgb
 
 
@@ -67,11 +68,15 @@ def _write_shard(job):
     return record
 
 
-def convert(src, out, shard_size, split="train", seed=0, shuffle=True, workers=1, progress=True):
-    """Convert ImageFolder `src` into shards of `split` under `out`; resumes an interrupted run. -> info dict."""
+def convert(src, out, shard_size, split="train", seed=0, shuffle=True, workers=1, progress=True, index=None):
+    """Convert ImageFolder `src` into shards of `split` under `out`; resumes an interrupted run. -> info dict.
+    index: the dataset index or mmpretrain list file of `src` (None: found or built, data/index.py)."""
     if shard_size < 1:
         raise UserError(f"--shard-size: expected an integer >= 1, got {shard_size}")
-    samples, classes = scan_imagefolder(os.path.abspath(src))
+    src = os.path.abspath(src)
+    idx = open_index(src, index)
+    samples = [(os.path.join(src, idx.name(i)), int(idx.labels[i])) for i in range(len(idx))]
+    classes = idx.classes or []
     order = np.random.default_rng(seed).permutation(len(samples)) if shuffle else np.arange(len(samples))
     n_shards = math.ceil(len(samples) / shard_size)
     names = [f"{split}-{i:06d}.tar" for i in range(n_shards)]
@@ -132,8 +137,10 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="seed of the file shuffle")
     ap.add_argument("--no-shuffle", action="store_true", help="keep the sorted ImageFolder order")
     ap.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
+    ap.add_argument("--index", default=None, help="the dataset index (mff-ds index) or an mmpretrain list file of "
+                    "SRC (default: found beside SRC or in the cache, else built)")
     a = ap.parse_args(argv)
-    info = convert(a.src, a.out, a.shard_size, a.split, a.seed, not a.no_shuffle, a.workers)
+    info = convert(a.src, a.out, a.shard_size, a.split, a.seed, not a.no_shuffle, a.workers, index=a.index)
     s = info["splits"][a.split]
     print(f"{a.out}: {len(s['shards'])} shards, {s['num_samples']} samples, {len(s['skipped'])} skipped; "
           f"use data.path={os.path.join(a.out, s['pattern'])}")

@@ -18,6 +18,7 @@ import torch
 from mff_ds.common import Registry, UserError
 
 from . import demo, sources
+from .index import open_index
 
 SOURCES = Registry("data source")
 SYNTHETIC_SAMPLES = 1_281_167  # ImageNet-1k train size, the synthetic epoch length unless num_samples is set
@@ -47,12 +48,21 @@ class Source:
     needs_path = False     # True: `path` (a directory, shard pattern, ...) is required
     ready = False          # True: batches() gives finished uint8 images (no files for evaluation's transforms)
     workers_pick_samples = False  # True: the number of readers decides which samples a batch holds
+    takes_index = False    # True: reads `index` (data.index: a dataset index or list file, index.py)
     classes = None         # class names (label k = classes[k]) when the source knows them
 
-    def __init__(self, path=None, *, split="train", num_samples=None, samples_key="data.num_samples"):
+    def __init__(self, path=None, *, split="train", num_samples=None, samples_key="data.num_samples", index=None):
         # split: "train" | "val" (sources with both); num_samples: the epoch size where the source cannot count it,
-        # set by the recipe key `samples_key`
+        # set by the recipe key `samples_key`; index: a dataset index or list file (takes_index)
         self.path, self.split, self.num_samples, self.samples_key = path, split, num_samples, samples_key
+        self.index_file = index
+
+    @classmethod
+    def index_problem(cls, index):
+        """None when the source takes `index` (or it is None), else "expected ..., got ..."."""
+        if index is not None and not cls.takes_index:
+            return f"expected null: source {cls.name!r} reads no index (imagefolder does), got {index!r}"
+        return None
 
     @classmethod
     def path_problem(cls, path):
@@ -112,32 +122,34 @@ class StreamSource(Source):
 
 @SOURCES.register("imagefolder")
 class ImageFolder(FileSource):
-    """An ImageFolder tree at `path`: one class per sub-directory, or image files directly under it (label -1)."""
+    """An ImageFolder tree at `path`: one class per sub-directory, or image files directly under it (label -1);
+    its files come from the dataset index (index.py: listed once per run, or never when the index is there; an
+    mmpretrain list file as `index`), mapped read-only, so workers share it and copy nothing."""
     needs_path = True
+    takes_index = True
 
     def __init__(self, path, **kw):
         super().__init__(path, **kw)
-        samples, self.classes = sources.scan_imagefolder(path)
-        # numpy arrays, not a list of tuples: forked workers would copy every touched page (refcounts)
-        self.files = np.array([os.fsencode(p) for p, _ in samples])
-        self.labels = np.array([label for _, label in samples])
+        self.index = open_index(path, self.index_file)
+        self.classes = self.index.classes
 
     def __len__(self):
-        return len(self.files)
+        return len(self.index)
 
     def sample(self, i):
-        path = os.fsdecode(self.files[i])
+        path = os.path.join(self.path, self.index.name(i))
         try:
             data = sources.read_file(path)
         except OSError as e:  # a bad sample, not the end of the run
             data = f"cannot read: {e}"
-        return path, data, int(self.labels[i])
+        return path, data, int(self.index.labels[i])
 
 
 @SOURCES.register("demo")
 class Demo(ImageFolder):
     """The bundled demo photographs (demo.demo_root(): 400 crops, one class per photograph); no path."""
     needs_path = False
+    takes_index = False
 
     def __init__(self, path=None, **kw):
         super().__init__(str(demo.demo_root()), **kw)
@@ -147,6 +159,7 @@ class Demo(ImageFolder):
 class Digits(ImageFolder):
     """scikit-learn's digits as 32 px PNGs (demo.digits_root(split)), the evaluation demo's set; no path."""
     needs_path = False
+    takes_index = False
 
     def __init__(self, path=None, *, split="train", **kw):
         super().__init__(str(demo.digits_root(split)), split=split, **kw)

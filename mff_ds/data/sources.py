@@ -1,5 +1,5 @@
-"""Reading ImageFolder trees and WebDataset tar shards, and how an epoch is split (the helpers behind the
-registered sources of registry.py).
+"""Reading ImageFolder files (listed by index.py) and WebDataset tar shards, and how an epoch is split (the helpers
+behind the registered sources of registry.py).
 
 ImageFolder: one seeded permutation of all files per epoch; rank r takes every world-th index, so every rank
 gets the same count (truncated, or wrapped when drop_last=False, as DistributedSampler does). Batch b of a rank
@@ -15,7 +15,6 @@ Shard urls are what webdataset opens: local paths, `pipe:CMD` (CMD's stdout is t
 `pipe:aws s3 cp s3://bucket/train-{000000..001023}.tar -`) or urls; brace ranges and '::' lists are expanded.
 For a `pipe:` pattern the `_info.json` is fetched through the same command with the shard's file name replaced.
 """
-import functools
 import json
 import os
 import random
@@ -28,37 +27,11 @@ import webdataset as wds
 
 from mff_ds.common import UserError
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 IMG_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "pgm", "gif", "img")
 INFO_NAME = "_info.json"
 
 
 # ------------------------------------------------------------------------------------------ ImageFolder
-@functools.lru_cache(maxsize=8)
-def scan_imagefolder(root):
-    """-> (samples [(path, label)], classes). Class = first-level sub-directory (sorted, files found
-    recursively); image files directly under `root` make an unlabelled set (label -1)."""
-    root = os.fspath(root)
-    if not os.path.isdir(root):
-        raise UserError(f"data.path: ImageFolder root {root!r} is not a directory")
-    try:
-        entries = sorted(os.scandir(root), key=lambda e: e.name)
-    except OSError as e:  # e.g. no permission: the user's to fix, as a missing root is
-        raise UserError(f"data.path: cannot read ImageFolder root {root!r} ({e.strerror})") from None
-    classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
-    samples = [(e.path, -1) for e in entries if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS)]
-    if samples and classes:
-        raise UserError(f"data.path: {root!r} mixes image files and class directories; use one layout")
-    for label, c in enumerate(classes):
-        for dirpath, dirnames, filenames in sorted(os.walk(os.path.join(root, c), followlinks=True)):
-            dirnames.sort()
-            samples += [(os.path.join(dirpath, f), label) for f in sorted(filenames)
-                        if f.lower().endswith(IMG_EXTENSIONS)]
-    if not samples:
-        raise UserError(f"data.path: no image files ({', '.join(IMG_EXTENSIONS)}) under {root!r}")
-    return samples, classes
-
-
 def rank_indices(n, rank, world, seed, epoch, drop_last):
     """This rank's sample indices for the epoch (same length on every rank)."""
     perm = np.random.default_rng([seed, epoch, 7919]).permutation(n)

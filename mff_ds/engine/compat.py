@@ -102,7 +102,9 @@ def reconcile(meta: dict, recipe, zero_stage: int, keep: bool = True) -> Reconci
                         f"DeepSpeed cannot load one stage's optimizer state into another; a fresh run gets it)")
     if not out.incompatible and saved:
         named = {key for key, _, _ in binding}
-        out.changed += describe([d for d in differences(saved, recipe.to_dict()) if d[0] not in named])
+        # a key this version added, left at its default, is what the run had before it existed: not a change
+        out.changed += describe([d for d in differences(saved, recipe.to_dict()) if d[0] not in named
+                                 and not (d[1] == ABSENT and not recipe.by_hand(d[0]))])
     return out
 
 

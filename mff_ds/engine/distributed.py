@@ -2,7 +2,10 @@
 
 `detect()` only reads the environment; `init_distributed()` also exports the standard variables
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), picks the device and starts the process group
-(NCCL on CUDA, gloo on CPU) through `deepspeed.init_distributed`.
+(NCCL on CUDA, gloo on CPU) through `deepspeed.init_distributed`, every collective bounded by `collective_timeout`.
+On CUDA with more than one rank the NCCL communicator is created eagerly (bound to the rank's device) and PyTorch's
+NCCL flight recorder dumps each rank's last collectives to OUTPUT_DIR/nccl_trace/rank_<N> when a collective times
+out (`flight_recorder_env`; docs/MULTINODE.md "When a rank dies or hangs").
 """
 import os
 import re
@@ -10,7 +13,7 @@ import shutil
 import socket
 import subprocess
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Dict, Mapping, Optional
 
 import torch
 
@@ -79,41 +82,122 @@ def device_for(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(timeout_minutes: int = 30) -> DistEnv:
-    """Export the standard variables, set the device and start the process group (idempotent)."""
+TIMEOUT_ENV = "MFF_DS_COLLECTIVE_TIMEOUT_S"  # wins over the recipe's distributed.timeout_s
+DEFAULT_TIMEOUT_S = 1800.0                   # the recipe's default (engine.recipe.DistributedConfig)
+
+# PyTorch's NCCL flight recorder, as the installed torch 2.14 reads it (torch/csrc/distributed/c10d:
+# FlightRecorder.hpp reads the ring size from TORCH_FR_BUFFER_SIZE, then the older TORCH_NCCL_TRACE_BUFFER_SIZE,
+# and warns that the older name is deprecated; DebugInfoWriter::getWriter reads the dump file prefix from
+# TORCH_FR_DUMP_TEMP_FILE, then TORCH_NCCL_DEBUG_INFO_TEMP_FILE, when it first dumps, and appends the global rank;
+# ProcessGroupNCCL.hpp: TORCH_NCCL_DUMP_ON_TIMEOUT). torch before 2.8 reads only TORCH_NCCL_TRACE_BUFFER_SIZE.
+FR_BUFFER_VARS = ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE")
+FR_DUMP_ON_TIMEOUT_VAR = "TORCH_NCCL_DUMP_ON_TIMEOUT"
+FR_DUMP_FILE_VARS = ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
+FR_BUFFER_SIZE = 2000              # collectives kept per rank (PyTorch's recommended size)
+TRACE_DIR, TRACE_PREFIX = "nccl_trace", "rank_"   # OUTPUT_DIR/nccl_trace/rank_<global rank>
+_fr_set: Dict[str, str] = {}       # what init_distributed set (not the user): a later run in this process moves it
+
+
+def _version(text: str) -> tuple:
+    """'2.14.1+cu130' -> (2, 14, 1)."""
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)) if m else (0, 0, 0)
+
+
+def flight_recorder_env(environ: Mapping[str, str], output_dir: Optional[str],
+                        torch_version: Optional[str] = None) -> Dict[str, str]:
+    """The variables to set (before the NCCL process group is created) so that a collective timeout dumps each
+    rank's flight recorder to OUTPUT_DIR/nccl_trace/rank_<global rank>: the ring size, dump on timeout, the dump
+    file prefix (no prefix without an output dir: torch's default place). A variable the user set, or either name
+    of a renamed one, is left alone. Pure: reads `environ`, changes nothing."""
+    new_names = _version(torch_version or torch.__version__) >= (2, 8, 0)
+    out = {}
+    if not any(k in environ for k in FR_BUFFER_VARS):
+        # one name only: torch >= 2.8 warns on every rank when the older one is set
+        out[FR_BUFFER_VARS[0] if new_names else FR_BUFFER_VARS[1]] = str(FR_BUFFER_SIZE)
+    if FR_DUMP_ON_TIMEOUT_VAR not in environ:
+        out[FR_DUMP_ON_TIMEOUT_VAR] = "1"
+    if output_dir is not None and not any(k in environ for k in FR_DUMP_FILE_VARS):
+        prefix = os.path.join(os.path.abspath(output_dir), TRACE_DIR, TRACE_PREFIX)
+        out.update((k, prefix) for k in FR_DUMP_FILE_VARS)  # both: read at dump time, by old and new torch
+    return out
+
+
+def _eager_device(device: torch.device, world_size: int, torch_version: Optional[str] = None):
+    """The device to bind the NCCL process group to at creation (device_id: the communicator is built now, so a
+    rank that cannot reach the others fails at start-up, not at its first collective), or None: not CUDA; a single
+    rank (torch then builds every new_group with ncclCommSplit, which has no peer: DeepSpeed #8248); torch between
+    2.6.0 and 2.7.1, where device_id can hang (pytorch #153960). The same rule as DeepSpeed's TorchBackend."""
+    v = _version(torch_version or torch.__version__)
+    if device.type != "cuda" or world_size <= 1 or (2, 6, 0) < v < (2, 7, 1):
+        return None
+    return device
+
+
+def init_distributed(timeout_s: Optional[float] = None, output_dir: Optional[str] = None) -> DistEnv:
+    """Export the standard variables, set the device and start the process group (idempotent).
+
+    timeout_s: the recipe's distributed.timeout_s (None: 1800 s); MFF_DS_COLLECTIVE_TIMEOUT_S, when set, wins.
+    output_dir: the run's; on CUDA with more than one rank the flight recorder dumps into OUTPUT_DIR/nccl_trace
+    (None: torch's default place)."""
     import deepspeed
     import torch.distributed as dist
 
     d = detect()
     os.environ.update(RANK=str(d.rank), WORLD_SIZE=str(d.world_size), LOCAL_RANK=str(d.local_rank),
                       MASTER_ADDR=d.master_addr, MASTER_PORT=str(d.master_port))
+    timeout = collective_timeout(timeout_s)  # a bad MFF_DS_COLLECTIVE_TIMEOUT_S: refused before anything is made
     device = device_for(d.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        if d.world_size > 1:  # hang diagnostics: what one rank waits for on the others
+            _flight_recorder_on(output_dir)
     if device.type == "cpu":
         _skip_shm_comm_build()
-    timeout = collective_timeout(timeout_minutes)
     # DeepSpeed's own groups (data parallel, ZeRO) come from dist.new_group(), which takes torch's module default
     # (30 min), not the world group's timeout: set the default so every collective is bounded by the same limit
     import torch.distributed.distributed_c10d as c10d
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     if not dist.is_initialized():
+        eager = _eager_device(device, d.world_size)
+        if eager is not None:  # deepspeed.init_distributed takes no device_id: start the group here, it adopts it
+            dist.init_process_group(backend="nccl", timeout=timeout, device_id=eager)
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    auto_mpi_discovery=False, distributed_port=d.master_port,
                                    timeout=timeout)
     return d
 
 
-def collective_timeout(default_minutes: float = 30):
-    """How long a collective may wait for a rank that died or hangs before it raises: MFF_DS_COLLECTIVE_TIMEOUT_S."""
+def _flight_recorder_on(output_dir: Optional[str]) -> None:
+    """Set flight_recorder_env's variables (a value this function set earlier, for another run of this process,
+    counts as unset) and create the dump folder. Again on every call: `--resume fresh` moves the folder aside
+    after the first one, and the dump file prefix is read only when torch first dumps."""
+    user = {k: v for k, v in os.environ.items() if _fr_set.get(k) != v}
+    env = flight_recorder_env(user, output_dir)
+    os.environ.update(env)
+    _fr_set.update(env)
+    prefix = os.environ.get(FR_DUMP_FILE_VARS[0]) or os.environ.get(FR_DUMP_FILE_VARS[1])
+    if prefix and _fr_set.get(FR_DUMP_FILE_VARS[0]) == prefix:
+        os.makedirs(os.path.dirname(prefix), exist_ok=True)
+
+
+def collective_timeout(timeout_s: Optional[float] = None, environ: Optional[Mapping[str, str]] = None):
+    """How long a collective may wait for a rank that died or hangs before it raises: MFF_DS_COLLECTIVE_TIMEOUT_S
+    when set (it wins over the recipe), else `timeout_s` (the recipe's distributed.timeout_s), else 1800 s."""
     import datetime
-    v = os.environ.get("MFF_DS_COLLECTIVE_TIMEOUT_S")
+    import math
+
+    from mff_ds.common import UserError
+    env = os.environ if environ is None else environ
+    v = env.get(TIMEOUT_ENV)
+    if not v:
+        return datetime.timedelta(seconds=DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s))
     try:
-        seconds = float(v) if v else 60.0 * default_minutes
+        seconds = float(v)
     except ValueError:
-        seconds = -1
-    if seconds <= 0:
-        raise ValueError(f"MFF_DS_COLLECTIVE_TIMEOUT_S: expected a positive number of seconds, got {v!r}")
+        seconds = -1.0
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise UserError(f"{TIMEOUT_ENV}: expected a positive number of seconds, got {v!r}")
     return datetime.timedelta(seconds=seconds)
 
 

@@ -14,12 +14,17 @@ def memory_gb(device: torch.device) -> dict:
 
 
 class MetricsLogger:
-    """Writes one JSON line per logging step and the same scalars to TensorBoard (rank 0 only)."""
+    """Writes one JSON line per logging step and the same scalars to TensorBoard (rank 0 only).
+
+    A record that is not a step's metrics (the start-up timeline) is `attach`ed: it goes, under its key, into the
+    next step's line (and its numbers to TensorBoard as key/name), so every line keeps "step", "loss" and "lr" for
+    the readers of metrics.jsonl; one that no line took is written alone, with its step, when the logger closes."""
 
     def __init__(self, out_dir: str, enabled: bool, tensorboard: bool = True):
         self.enabled = enabled
         self.tb = None
         self.f = None
+        self.attached = {}  # key -> (step, record) for the next line
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
@@ -31,22 +36,43 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        self.f.write(json.dumps({"step": step, **metrics}) + "\n")
+        extra = {k: record for k, (_, record) in self.attached.items()}
+        self.attached = {}
+        self.f.write(json.dumps({"step": step, **metrics, **extra}) + "\n")
         self.f.flush()
         if self.tb is not None:
-            for k, v in metrics.items():
+            for k, v in {**metrics, **_flat(extra)}.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(k, v, step)
+
+    def attach(self, step: int, key: str, record: dict) -> None:
+        """`record` (of optimizer step `step`) under `key` in the next line."""
+        if self.enabled:
+            self.attached[key] = (step, record)
 
     def image(self, tag: str, img: torch.Tensor, step: int) -> None:
         if self.enabled and self.tb is not None:
             self.tb.add_image(tag, img, step)
 
     def close(self) -> None:
-        if self.f:
+        if self.f and not self.f.closed:
+            for key, (step, record) in self.attached.items():  # no step was logged after it (the run failed)
+                self.f.write(json.dumps({"step": step, key: record}) + "\n")
+            self.attached = {}
             self.f.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"startup": {"total_s": 1, "phases": {"imports": 2}}} -> {"startup/total_s": 1, "startup/imports": 2}."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}/" if not prefix else prefix))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 def progress_bar(enabled: bool, total: int, initial: int):

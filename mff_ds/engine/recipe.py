@@ -1,4 +1,5 @@
-"""What every recipe kind shares: the common sections (batch, optim, schedule, deepspeed, checkpoint, logging),
+"""What every recipe kind shares: the common sections (batch, optim, schedule, deepspeed, checkpoint, logging,
+distributed),
 YAML + `--set a.b=c` reading, path resolution and the resume comparison. The pretraining recipe is
 mff_ds.pretrain.recipe, the fine-tune / linear-probe one mff_ds.eval.recipe."""
 import copy
@@ -159,6 +160,13 @@ class LoggingConfig(Section):
     peak_tflops: Optional[PosFloat] = None  # per device, for MFU; None = from the device name (CUDA only)
 
 
+class DistributedConfig(Section):
+    # seconds a collective (DeepSpeed's groups included) waits for a rank that died or hangs before the run fails
+    # (on CUDA, NCCL's flight recorder dumps then: docs/MULTINODE.md); the environment variable
+    # MFF_DS_COLLECTIVE_TIMEOUT_S, when set, wins. Not compared on resume: the compat_dicts leave it out.
+    timeout_s: PosFloat = 1800.0
+
+
 def _run_name(name: str) -> str:
     if not name or "/" in name:  # it names the run directory
         raise ValueError(f"expected a non-empty name without '/', got {name!r}")
@@ -182,6 +190,7 @@ class BaseRecipe(Section):
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     checkpoint: CheckpointBase = Field(default_factory=CheckpointBase)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     _batch_note: Optional[str] = PrivateAttr(default=None)  # what the batch arithmetic changed, said at the start
     _plan: Optional[BatchPlan] = PrivateAttr(default=None)  # the split for the world size it was checked for

@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Optional
 
-from mff_ds.common import UserError
+from mff_ds.common import UserError, startup_phase
 
 LOCK_NAME = ".mff_lock"
 HEARTBEAT_S = 30.0
@@ -187,7 +187,12 @@ def owns_output_dir(fn):
         from .distributed import init_distributed
         bound = sig.bind(*args, **kwargs)
         bound.apply_defaults()
-        rank = init_distributed().rank
+        # the process group starts here, before `fn`: with the recipe's collective timeout (fn's first argument is
+        # the recipe or a task holding it) and the flight recorder's dumps in the output dir
+        first = next(iter(bound.arguments.values()), None)
+        distributed = getattr(getattr(first, "recipe", first), "distributed", None)
+        with startup_phase("distributed_init"):  # (the trainer's start-up timeline reports it)
+            rank = init_distributed(getattr(distributed, "timeout_s", None), bound.arguments["output_dir"]).rank
         lock, bound.arguments["resume"] = claim(bound.arguments["output_dir"], bound.arguments["resume"], rank)
         try:
             return fn(*bound.args, **bound.kwargs)

@@ -5,7 +5,9 @@ turns a batch into an output, adds its metrics, acts after a step and at the end
 (exports, results). Its hooks see the run through a `RunView`. The loop owns what every task needs alike:
 distributed start-up, the DeepSpeed config, resume (compatibility, universal conversion, exact data and RNG
 position), the lr from the optimizer-step index, the non-finite-loss check and the rollback, metrics on logging
-steps only (the only host synchronisation), checkpoints, stop signals and the progress bar.
+steps only (the only host synchronisation), checkpoints, stop signals and the progress bar, and where the time
+goes (engine/phases.py: the start-up timeline, reported once after the first step; forward / backward / optimizer
+time per logging interval, read without a sync).
 
 Read `train_step` top to bottom for one micro-batch and, on an accumulation boundary, everything after it.
 """
@@ -26,6 +28,7 @@ from . import ds_compat
 from .distributed import all_gather_object, device_for, init_distributed
 from .metrics import MetricsLogger, memory_gb, progress_bar
 from .optim import build_deepspeed_engine, build_ds_config, grad_norm, norm_is_ours, precision_of, schedule_steps
+from .phases import PhaseTimer, StartupClock, startup_line, startup_record
 from .compat import Reconciled, resume_recipe
 from .recipe import RecipeError, check, save_recipe
 from .rundir import owns_output_dir
@@ -276,6 +279,9 @@ class Loop:
     bad_seen: Any = None    # (epoch, batch, sample) already named in bad_samples/ (read on the first bad sample)
     first_loss: Optional[float] = None
     last_loss: Optional[float] = None
+    phases: PhaseTimer = None  # forward / backward / optimizer time of the steps since the last logging step
+    clock: Optional[StartupClock] = None  # the start-up timeline, until the first optimizer step reports it
+    first_wait: Optional[float] = None  # data_wait when the first batch arrived
 
     @property
     def pos(self) -> Position:
@@ -299,18 +305,27 @@ def train_step(s: Loop, images, labels, stopper: StopOnSignal) -> bool:
     p, v, task = s.pos, s.view, s.task
     boundary = (p.batch + 1) % s.accum == 0  # this micro-batch ends an optimizer step
     log_step = boundary and s.is_log_step(p.step + 1)
+    if s.clock is not None and s.first_wait is None:  # the first batch is in hand
+        s.clock.mark("first_batch")
+        s.first_wait = s.data_wait
     if p.batch % s.accum == 0:
         s.schedule.apply(s.optimizer, p.step)
+    s.phases.start()
     out = task.forward(s.engine, images, labels)
+    s.phases.lap("forward")
     s.engine.backward(out.loss)
+    s.phases.lap("backward")
     if log_step and s.own_norm:  # after the last backward, before step(): ZeRO-2 holds the reduced gradients
         s.norm = grad_norm(s.engine)
     s.engine.step()  # DeepSpeed steps the optimizer only at the boundary
+    s.phases.lap("optimizer")
     s.loss.add(out.loss, p.step)
     p.batch += 1
     if not boundary:
         return False
     p.step += 1
+    if s.clock is not None:
+        report_startup(s)  # collective, once
     s.bar.update(1)
     if stopper.requested(p.step, v.device):  # collective; every rank stops at this step
         v.stop_step = p.step
@@ -332,6 +347,21 @@ def train_step(s: Loop, images, labels, stopper: StopOnSignal) -> bool:
     return epoch_done or p.step >= v.stop_step
 
 
+def report_startup(s: Loop) -> None:
+    """After the first optimizer step, once per run (collective): every rank's start-up timeline gathered, the
+    slowest rank's recorded with the first metrics line and printed on rank 0 (engine/phases.py)."""
+    if s.view.device.type == "cuda":  # the step's compute, not its launches; the gather would wait for it anyway
+        torch.cuda.synchronize(s.view.device)
+    s.clock.mark("first_step")
+    s.clock.move(s.data_wait - s.first_wait, "first_step", "first_batch")  # the loader's wait for later micro-batches
+    t = time.time()
+    record = startup_record(all_gather_object(s.clock.timeline()))
+    s.clock = None
+    s.logger.attach(s.view.step, "startup", record)
+    s.view.say(startup_line(record))
+    s.t_mark += time.time() - t
+
+
 def end_epoch(s: Loop) -> None:
     s.pos.epoch, s.pos.batch = s.pos.epoch + 1, 0
     s.task.end_epoch(s.view, s.pos.epoch - 1)
@@ -341,11 +371,13 @@ def log(s: Loop, out) -> None:
     """A logging step's metrics (the interval's mean loss: the one host sync)."""
     v, eng, r = s.view, s.engine, s.task.recipe
     mean_loss = s.loss.mean(v.world)
-    ips = (v.step - s.steps_mark) * r.batch.global_batch / max(time.time() - s.t_mark, 1e-9)
+    steps, wall = v.step - s.steps_mark, max(time.time() - s.t_mark, 1e-9)
+    ips = steps * r.batch.global_batch / wall
     lr = s.lr(v.step - 1)  # the step just taken
     data_time, data_frac = input_wait(s)
     m = {"loss": mean_loss, "lr": lr, "loss_scale": ds_compat.loss_scale(eng), "skipped_steps": int(eng.skipped_steps),
-         "epoch": v.epoch, "images_per_s": ips, "data_time": data_time, "data_fraction": data_frac}
+         "epoch": v.epoch, "images_per_s": ips, "data_time": data_time, "data_fraction": data_frac,
+         **s.phases.take(steps), "step_time": wall / max(steps, 1)}  # per optimizer step, over the interval
     gn = eng.get_global_grad_norm()
     gn = s.norm if gn is None else gn
     if gn is not None:
@@ -379,10 +411,11 @@ def input_wait(s: Loop):
 
 def timed(loader, s: Loop):
     """The loader's batches, adding the time each took to arrive to s.data_wait; the samples it skipped are named."""
-    it = iter(loader)
+    it = None
     while True:
         t = time.perf_counter()
         try:
+            it = iter(loader) if it is None else it  # starting the epoch (the workers' first batches) is waiting too
             batch = next(it)
         except StopIteration:
             return
@@ -422,6 +455,7 @@ def roll_back(s: Loop, at: int) -> None:
     s.pos.rollbacks += 1
     restore(s, v.ckpt_root, last[-1][1], rollback=True)
     s.loss.reset()
+    s.phases.reset()
     s.t_mark, s.steps_mark, s.bar.n, s.data_wait = time.time(), v.step, v.step, 0.0
     if v.is_main:  # a warning: printed for quiet tasks too
         s.bar.write(f"{msg} Rolled back to {last[-1][1]} (rollback {s.pos.rollbacks}/{r.max_rollbacks}); the data "
@@ -492,9 +526,12 @@ def setup(task: Task, output_dir: str, max_steps: Optional[int], resume: str) ->
     (the recipe reconciled with it), the DeepSpeed config, model / data / engine (identical init on every rank; then
     per-rank randomness, as the reference's diff_rank_seed), the schedule from the loader's length, and the
     restored position."""
+    clock = StartupClock()  # this rank's start-up timeline, from the process start (engine/phases.py)
     from deepspeed.utils import logger as ds_logger
     ds_logger.setLevel(os.environ.get("MFF_DS_LOG_LEVEL", "WARNING"))
-    r, env = task.recipe, init_distributed()
+    clock.mark("imports")
+    r, env = task.recipe, init_distributed(task.recipe.distributed.timeout_s, output_dir)
+    clock.mark("distributed_init")
     ds_compat.check_version(env.rank == 0)
     checked(task, env.world_size)
     device = device_for(env.local_rank)
@@ -523,7 +560,9 @@ def setup(task: Task, output_dir: str, max_steps: Optional[int], resume: str) ->
         save_recipe(r, os.path.join(output_dir, "recipe.yaml"))
         write_json(os.path.join(output_dir, "ds_config.json"), ds_config)
     seed_everything(r.seed)
+    clock.mark("recipe_check")
     model, loader = task.build(v)
+    clock.mark("model_build")  # the data index the data layer times inside it goes to its own phase
     plan = v.plan
     schedule, v.stop_step = schedule_steps(r, len(loader), max_steps)
     v.total_steps = schedule.total_steps
@@ -539,14 +578,18 @@ def setup(task: Task, output_dir: str, max_steps: Optional[int], resume: str) ->
              own_norm=norm_is_ours(ds_config, precision))
     v.save, v.say = lambda: save(s), (lambda line: s.bar.write(line)) if v.is_main and not task.quiet else print_none
     if found:
+        clock.mark("engine_init")
         restore(s, found[0], found[1])
+        clock.mark("restore")
     s.last_saved = v.step if found else -1
     s.logger = MetricsLogger(output_dir, v.is_main, r.logging.tensorboard)
     v.log, v.image = lambda m: s.logger.log(v.step, m), lambda tag, img: s.logger.image(tag, img, v.step)
     s.bar = progress_bar(v.is_main and r.logging.progress_bar and not task.quiet, v.stop_step, v.step)
     if found:
         v.say(f"resumed from {found[0]}/{found[1]} at step {v.step} (epoch {v.epoch}, batch {s.pos.batch})")
-    s.loss, s.t_mark, s.steps_mark = LossMeter(device), time.time(), v.step
+    s.loss, s.phases, s.clock = LossMeter(device), PhaseTimer(device), clock
+    clock.mark("engine_init")  # with the metrics logger and the progress bar
+    s.t_mark, s.steps_mark = time.time(), v.step
     return s
 
 

@@ -174,7 +174,7 @@ def open_source(data, split):
     """The registered source `data.source` (EvalData) for `split`: "train" | "val"."""
     return SOURCES.get(data.source)(getattr(data, f"{split}_path"), split=split,
                                     num_samples=getattr(data, f"{split}_samples"),
-                                    samples_key=f"data.{split}_samples")
+                                    samples_key=f"data.{split}_samples", index=getattr(data, f"{split}_index"))
 
 
 def build_train_loader(data, transform, *, micro_batch, rank, world, seed):

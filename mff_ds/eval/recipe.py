@@ -38,6 +38,8 @@ class EvalData(Section):
                                                                           # images (digits: the demo set)
     train_path: Optional[str] = None          # ImageFolder root or shard pattern
     val_path: Optional[str] = None
+    train_index: Optional[str] = None         # imagefolder: dataset index or mmpretrain list file (data.index in
+    val_index: Optional[str] = None           # pretraining; docs/DATA.md); None: found or built
     train_samples: Optional[PosInt] = None    # webdataset without _info.json
     val_samples: Optional[PosInt] = None
     num_classes: Optional[int_(ge=2)] = None  # None = number of ImageFolder classes
@@ -126,7 +128,9 @@ class EvalRecipe(BaseRecipe):
     @classmethod
     def _paths_suit_the_source(cls, d):
         from mff_ds.data import SOURCES
-        fail([(k, why) for k in ("train_path", "val_path") if (why := SOURCES.get(d.source).path_problem(getattr(d, k)))])
+        source = SOURCES.get(d.source)
+        fail([(k, why) for k in ("train_path", "val_path") if (why := source.path_problem(getattr(d, k)))] +
+             [(k, why) for k in ("train_index", "val_index") if (why := source.index_problem(getattr(d, k)))])
         return d
 
     @field_validator("task")
@@ -152,7 +156,8 @@ class EvalRecipe(BaseRecipe):
         keep = {k: d[k] for k in ("task", "seed", "precision", "init", "model", "augment", "head", "optim", "schedule")}
         if self.init.checkpoint is not None:  # the checkpoint fixes the encoder; only a num_heads hint is read
             keep["model"] = {k: v for k, v in d["model"].items() if k == "num_heads"}
-        keep["data"] = {k: v for k, v in d["data"].items() if k not in ("num_workers", "pin_memory")}
+        keep["data"] = {k: v for k, v in d["data"].items() if k not in ("num_workers", "pin_memory")
+                        and not (k.endswith("_index") and v is None)}  # runs from before the index compare equal
         keep["batch.global_batch"] = d["batch"]["global_batch"]
         return keep
 

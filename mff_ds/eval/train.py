@@ -239,7 +239,7 @@ def _num_classes(recipe: EvalRecipe, classes, val_classes) -> int:
                          f"expected the same class folders")
     n = recipe.data.num_classes or (len(classes) if classes else None)
     if n is None:
-        raise RecipeError(["data.num_classes: expected the number of classes for shard datasets, got None"])
+        raise RecipeError(["data.num_classes: expected the number of classes for shards and list files, got None"])
     if classes and n != len(classes):
         raise RecipeError([f"data.num_classes: the ImageFolder has {len(classes)} classes, got {n}"])
     return n
@@ -257,7 +257,7 @@ def evaluate_checkpoint(path: str, val_path: str, *, img_size: Optional[int] = N
                         num_heads: Optional[int] = None, output_dir: Optional[str] = None) -> dict:
     """top-1 / top-5 of a classifier file (ours, mmpretrain or official MAE) on an ImageFolder or shards."""
     from .recipe import AugConfig, EvalData
-    env = init_distributed()
+    env = init_distributed(output_dir=output_dir)
     device = device_for(env.local_rank)
     model, meta = emodels.load_classifier(path, num_heads)
     model.to(device).eval()
