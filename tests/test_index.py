@@ -306,3 +306,19 @@ def test_a_first_listing_that_takes_a_while_is_said(tmp_path, capfd, monkeypatch
     monkeypatch.setattr(idx, "SAY_AFTER_S", 0.0)  # as a listing of a large tree on a network filesystem
     path, _ = idx.ensure(str(root), progress=False)
     assert capfd.readouterr().err.startswith(f"data index: 2 files of {root} -> {path} (")
+
+
+def test_a_node_that_does_not_see_rank_0s_index_builds_the_same_one_where_rank_0_said(tmp_path):
+    """open_index's per-node builder: a node-local cache lacks the file rank 0 named; its first rank builds it at that
+    path (target=), and it is the index rank 0 agreed on (same digest), so every rank of that node maps it."""
+    root = make_tree(tmp_path / "data", ["a/1.jpg", "b/2.jpg", "b/3.jpg"])
+    path, digest = idx.ensure(str(root), progress=False)
+    elsewhere = str(tmp_path / "node1" / "cache.index")  # what rank 0 named, missing on this node
+    assert not idx._is(elsewhere, digest)
+    built, again = idx.ensure(str(root), target=elsewhere, force=True, progress=False)
+    assert built == elsewhere and again == digest and idx._is(elsewhere, digest)
+    assert listing(idx.Index.open(elsewhere, digest), str(root)) == listing(idx.Index.open(path), str(root))
+    (tmp_path / "mnt").symlink_to(root)  # a node that mounts the data at another path lists the same index
+    mounted_elsewhere = idx.ensure(str(tmp_path / "mnt"), target=str(tmp_path / "node2.index"), force=True,
+                                   progress=False)
+    assert mounted_elsewhere[1] == digest

@@ -122,8 +122,10 @@ def read_header(path):
 
 
 def _header_crc(header):
-    """The checksum covers the header's content (classes, positions, ...) as well as the arrays."""
-    return zlib.crc32(json.dumps(dict(header, crc32=0), sort_keys=True).encode())
+    """The checksum covers the header's content (classes, positions, ...) as well as the arrays, but not the root
+    (read only for messages; another node may mount the data elsewhere): the same listing gives the same digest."""
+    return zlib.crc32(json.dumps({k: v for k, v in header.items() if k not in ("crc32", "root")},
+                                 sort_keys=True).encode())
 
 
 def digest_of(header):
@@ -248,7 +250,7 @@ def write(path, root, source, state, classes, names, labels):
     data = {"offsets": offsets, "labels": np.asarray(labels, dtype="<i4"),
             "names": np.frombuffer(b"".join(names), dtype=np.uint8)}
     header = {"version": VERSION, "root": root, "source": source, "state": state, "fingerprint": fingerprint(state),
-              "classes": classes, "count": n, "arrays": {}, "crc32": 0, "created": time.time()}
+              "classes": classes, "count": n, "arrays": {}, "crc32": 0}
     size = len(json.dumps(header)) + 200 + 60 * len(ARRAYS)  # room for the arrays' positions, filled below
     pos = _aligned(len(MAGIC) + 8 + size)
     start, blobs = pos, []
