@@ -220,6 +220,9 @@ def test_a_list_file_in_scan_order_gives_the_folders_batches(tmp_path):
         return [(x.clone(), y.clone()) for x, y in loader]
     a, b = batches(None), batches(str(lst))
     assert len(a) == 3 and all((x == u).all() and (y == v).all() for (x, y), (u, v) in zip(a, b))
+    part = tmp_path / "part.txt"  # and the list is what is read: 8 of the 15 files make 2 batches, not 3
+    part.write_text("".join(lst.read_text().splitlines(keepends=True)[:8]))
+    assert len(batches(str(part))) == 2
 
 
 def test_the_index_key_is_refused_for_sources_that_read_none():
@@ -322,3 +325,23 @@ def test_a_node_that_does_not_see_rank_0s_index_builds_the_same_one_where_rank_0
     mounted_elsewhere = idx.ensure(str(tmp_path / "mnt"), target=str(tmp_path / "node2.index"), force=True,
                                    progress=False)
     assert mounted_elsewhere[1] == digest
+
+
+def test_fine_tuning_data_and_make_shards_read_the_index_they_are_given(tmp_path):
+    """data.train_index / data.val_index reach the eval sources, and make_shards --index is what it converts: a list
+    file naming 2 of a folder's 3 images gives 2 samples, not the 3 a listing would find."""
+    from PIL import Image
+
+    from mff_ds.data.make_shards import convert
+    from mff_ds.eval import data as edata
+    from mff_ds.eval.recipe import EvalData
+    root = tmp_path / "data"
+    for rel in ("a/1.png", "a/2.png", "b/3.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(root / rel)
+    lst = tmp_path / "two.txt"
+    lst.write_text("a/1.png 0\nb/3.png 1\n")
+    d = EvalData(source="imagefolder", train_path=str(root), val_path=str(root), train_index=str(lst))
+    assert len(edata.open_source(d, "train")) == 2 and len(edata.open_source(d, "val")) == 3
+    info = convert(str(root), str(tmp_path / "shards"), 10, progress=False, index=str(lst))
+    assert info["splits"]["train"]["num_samples"] == 2

@@ -17,6 +17,8 @@ from typing import Dict, Mapping, Optional
 
 import torch
 
+from .ds_compat import version_tuple
+
 
 @dataclass
 class DistEnv:
@@ -98,19 +100,13 @@ TRACE_DIR, TRACE_PREFIX = "nccl_trace", "rank_"   # OUTPUT_DIR/nccl_trace/rank_<
 _fr_set: Dict[str, str] = {}       # what init_distributed set (not the user): a later run in this process moves it
 
 
-def _version(text: str) -> tuple:
-    """'2.14.1+cu130' -> (2, 14, 1)."""
-    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
-    return (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)) if m else (0, 0, 0)
-
-
 def flight_recorder_env(environ: Mapping[str, str], output_dir: Optional[str],
                         torch_version: Optional[str] = None) -> Dict[str, str]:
     """The variables to set (before the NCCL process group is created) so that a collective timeout dumps each
     rank's flight recorder to OUTPUT_DIR/nccl_trace/rank_<global rank>: the ring size, dump on timeout, the dump
     file prefix (no prefix without an output dir: torch's default place). A variable the user set, or either name
     of a renamed one, is left alone. Pure: reads `environ`, changes nothing."""
-    new_names = _version(torch_version or torch.__version__) >= (2, 8, 0)
+    new_names = version_tuple(torch_version or torch.__version__) >= (2, 8, 0)
     out = {}
     if not any(k in environ for k in FR_BUFFER_VARS):
         # one name only: torch >= 2.8 warns on every rank when the older one is set
@@ -128,7 +124,7 @@ def _eager_device(device: torch.device, world_size: int, torch_version: Optional
     rank that cannot reach the others fails at start-up, not at its first collective), or None: not CUDA; a single
     rank (torch then builds every new_group with ncclCommSplit, which has no peer: DeepSpeed #8248); torch between
     2.6.0 and 2.7.1, where device_id can hang (pytorch #153960). The same rule as DeepSpeed's TorchBackend."""
-    v = _version(torch_version or torch.__version__)
+    v = version_tuple(torch_version or torch.__version__)
     if device.type != "cuda" or world_size <= 1 or (2, 6, 0) < v < (2, 7, 1):
         return None
     return device

@@ -15,7 +15,8 @@ TESTED_RANGE = ("0.19.8", "0.20")  # [first tested, first untested): 0.19.8 is w
 _state = {"checked": False, "on": True}
 
 
-def _version_tuple(v: str) -> tuple:
+def version_tuple(v: str) -> tuple:
+    """'2.14.1+cu130' -> (2, 14, 1); '2.8.0a0' -> (2, 8, 0)."""
     return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in v.split("+")[0].split(".")[:3])
 
 
@@ -25,8 +26,8 @@ def installed() -> str:
 
 
 def in_tested_range(version: str) -> bool:
-    lo, hi = (_version_tuple(v) for v in TESTED_RANGE)
-    return lo <= _version_tuple(version) < hi
+    lo, hi = (version_tuple(v) for v in TESTED_RANGE)
+    return lo <= version_tuple(version) < hi
 
 
 def check_version(is_main: bool = True) -> bool:
