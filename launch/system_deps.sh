@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Debian packages the system tests (tests/test_system.py) need: an SSH server/client, pdsh, munge and Slurm.
+# Debian packages the system tests (tests/test_system.py) need: an SSH server/client, pdsh, munge, Slurm, and ip/tc
+# for the hosts of tests/rigs/cluster.py (iproute2; unshare and nsenter come with util-linux, always there).
 # Idempotent: installs only what is missing, and only as root (otherwise prints what to install and exits 0,
 # so the system tests skip with their own reason).
 set -euo pipefail
 
-PKGS=(openssh-server openssh-client pdsh munge slurm-wlm slurmctld slurmd slurm-client)
+PKGS=(openssh-server openssh-client pdsh munge slurm-wlm slurmctld slurmd slurm-client iproute2)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -78,10 +78,12 @@ def _key(loc) -> str:
 
 def _known_keys(model, loc) -> Optional[List[str]]:
     """The keys the section at loc[:-1] of `model` takes (for an unknown key's message); None if not a model."""
+    def fields(m) -> dict:  # by the name a recipe spells (a field's alias: checkpoint.async)
+        return {f.alias or k: f for k, f in m.model_fields.items()}
     for part in loc[:-1]:
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        field = fields(model).get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
         model = field.annotation if field else None
-    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else None
+    return list(fields(model)) if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
 def _explain(e: dict, model) -> str:

@@ -277,3 +277,17 @@ def test_ddp_overhead_two_ranks(tmp_path):
         r = res["rows"][name]
         assert r["step_ms"] > 0 and 0 < r["collective_ms"] < r["step_ms"]
     assert len(res["raw"]) == 2 and len(res["raw"][0]["times"]["zero1"]) == 2
+
+
+def test_checkpoint_benchmark_summary_and_table():
+    """benchmarks/checkpoint.py's arithmetic: the pause per save from the loop times of a pair of runs, medians over
+    the saves without the final one, the per-model options, the table's ratios."""
+    import checkpoint as bench
+    saves = [{"step": s, "stall_s": st, "write_s": 2.0, "bytes": 2**30} for s, st in ((1, 0.3), (2, 0.5), (3, 4.0))]
+    pair = {"every": {"loop_s": 20.0}, "final": {"loop_s": 14.0, "step_time": 3.0}}
+    r = bench.summarize(saves, pair, steps=3)
+    assert r["pause_per_save_s"] == 3.0 and r["stall_s"] == 0.4 and r["mib_per_s"] == 512 and r["saves"] == 3
+    assert bench.per_arch("vit-b=8,vit-l=2", "vit-l") == "2" and bench.per_arch("4", "vit-b") == "4"
+    row = dict(r, bytes=2**30)
+    md = bench.table({"runs": {"vit-b": {"sync": dict(row, pause_per_save_s=6.0, stall_s=5.0), "async": row}}})
+    assert "| vit-b | sync / async | 2.0x | 12.5x |" in md

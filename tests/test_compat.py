@@ -35,7 +35,7 @@ def test_a_default_the_run_did_not_set_keeps_the_runs_value():
     now = demo()
     out = compat.reconcile(marker(then), now, 2)
     assert out.incompatible == [] and out.changed == []
-    assert out.kept == ["schedule.warmup_start_factor: the run's 0.5 (this version's recipe says 0.0001; set it by "
+    assert out.kept == ["schedule.warmup_start_factor: the run's 0.5 (the recipe as started now says 0.0001; set it by "
                         "hand to change it)"]
     assert now.schedule.warmup_start_factor == 0.5 and out.warning() == f"kept: {out.kept[0]}"
     assert compat.reconcile(marker(then), now, 2).kept == []  # applied: nothing left to keep
@@ -91,7 +91,7 @@ def test_a_kept_global_batch_is_what_the_next_plan_splits():
     then = demo("batch.global_batch=64")
     now = demo()
     out = compat.reconcile(marker(then), now, 2)
-    assert out.kept == ["batch.global_batch: the run's 64 (this version's recipe says 32; set it by hand to change "
+    assert out.kept == ["batch.global_batch: the run's 64 (the recipe as started now says 32; set it by hand to change "
                         "it)"]
     assert check(now, 2) == [] and (now.plan.global_batch, now.plan.micro, now.plan.accum) == (64, 16, 2)
     assert now.lr() == pytest.approx(1.2e-2 * 64 / 256)
@@ -182,7 +182,7 @@ def test_a_kept_value_this_start_cannot_honour_is_refused_not_trained_otherwise(
     kept 33 splits no better there and would become 32: refused, naming it. On 1 rank 33 splits (11 x 3): kept."""
     then = load_recipe("demo", ["batch.global_batch_policy=nearest"], world_size=3)
     assert then.plan.global_batch == 33
-    kept = ["batch.global_batch: the run's 33 (this version's recipe says 32; set it by hand to change it)"]
+    kept = ["batch.global_batch: the run's 33 (the recipe as started now says 32; set it by hand to change it)"]
     for world, sets, refused in ((2, ["batch.global_batch_policy=nearest"], ["batch.global_batch: checkpoint 33 -> "
                                                                              "recipe 32"]), (1, [], [])):
         now = load_recipe("demo", sets, world_size=world)
@@ -201,4 +201,49 @@ def test_a_key_added_since_the_run_started_is_silent_at_its_default_and_named_wh
     out = compat.reconcile(copy.deepcopy(then), demo(), 2)
     assert (out.incompatible, out.kept, out.changed) == ([], [], [])
     out = compat.reconcile(copy.deepcopy(then), demo("distributed.timeout_s=60"), 2)
-    assert out.changed == ["distributed: checkpoint '<absent>' -> recipe {'timeout_s': 60.0}"]
+    assert out.changed == ["distributed: checkpoint '<absent>' -> recipe {'timeout_s': 60.0, 'peer_timeout_s': 45.0}"]
+
+
+FOLDER = ["data.source=imagefolder", "data.path=/x/train"]
+
+
+@pytest.mark.parametrize("key", ["data.index", "data.train_index", "data.val_index"])
+def test_a_dropped_index_keeps_the_runs_list_and_an_added_one_is_refused(key):
+    """The data index keys bind a resume like the other data settings: a rerun that leaves out the list file the run
+    trained on keeps it (said), one that adds a list file by hand is refused, never trained on another dataset."""
+    def recipe(*sets):
+        if key == "data.index":
+            return demo(*FOLDER, *sets)
+        return load_eval_recipe("configs/finetune_demo.yaml", EVAL_PATHS + ["data.source=imagefolder", *sets],
+                                world_size=1)
+    then = recipe(f"{key}=/x/meta/train.txt")
+    now = recipe()
+    out = compat.reconcile(marker(then), now, 2)
+    assert out.incompatible == [] and out.kept == [f"{key}: the run's '/x/meta/train.txt' (the recipe as started now "
+                                                   f"says None; set it by hand to change it)"]
+    section, name = key.split(".")
+    assert getattr(getattr(now, section), name) == "/x/meta/train.txt"
+    out = compat.reconcile(marker(recipe()), recipe(f"{key}=/x/meta/train.txt"), 2)
+    assert out.incompatible == [f"{key}: checkpoint None -> recipe '/x/meta/train.txt'"] and out.kept == []
+    other = compat.reconcile(marker(then), recipe(f"{key}=/x/meta/other.txt"), 2)
+    assert other.incompatible == [f"{key}: checkpoint '/x/meta/train.txt' -> recipe '/x/meta/other.txt'"]
+
+
+@pytest.mark.parametrize("eval_run", [False, True])
+def test_a_marker_from_before_format_4_trained_on_the_folder(eval_run):
+    """Markers before format 4 left a None index out of their compat record: such a run trained on the folder's
+    listing, so it resumes with nothing said, and a list file added on resume is refused (not "not recorded")."""
+    from mff_ds.engine.checkpoint import migrate
+    if eval_run:
+        recipe = lambda *s: load_eval_recipe("configs/finetune_demo.yaml",  # noqa: E731
+                                             EVAL_PATHS + ["data.source=imagefolder", *s], world_size=1)
+        key = "data.train_index"
+    else:
+        recipe, key = (lambda *s: demo(*FOLDER, *s)), "data.index"  # noqa: E731
+    old = marker(recipe(), format_version=3)
+    for k in ("index", "train_index", "val_index", "allow_missing"):
+        old["compat"]["data"].pop(k, None)
+    out = compat.reconcile(migrate(copy.deepcopy(old), "x"), recipe(), 2)
+    assert (out.incompatible, out.kept, out.changed) == ([], [], [])
+    out = compat.reconcile(migrate(copy.deepcopy(old), "x"), recipe(f"{key}=/x/list.txt"), 2)
+    assert out.incompatible == [f"{key}: checkpoint None -> recipe '/x/list.txt'"]

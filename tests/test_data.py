@@ -552,11 +552,11 @@ def test_a_new_source_is_one_class_and_one_registration(monkeypatch, photo):
     assert len(batches) == 3 and sorted(torch.cat([y for _, y in batches]).tolist()) == sorted([0, 1, 2] * 4)
     assert same(batches[1:], stream(load(cfg, skip_batches=1)))
     data = EvalData(source="pngs", num_workers=0)  # an image source: evaluation takes it
-    loader, classes = build_train_loader(data, train_transform("linprobe", S, AugConfig()), micro_batch=4, rank=0,
-                                         world=1, seed=0)
+    loader, source = build_train_loader(data, train_transform("linprobe", S, AugConfig()), micro_batch=4, rank=0,
+                                        world=1, seed=0)
     loader.set_epoch(0)
     x, y = next(iter(loader))
-    assert classes == ["a", "b", "c"] and len(loader) == 3 and x.shape == (4, 3, S, S) and set(y.tolist()) <= {0, 1, 2}
+    assert source.classes == ["a", "b", "c"] and len(loader) == 3 and x.shape == (4, 3, S, S) and set(y.tolist()) <= {0, 1, 2}
 
 
 def test_unknown_source_or_augment_is_one_line_naming_the_registered_ones():

@@ -138,11 +138,23 @@ def test_kill_mid_run_and_mid_save_then_resume_auto(straight, tmp_path):
     assert (ckpts / "latest").read_text() == "global_step4"  # the half-written save never became latest
     p = ok(launch(tmp_path, out))
     assert "at step 4" in p.stdout + p.stderr
+    assert f"checkpoint {ckpts / 'global_step8'} is incomplete (no mff_complete.json" in p.stderr  # named
     assert (ckpts / "latest").read_text() == "global_step12"
     assert not (ckpts / "global_step4").exists()  # keep_last: 2
     assert sorted(os.listdir(ckpts / "global_step8")) == sorted(os.listdir(ckpts / "global_step12"))
     a, b = weights(straight), weights(out)
     assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+    # the steps the failed attempts logged after the checkpoint they resumed from were redone: each step once
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [d["step"] for d in lines] == [2, 4, 6, 8, 10, 12] and losses(out) == losses(straight)
+    # goodput over the three attempts: the second logged steps 6 and 8 before its kill, which the third redid from
+    # step 4 (the first was killed before it logged step 6: that step is in the time from its last line on)
+    from mff_ds.engine.goodput import breakdown
+    good = breakdown(json.loads((out / "goodput.json").read_text())["attempts"])
+    assert 0 < lines[-1]["goodput"] < 1 and good["attempts"] == 3 and good["redone_steps"] == 4 and good["failure_s"] > 0
+    assert abs(sum(good[k] for k in ("steps_s", "startup_s", "checkpoint_s", "failure_s", "stop_gap_s", "other_s"))
+               - good["wall_s"]) < 1e-6 * good["wall_s"] + 1e-6
+    assert "goodput " in p.stderr + p.stdout and "4 redone step(s)" in p.stderr + p.stdout
 
 
 def test_incompatible_checkpoint_refused(straight, tmp_path):
@@ -174,3 +186,22 @@ def test_other_world_size_resumes_automatically(tmp_path, before, after):
     assert sorted(s for s in final if s > 6) == [8] and final[8] == final[8]  # logging every 2 steps: 8 is next
     meta = json.loads((ckpts / "global_step8" / "mff_complete.json").read_text())
     assert (meta["world_size"], meta["step"]) == (after, 8)
+
+
+def test_a_full_disk_on_one_rank_in_the_background_stops_every_rank_in_one_line(tmp_path):
+    """Rank 1's background write fails (ENOSPC): both ranks report it, naming the file and the intact previous
+    checkpoint, and exit; neither waits for the other until the collective timeout."""
+    out = tmp_path / "out"
+    ok(launch(tmp_path, out, "--max-steps", "4"))
+    ckpts = out / "checkpoints"
+    (ckpts / "global_step8").mkdir()
+    bad = ckpts / "global_step8" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    bad.symlink_to("/dev/full")  # every write: ENOSPC
+    p = launch(tmp_path, out, "--max-steps", "8", timeout=180)
+    assert p.returncode != 0
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: could not write checkpoint")]
+    assert errors and len(set(errors)) == 1, p.stderr[-3000:]  # one line, the same on every rank that says it
+    assert errors[0].startswith(f"error: could not write checkpoint {ckpts / 'global_step8'}: {bad}: the disk is full")
+    assert f"the previous complete checkpoint {ckpts / 'global_step4'} is intact" in errors[0]
+    assert (ckpts / "latest").read_text() == "global_step4"
+    assert not (ckpts / "global_step8" / "mff_complete.json").exists()

@@ -148,19 +148,26 @@ def test_damaged_checkpoints_fall_back_to_an_intact_one(tmp_path):
     assert "another SHA-256" in lines[-1] and "--resume fresh" in lines[-1]
 
 
-def test_full_disk_on_save_names_the_path_and_the_intact_checkpoint(tmp_path):
+@pytest.mark.parametrize("background", ["true", "false"])
+def test_full_disk_on_save_names_the_path_and_the_intact_checkpoint(tmp_path, background):
+    """The same one line whether the file is written in the background (checkpoint.async) or by the loop."""
     out = tmp_path / "out"
-    ok(pretrain(tmp_path, out, "--max-steps", "2"))
+    mode = ("--set", f"checkpoint.async={background}")
+    ok(pretrain(tmp_path, out, "--max-steps", "2", *mode))
     ck = out / "checkpoints"
     (ck / "global_step4").mkdir()
     (ck / "global_step4" / "mp_rank_00_model_states.pt").symlink_to("/dev/full")  # every write: ENOSPC
-    p = pretrain(tmp_path, out, "--max-steps", "4")
+    p = pretrain(tmp_path, out, "--max-steps", "4", *mode)
     assert p.returncode == 2
     lines = error_lines(p)
-    assert len(lines) == 1, p.stderr[-3000:]
-    assert lines[0].startswith(f"error: could not write checkpoint {ck / 'global_step4'}: ")
-    assert "the disk is full" in lines[0] and f"the previous complete checkpoint {ck / 'global_step2'} is intact" in lines[0]
+    # the planted, marker-less global_step4 is named as incomplete when the run resumes from global_step2
+    assert lines[:-1] == [f"warning: checkpoint {ck / 'global_step4'} is incomplete (no mff_complete.json: its save "
+                          f"did not finish); resuming from the newest complete one, {ck / 'global_step2'}"], lines
+    assert lines[-1].startswith(f"error: could not write checkpoint {ck / 'global_step4'}: ")
+    assert "the disk is full" in lines[-1]
+    assert f"the previous complete checkpoint {ck / 'global_step2'} is intact" in lines[-1]
     assert (ck / "latest").read_text() == "global_step2"
+    assert json.loads((out / "recipe.yaml").read_text().split("async: ")[1].split()[0]) == (background == "true")
 
 
 def _wait_for(path: Path, proc, what: str):
@@ -344,9 +351,9 @@ def test_evaluation_skips_and_names_an_unreadable_image(tmp_path, capsys):
             Image.new("RGB", (40, 40), (i * 50, 0, 0)).save(tmp_path / c / f"{i}.jpg")
     (tmp_path / "b" / "9_broken.jpg").write_bytes(b"not a jpeg")
     d = EvalData(source="imagefolder", val_path=str(tmp_path), num_workers=0)
-    loader, classes = edata.build_val_loader(d, edata.val_transform(32, AugConfig()), batch=7, rank=0, world=1)
+    loader, source = edata.build_val_loader(d, edata.val_transform(32, AugConfig()), batch=7, rank=0, world=1)
     res = evaluate(lambda x: torch.zeros(len(x), 2), loader, torch.device("cpu"))
-    assert classes == ["a", "b"] and res["val_samples"] == 6
+    assert source.classes == ["a", "b"] and res["val_samples"] == 6
     assert f"skipped unreadable validation image {tmp_path / 'b' / '9_broken.jpg'}" in capsys.readouterr().err
 
 

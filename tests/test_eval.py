@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -353,3 +354,32 @@ def test_the_checkpoints_encoder_trains_and_every_key_the_recipe_says_otherwise_
     again = _recipe(tmp_path, "finetune", init={"checkpoint": str(ckpt_path)},
                     model=dict(TINY, embed_dim=48, depth=3, num_heads=4), optim={"name": "adamw", "layer_decay": 0.65})
     assert run(again, str(tmp_path / "out"), max_steps=3, quiet=True)["step"] == 3 == s["step"] + 1
+    # the same command without --checkpoint (a recipe that names no init.checkpoint, its model keys as written):
+    # the run keeps its init.checkpoint, whose encoder the recipe's model gives way to, and resumes
+    from mff_ds.engine.recipe import leaf_keys
+    dropped = _recipe(tmp_path, "finetune", model=dict(TINY, embed_dim=48, depth=3, num_heads=4),
+                      optim={"name": "adamw", "layer_decay": 0.65})
+    dropped._by_hand = frozenset(k for k in leaf_keys(dropped.to_dict()) if not k.startswith("init."))
+    capsys.readouterr()
+    assert run(dropped, str(tmp_path / "out"), max_steps=4, quiet=True)["step"] == 4
+    assert f"kept: init.checkpoint: the run's {str(ckpt_path)!r}" in capsys.readouterr().err
+    assert dropped.init.checkpoint == str(ckpt_path) and _module_state(str(tmp_path / "out"), 4)[
+        "blocks.0.attn.qkv.weight"].shape == (96, 32)
+
+
+def test_labels_outside_the_classes_are_refused_before_a_step(tmp_path):
+    """A list file whose labels do not fit the classes (label 5 of 3 classes; an unlabelled line) stops the start in
+    one line naming the file, before any step: not a traceback (CPU) or a device-side assert (CUDA) mid-run."""
+    from mff_ds.common import UserError
+    from mff_ds.eval.train import run
+    r = _recipe(tmp_path, "finetune", optim={"name": "adamw"})
+    names = sorted(p.relative_to(r.data.train_path).as_posix() for p in Path(r.data.train_path).rglob("*.png"))
+    for label, said in ((5, "got 5 for '1/"), (-1, "got -1 (unlabelled) for '1/")):
+        lst = tmp_path / f"train{label}.txt"
+        lst.write_text("".join(f"{n} {label if n.startswith('1/') else 0}\n" for n in names))
+        bad = _recipe(tmp_path, "finetune", optim={"name": "adamw"},
+                      data={"train_index": str(lst), "num_classes": 3})
+        with pytest.raises(UserError) as e:
+            run(bad, str(tmp_path / f"out{label}"), max_steps=1, quiet=True)
+        assert str(e.value).startswith(f"data.train_index: expected labels in [0, 3) (data.num_classes: 3), {said}")
+        assert "and 7 more" in str(e.value) and not (tmp_path / f"out{label}" / "metrics.jsonl").exists()

@@ -52,7 +52,7 @@ def test_a_bad_timeout_is_one_line_naming_the_key(value, why):
 def test_an_unknown_key_of_the_section_is_named():
     with pytest.raises(RecipeError) as e:
         demo("distributed.timeout=60")
-    assert e.value.problems == ["distributed.timeout: unknown key; expected one of ['timeout_s']"]
+    assert e.value.problems == ["distributed.timeout: unknown key; expected one of ['timeout_s', 'peer_timeout_s']"]
 
 
 # ------------------------------------------------------------------ the environment override
@@ -104,9 +104,9 @@ def test_a_run_starts_its_process_group_with_the_recipes_timeout_and_output_dir(
     def fit(task, output_dir, resume="auto"):
         return resume
 
-    task = SimpleNamespace(recipe=demo("distributed.timeout_s=42"))
+    task = SimpleNamespace(recipe=demo("distributed.timeout_s=42", "distributed.peer_timeout_s=20"))
     assert fit(task, str(tmp_path)) == "auto"
-    assert calls == [((42.0, str(tmp_path)), {})]
+    assert calls == [((42.0, str(tmp_path), 20.0), {})]
 
 
 # ------------------------------------------------------------------ the flight recorder

@@ -85,3 +85,16 @@ def test_interrupted_conversion_resumes(src, tmp_path, monkeypatch):
 
     with pytest.raises(ValueError, match="other parameters"):
         make_shards.convert(str(src), str(out), shard_size=5, progress=False)
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    """A missing folder, or a list file naming files that are not there: one line, no traceback."""
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    (tmp_path / "src" / "a" / "1.jpg").write_bytes(b"x")
+    lst = tmp_path / "list.txt"
+    lst.write_text("a/1.jpg 0\na/2.jpg 0\n")
+    for argv, said in (([str(tmp_path / "nowhere")], "is not a directory"),
+                       ([str(tmp_path / "src"), "--index", str(lst)], "1 of the 2 files")):
+        assert make_shards.main([*argv[:1], str(tmp_path / "out"), "--shard-size", "2", *argv[1:]]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("make_shards: ") and said in err[0], err

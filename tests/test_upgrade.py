@@ -100,7 +100,7 @@ def test_a_finetune_keeps_the_saved_value_of_a_default_and_resumes_what_it_train
     monkeypatch.chdir(tmp_path)
     run, code, err = _finetune(tmp_path, capsys)
     assert code == 0, err
-    assert "kept: schedule.warmup_start_factor: the run's 0.5 (this version's recipe says 0.0001" in err
+    assert "kept: schedule.warmup_start_factor: the run's 0.5 (the recipe as started now says 0.0001" in err
     assert "model.num_heads: the recipe says 3, the checkpoint has 2" in err and "incompatible" not in err
     assert _steps(run) == [1, 2, 3]
     saved = yaml.safe_load((run / "recipe.yaml").read_text())

@@ -47,6 +47,8 @@ class DataConfig(Section):
     path: Optional[str] = None          # ImageFolder root, or shard path / brace pattern
     index: Optional[str] = None         # imagefolder: the dataset index file (mff-ds index) or an mmpretrain list
                                         # file (`relative/path label` lines); None: found or built (docs/DATA.md)
+    allow_missing: Bool = False         # a list file's files that are not there: left out and named (true), or
+                                        # the start refused naming them (false)
     augment: str = "mff"                # mff (MFF reference) | mae (RandomResizedCrop 0.2-1) | center (eval)
     num_workers: NonNegInt = 4
     prefetch_factor: int_(ge=1) = 2
@@ -282,7 +284,8 @@ def build_loader(cfg, *, img_size, micro_batch, rank, world_size, seed, epoch, s
     if problems:
         raise UserError("invalid data configuration:\n  " + "\n  ".join(problems))
 
-    source = SOURCES.get(cfg.source)(cfg.path, num_samples=cfg.num_samples, index=cfg.index)
+    source = SOURCES.get(cfg.source)(cfg.path, num_samples=cfg.num_samples, index=cfg.index,
+                                     allow_missing=cfg.allow_missing)
     total = len(source)
     per_rank = total // world_size if drop_last else math.ceil(total / world_size)
     nb = per_rank // micro_batch if drop_last else math.ceil(per_rank / micro_batch)

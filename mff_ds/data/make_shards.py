@@ -68,13 +68,15 @@ def _write_shard(job):
     return record
 
 
-def convert(src, out, shard_size, split="train", seed=0, shuffle=True, workers=1, progress=True, index=None):
+def convert(src, out, shard_size, split="train", seed=0, shuffle=True, workers=1, progress=True, index=None,
+            allow_missing=False):
     """Convert ImageFolder `src` into shards of `split` under `out`; resumes an interrupted run. -> info dict.
-    index: the dataset index or mmpretrain list file of `src` (None: found or built, data/index.py)."""
+    index: the dataset index or mmpretrain list file of `src` (None: found or built, data/index.py); allow_missing:
+    leave out (named) the files the list names that are not there."""
     if shard_size < 1:
         raise UserError(f"--shard-size: expected an integer >= 1, got {shard_size}")
     src = os.path.abspath(src)
-    idx = open_index(src, index)
+    idx = open_index(src, index, allow_missing)
     samples = [(os.path.join(src, idx.name(i)), int(idx.labels[i])) for i in range(len(idx))]
     classes = idx.classes or []
     order = np.random.default_rng(seed).permutation(len(samples)) if shuffle else np.arange(len(samples))
@@ -139,14 +141,22 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
     ap.add_argument("--index", default=None, help="the dataset index (mff-ds index) or an mmpretrain list file of "
                     "SRC (default: found beside SRC or in the cache, else built)")
+    ap.add_argument("--allow-missing", action="store_true", help="--index a list file: leave out the listed files "
+                    "that are not there (named) instead of refusing")
     a = ap.parse_args(argv)
-    info = convert(a.src, a.out, a.shard_size, a.split, a.seed, not a.no_shuffle, a.workers, index=a.index)
+    try:
+        info = convert(a.src, a.out, a.shard_size, a.split, a.seed, not a.no_shuffle, a.workers, index=a.index,
+                       allow_missing=a.allow_missing)
+    except UserError as e:
+        print(f"make_shards: {e}", file=sys.stderr)
+        return 2
     s = info["splits"][a.split]
     print(f"{a.out}: {len(s['shards'])} shards, {s['num_samples']} samples, {len(s['skipped'])} skipped; "
           f"use data.path={os.path.join(a.out, s['pattern'])}")
     for line in s["skipped"][:10]:
         print("  skipped", line, file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

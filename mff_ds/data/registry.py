@@ -18,7 +18,7 @@ import torch
 from mff_ds.common import Registry, UserError
 
 from . import demo, sources
-from .index import open_index
+from .index import digest_of, open_index
 
 SOURCES = Registry("data source")
 SYNTHETIC_SAMPLES = 1_281_167  # ImageNet-1k train size, the synthetic epoch length unless num_samples is set
@@ -51,11 +51,13 @@ class Source:
     takes_index = False    # True: reads `index` (data.index: a dataset index or list file, index.py)
     classes = None         # class names (label k = classes[k]) when the source knows them
 
-    def __init__(self, path=None, *, split="train", num_samples=None, samples_key="data.num_samples", index=None):
+    def __init__(self, path=None, *, split="train", num_samples=None, samples_key="data.num_samples", index=None,
+                 allow_missing=False):
         # split: "train" | "val" (sources with both); num_samples: the epoch size where the source cannot count it,
-        # set by the recipe key `samples_key`; index: a dataset index or list file (takes_index)
+        # set by the recipe key `samples_key`; index: a dataset index or list file (takes_index); allow_missing:
+        # leave out the files a list file names that are not there (said) instead of refusing
         self.path, self.split, self.num_samples, self.samples_key = path, split, num_samples, samples_key
-        self.index_file = index
+        self.index_file, self.allow_missing = index, allow_missing
 
     @classmethod
     def index_problem(cls, index):
@@ -75,6 +77,16 @@ class Source:
 
     def check(self, plan, workers, epoch):
         """Raise here, in the main process, what batches() would raise in a worker."""
+
+    def label_problem(self, num_classes):
+        """None when every label the source knows without reading its samples is in [0, num_classes) (or it knows
+        none), else "<label> for <sample> (...)": checked before training, where a bad label would stop a step."""
+        return None
+
+    def identity(self):
+        """What the source holds, when it knows without reading it ({"files", "content"}: recorded in checkpoints;
+        a resume on other data is said), else None."""
+        return None
 
     def batches(self, plan, epoch, skip, worker, workers):
         """(b, [(name, bytes or why not, label)]) or, when `ready`, (b, (uint8 images, labels)) for the batches
@@ -130,8 +142,20 @@ class ImageFolder(FileSource):
 
     def __init__(self, path, **kw):
         super().__init__(path, **kw)
-        self.index = open_index(path, self.index_file)
+        self.index = open_index(path, self.index_file, self.allow_missing)
         self.classes = self.index.classes
+
+    def label_problem(self, num_classes):
+        labels = self.index.labels
+        bad = np.flatnonzero((labels < 0) | (labels >= num_classes)) if len(labels) else []
+        if not len(bad):
+            return None
+        i = int(bad[0])
+        more = f" and {len(bad) - 1:,} more" if len(bad) > 1 else ""
+        return f"{int(labels[i])}{' (unlabelled)' if labels[i] == -1 else ''} for {self.index.name(i)!r}{more}"
+
+    def identity(self):
+        return {"files": len(self.index), "content": digest_of(self.index.header)}
 
     def __len__(self):
         return len(self.index)

@@ -51,17 +51,24 @@ def load_or_report(load: Callable, args, overrides) -> Optional[object]:
 
 
 def run_or_report(run: Callable[[], dict]):
-    """run() -> (its summary, 0), or (None, exit code) after one line for a user error (mff_ds.common.UserError:
-    a recipe, data, checkpoint or run-directory refusal): 3 for a non-finite loss, 2 otherwise. Anything else is a
-    bug: it propagates with its traceback (exit 1)."""
+    """run() -> (its summary, 0), or (None, exit code) after one line: for a user error (mff_ds.common.UserError:
+    a recipe, data, checkpoint or run-directory refusal) 3 for a non-finite loss, 2 otherwise, and the other ranks
+    hear of it at once; for a peer lost (a collective failed and a rank's heartbeat stopped, engine/liveness.py) 69,
+    the line naming it. Anything else is a bug: it propagates with its traceback (exit 1)."""
     from mff_ds.common import UserError
 
+    from . import liveness
     from .trainer import NonFiniteLossError
     try:
         return run(), 0
     except UserError as e:
+        liveness.failed(f"error: {e}")
         print(f"error: {e}", file=sys.stderr)
         return None, 3 if isinstance(e, NonFiniteLossError) else 2
+    except Exception as e:  # noqa: BLE001 (a lost peer, or re-raised)
+        if liveness.explain(e) is None:  # said, when a lost peer explains it
+            raise
+        return None, liveness.LOST_PEER_EXIT
 
 
 def stopped(summary: dict, out: str) -> Optional[int]:

@@ -87,7 +87,7 @@ def reconcile(meta: dict, recipe, zero_stage: int, keep: bool = True) -> Reconci
             set_key(recipe, key, a)
             if key.startswith("batch.") and recipe._requested is not None:  # what the batch plan is made from
                 recipe._requested[key[len("batch."):]] = a
-            out.kept.append(f"{key}: the run's {a!r} (this version's recipe says {b!r}; set it by hand to change it)")
+            out.kept.append(f"{key}: the run's {a!r} (the recipe as started now says {b!r}; set it by hand to change it)")
         else:
             out.incompatible.append(f"{key}: checkpoint {a!r} -> recipe {b!r}")
     stage = meta.get("zero_stage")
@@ -109,11 +109,13 @@ def reconcile(meta: dict, recipe, zero_stage: int, keep: bool = True) -> Reconci
 
 
 def resume_recipe(meta: dict, recipe, zero_stage: int, recheck: Callable[[], int]) -> Reconciled:
-    """`reconcile`, then, when it kept saved values, `recheck()` (the caller checks the recipe for its world size,
-    which plans the batch from them, and returns the ZeRO stage of its DeepSpeed config) and a second comparison
-    that keeps nothing: a kept value this start cannot honour (a saved global batch that does not split over the
-    new world size) is refused, never trained with something else."""
+    """`reconcile`, then, when it kept saved values, `recheck()` (the caller settles what the kept values decide, e.g.
+    a fine-tune's encoder from its kept init.checkpoint, checks the recipe for its world size, which plans the batch
+    from them, and returns the ZeRO stage of its DeepSpeed config) and a second comparison that keeps nothing: it
+    decides what is refused. A kept value this start cannot honour (a saved global batch that does not split over
+    the new world size) is refused, never trained with something else."""
     out = reconcile(meta, recipe, zero_stage)
-    if out.kept and not out.incompatible:
-        out.incompatible = reconcile(meta, recipe, recheck(), keep=False).incompatible
+    if out.kept:  # compared again with what the kept values bring along (a fine-tune's kept init.checkpoint brings
+        again = reconcile(meta, recipe, recheck(), keep=False)  # its encoder, which the recipe's model gives way to)
+        out.incompatible, out.changed = again.incompatible, again.changed
     return out

@@ -17,6 +17,7 @@ from typing import Dict, Mapping, Optional
 
 import torch
 
+from . import liveness
 from .ds_compat import version_tuple
 
 
@@ -130,12 +131,15 @@ def _eager_device(device: torch.device, world_size: int, torch_version: Optional
     return device
 
 
-def init_distributed(timeout_s: Optional[float] = None, output_dir: Optional[str] = None) -> DistEnv:
-    """Export the standard variables, set the device and start the process group (idempotent).
+def init_distributed(timeout_s: Optional[float] = None, output_dir: Optional[str] = None,
+                     peer_timeout_s: Optional[float] = None) -> DistEnv:
+    """Export the standard variables, set the device and start the process group (idempotent), and with more than
+    one rank the heartbeat that ends the run when a peer is lost (liveness.py).
 
     timeout_s: the recipe's distributed.timeout_s (None: 1800 s); MFF_DS_COLLECTIVE_TIMEOUT_S, when set, wins.
     output_dir: the run's; on CUDA with more than one rank the flight recorder dumps into OUTPUT_DIR/nccl_trace
-    (None: torch's default place)."""
+    (None: torch's default place). peer_timeout_s: the recipe's distributed.peer_timeout_s (None: 45 s; 0: off);
+    MFF_DS_PEER_TIMEOUT_S, when set, wins."""
     import deepspeed
     import torch.distributed as dist
 
@@ -143,6 +147,7 @@ def init_distributed(timeout_s: Optional[float] = None, output_dir: Optional[str
     os.environ.update(RANK=str(d.rank), WORLD_SIZE=str(d.world_size), LOCAL_RANK=str(d.local_rank),
                       MASTER_ADDR=d.master_addr, MASTER_PORT=str(d.master_port))
     timeout = collective_timeout(timeout_s)  # a bad MFF_DS_COLLECTIVE_TIMEOUT_S: refused before anything is made
+    lost_after = liveness.lost_after_s(peer_timeout_s)  # and a bad MFF_DS_PEER_TIMEOUT_S
     device = device_for(d.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -156,12 +161,49 @@ def init_distributed(timeout_s: Optional[float] = None, output_dir: Optional[str
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     if not dist.is_initialized():
         eager = _eager_device(device, d.world_size)
-        if eager is not None:  # deepspeed.init_distributed takes no device_id: start the group here, it adopts it
-            dist.init_process_group(backend="nccl", timeout=timeout, device_id=eager)
+        store = restart_store(d, timeout)
+        if eager is not None or store is not None:  # deepspeed.init_distributed adopts a group started here
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout,
+                                    **({"device_id": eager} if eager is not None else {}),
+                                    **({"store": store, "rank": d.rank, "world_size": d.world_size} if store else {}))
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    auto_mpi_discovery=False, distributed_port=d.master_port,
                                    timeout=timeout)
+    if d.world_size > 1 and liveness.current() is None and lost_after > 0:
+        hosts = all_gather_object(socket.gethostname())  # to name a lost peer's host without asking it
+        liveness.start(d.rank, d.world_size, hosts, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                       lost_after)
     return d
+
+
+SHARED_STORE_VAR = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
+def restart_store(d: DistEnv, timeout, environ: Optional[Mapping[str, str]] = None):
+    """The store the process group starts from under torchrun's agent when it keeps one store for every restart of
+    its workers (torch >= 2.4 shares its rendezvous' TCPStore with them), with a prefix per restart; None elsewhere.
+
+    Why: torch's env:// rendezvous assumes "a new TCPStore for every retry, no prefix needed", but the agent's store
+    outlives the restart: the workers of a restart read the previous attempt's gloo / NCCL addresses and fail to
+    connect (`Gloo connectFullMesh failed ... Connection refused`, a dead worker's port), so `--max-restarts` never
+    recovers. On one host the restart count names the attempt for every worker. On several hosts the agents count
+    restarts apart (one that restarted for a failure counts it, one that restarted for the new round does not): no
+    prefix can agree there, and the fix is the agents' own, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a store per
+    round): refused in one line without it when restarts are asked for."""
+    env = os.environ if environ is None else environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != str(True) or d.world_size <= 1:
+        return None
+    if int(env.get("GROUP_WORLD_SIZE", "1")) > 1:
+        if int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+            from mff_ds.common import UserError
+            raise UserError(f"torchrun --max-restarts over {env['GROUP_WORLD_SIZE']} hosts: expected {SHARED_STORE_VAR}"
+                            f"=1 in torchrun's environment (this torch keeps one store for every restart and the "
+                            f"hosts count restarts apart, so restarted ranks would not find each other; "
+                            f"docs/MULTINODE.md), got {env.get(SHARED_STORE_VAR)!r}")
+        return None
+    import torch.distributed as dist
+    client = dist.TCPStore(d.master_addr, d.master_port, d.world_size, False, timeout=timeout)
+    return dist.PrefixStore(f"/mff_ds/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
 
 
 def _flight_recorder_on(output_dir: Optional[str]) -> None:

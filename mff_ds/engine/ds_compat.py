@@ -168,7 +168,7 @@ def checkpoint_writes_through(engine, save: Callable[[dict, str], None]):
     """Within the block, DeepSpeed's TorchCheckpointEngine writes every checkpoint file with `save(state_dict,
     path)`. Another checkpoint engine (or an untested DeepSpeed) writes its own way."""
     ce = engine.checkpoint_engine
-    if type(ce).__name__ != "TorchCheckpointEngine" or not check_version():
+    if not can_write_through(engine):
         yield
         return
     ce.save = save
@@ -176,6 +176,11 @@ def checkpoint_writes_through(engine, save: Callable[[dict, str], None]):
         yield
     finally:
         del ce.save
+
+
+def can_write_through(engine) -> bool:
+    """checkpoint_writes_through() redirects this engine's writes (what asynchronous saves need)."""
+    return type(engine.checkpoint_engine).__name__ == "TorchCheckpointEngine" and check_version()
 
 
 def zipfile_serialization(engine) -> bool:

@@ -15,8 +15,11 @@ from mff_ds.common import STARTUP
 
 _LOADED = time.time()  # the fallback start where /proc is not there: this module's import, after torch's
 _FIRST_RUN = [True]  # only the first run of a process counts its imports
-ORDER = ("imports", "distributed_init", "recipe_check", "data_index", "model_build", "engine_init", "restore",
-         "first_batch", "first_step")
+ORDER = ("imports", "distributed_init", "checkpoint_verify", "recipe_check", "data_index", "model_build",
+         "engine_init", "restore", "first_batch", "first_step", "checkpoint_snapshot")
+# shown only when the run timed one: finding and verifying a checkpoint to resume, loading it, allocating the
+# asynchronous saves' host buffers
+ONLY_WHEN_THERE = ("checkpoint_verify", "restore", "checkpoint_snapshot")
 
 
 def process_start(proc: str = "/proc") -> Optional[float]:
@@ -78,9 +81,9 @@ class StartupClock:
         self.add(dst, seconds)
 
     def timeline(self) -> dict:
-        """{"total_s", "phases"}: the trainer's phases in their order (restore only when there was one, the data
-        index 0 when the data layer built none), then any other phase a lower layer timed."""
-        phases = {k: self.phases.get(k, 0.0) for k in ORDER if k in self.phases or k != "restore"}
+        """{"total_s", "phases"}: the trainer's phases in their order (restore and checkpoint_snapshot only when there
+        was one, the data index 0 when the data layer built none), then any other phase a lower layer timed."""
+        phases = {k: self.phases.get(k, 0.0) for k in ORDER if k in self.phases or k not in ONLY_WHEN_THERE}
         phases.update((k, v) for k, v in self.phases.items() if k not in phases)
         return {"total_s": sum(phases.values()), "phases": phases}
 

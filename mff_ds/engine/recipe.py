@@ -10,8 +10,8 @@ from dataclasses import replace
 from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple
 
 import yaml
-from pydantic import (AfterValidator, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from mff_ds.common import UserError
 from mff_ds.engine import batch
@@ -142,13 +142,22 @@ class DeepSpeedSection(Section):
 
 
 class CheckpointBase(Section):
+    # `async` is a Python keyword: the field is async_, the recipe key (and what recipe.yaml writes) `async`
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, serialize_by_alias=True)
     keep_last: int_(ge=1) = 3
     every_steps: NonNegInt = 0        # a checkpoint every N optimizer steps; 0 = none by step count
+    # a checkpoint once this many minutes have passed since the last one (any save restarts the clock); 0 = none by
+    # time. Rank 0's clock decides; the ranks agree on it in the stop-signal check (every MFF_DS_STOP_CHECK_EVERY steps)
+    every_minutes: NonNegFloat = 0.0
+    # write checkpoints in the background: the loop pauses only for a copy of its state in host memory
+    # (engine/checkpoint.py AsyncSaver; docs/RESUME.md); false = the loop waits for every write
+    async_: Bool = Field(False, alias="async")
 
 
 class CheckpointConfig(CheckpointBase):
     every_steps: NonNegInt = 1000     # 0 = only at the end
     export: Bool = True               # consolidated fp32 model + timm encoder at the end
+    async_: Bool = Field(True, alias="async")  # on for pretraining
 
 
 class LoggingConfig(Section):
@@ -165,6 +174,10 @@ class DistributedConfig(Section):
     # (on CUDA, NCCL's flight recorder dumps then: docs/MULTINODE.md); the environment variable
     # MFF_DS_COLLECTIVE_TIMEOUT_S, when set, wins. Not compared on resume: the compat_dicts leave it out.
     timeout_s: PosFloat = 1800.0
+    # seconds without a heartbeat after which a rank, its host or the rendezvous store counts as lost: the run ends
+    # in about that time naming it, exit 69 (engine/liveness.py; docs/MULTINODE.md); 0 = off. MFF_DS_PEER_TIMEOUT_S
+    # wins. Not compared on resume.
+    peer_timeout_s: NonNegFloat = 45.0
 
 
 def _run_name(name: str) -> str:

@@ -23,11 +23,27 @@ from typing import Optional
 
 from mff_ds.common import UserError, startup_phase
 
+from . import liveness
+
 LOCK_NAME = ".mff_lock"
+LOST_PEER_FILE = "lost_peer.txt"  # a lost peer's hosts and line (engine/liveness.say; the sbatch script reads it)
 HEARTBEAT_S = 30.0
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "model_fp32.safetensors", "encoder_timm.safetensors",
                "best.safetensors", "tensorboard")
 _held = set()  # lock paths this process holds: a lock naming our own PID but not listed here is a leftover
+
+
+def lost_hosts(output_dir: str, since=None) -> list:
+    """The hosts the run's lost-peer record (engine/liveness.py) names, when it was written after `since` (a time.time;
+    None: any): a restart after a lost peer may take over their locks at once."""
+    path = os.path.join(output_dir, LOST_PEER_FILE)
+    try:
+        if isinstance(since, (int, float)) and os.stat(path).st_mtime < since:
+            return []
+        with open(path) as f:
+            return f.readline().split()
+    except OSError:
+        return []
 
 
 class RunDirError(UserError):
@@ -58,6 +74,9 @@ class OutputLock:
     def _stale_reason(self, holder: dict, age: float) -> Optional[str]:
         """Why the lock of `holder` (heartbeat `age` seconds ago) is stale, or None while it is live."""
         limit = float(os.environ.get("MFF_DS_LOCK_STALE_S", 600))
+        lost = lost_hosts(os.path.dirname(self.path), holder.get("start"))
+        if holder.get("host") in lost:
+            return f"its host was lost ({os.path.join(os.path.dirname(self.path), LOST_PEER_FILE)})"
         if holder.get("host") == self.me["host"] and isinstance(holder.get("pid"), int):
             if holder["pid"] == self.me["pid"]:
                 return None if self.path in _held else "left behind by an earlier run in this process"
@@ -192,11 +211,15 @@ def owns_output_dir(fn):
         first = next(iter(bound.arguments.values()), None)
         distributed = getattr(getattr(first, "recipe", first), "distributed", None)
         with startup_phase("distributed_init"):  # (the trainer's start-up timeline reports it)
-            rank = init_distributed(getattr(distributed, "timeout_s", None), bound.arguments["output_dir"]).rank
+            rank = init_distributed(getattr(distributed, "timeout_s", None), bound.arguments["output_dir"],
+                                    getattr(distributed, "peer_timeout_s", None)).rank
         lock, bound.arguments["resume"] = claim(bound.arguments["output_dir"], bound.arguments["resume"], rank)
+        if lock is not None:  # a lost peer ends the process from the watch thread: no finally runs there
+            liveness.on_end("lock", lambda line: lock.release())
         try:
             return fn(*bound.args, **bound.kwargs)
         finally:
             if lock is not None:
+                liveness.on_end("lock", None)
                 lock.release()
     return wrapper

@@ -3,10 +3,12 @@
 
 The handler only records the signal. `StopOnSignal.requested(step)` is a collective (a MAX all-reduce of one
 integer every `every` optimizer steps), so every rank stops at the same step even when only some ranks got the
-signal; the trainer then saves a checkpoint and `launch/pretrain.py` exits with `exit_code()`: 75 (EX_TEMPFAIL,
-"try again": launch/slurm/pretrain.sbatch requeues the job on it) after SIGUSR1/SIGTERM, 130 after SIGINT (the user
-asked to stop; no requeue). `--resume auto` continues either way. A second SIGINT, a second or more after the first,
-exits at once (130) without saving; one within a second is the same Ctrl-C forwarded by torchrun, and ignored.
+signal (`check()` carries the trainer's other per-rank decisions in the same all-reduce: a timed checkpoint, a
+failed background save); the trainer then saves a checkpoint and `launch/pretrain.py` exits with `exit_code()`: 75
+(EX_TEMPFAIL, "try again": launch/slurm/pretrain.sbatch requeues the job on it) after SIGUSR1/SIGTERM, 130 after
+SIGINT (the user asked to stop; no requeue). `--resume auto` continues either way. A second SIGINT, a second or
+more after the first, exits at once (130) without saving; one within a second is the same Ctrl-C forwarded by
+torchrun, and ignored.
 
 `catch()` installs the handlers; launch/pretrain.py calls it before importing torch, so a signal during start-up is
 kept and honoured at the first check instead of killing the process. This module imports torch lazily for that.
@@ -20,7 +22,7 @@ import os
 import signal
 import sys
 import time
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Tuple
 
 EXIT_PREEMPTED = 75   # SIGUSR1 / SIGTERM: saved, requeue and resume
 EXIT_INTERRUPTED = 130  # SIGINT: saved (or, on a second SIGINT, not), stop
@@ -148,18 +150,27 @@ class StopOnSignal:
     def requested(self, step: int, device=None) -> bool:
         """Collective on multi-rank runs (call it on every rank at every step): True on every rank once any
         rank received a stop signal, checked every `every` steps."""
+        return self.check(step, device)[0]
+
+    def check(self, step: int, device=None, flags: tuple = ()) -> Tuple[bool, tuple]:
+        """requested(), and the MAX over the ranks of each of `flags` (small non-negative ints), agreed in the same
+        all-reduce: what every rank must decide alike at the same step (the trainer's "a timed checkpoint is due",
+        from rank 0's clock, and "a background save failed", from any rank). On several ranks both come only on
+        the check steps (every `every` steps; the flags read 0 elsewhere): no host sync on the other steps. On one
+        rank the flags come back as given, every step."""
         import torch
         import torch.distributed as dist
+        many = dist.is_initialized() and dist.get_world_size() > 1
         if step % self.every:
-            return False
-        got = self.received or 0
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([got], dtype=torch.long, device=device or "cpu")
+            return False, (tuple(int(f) for f in flags) if not many else (0,) * len(flags))
+        got = [self.received or 0, *(int(f) for f in flags)]
+        if many:
+            t = torch.tensor(got, dtype=torch.long, device=device or "cpu")
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            got = int(t.item())
-        if got:
-            self.stopped_by = signal.Signals(got).name
-        return bool(got)
+            got = t.tolist()
+        if got[0]:
+            self.stopped_by = signal.Signals(got[0]).name
+        return bool(got[0]), tuple(got[1:])
 
     def restore(self) -> None:
         release()

@@ -20,18 +20,21 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from mff_ds.common import DTYPES, UserError, seed_everything, write_json
+from mff_ds.common import DTYPES, UserError, seed_everything, startup_phase, write_json
 
 from . import bad_samples
 from . import checkpoint as ckpt
 from . import ds_compat
+from . import liveness
 from .distributed import all_gather_object, device_for, init_distributed
+from .goodput import Goodput
+from .goodput import line as goodput_line
 from .metrics import MetricsLogger, memory_gb, progress_bar
 from .optim import build_deepspeed_engine, build_ds_config, grad_norm, norm_is_ours, precision_of, schedule_steps
 from .phases import PhaseTimer, StartupClock, startup_line, startup_record
 from .compat import Reconciled, resume_recipe
 from .recipe import RecipeError, check, save_recipe
-from .rundir import owns_output_dir
+from .rundir import LOST_PEER_FILE, owns_output_dir
 from .signals import StopOnSignal
 
 NEVER = 2**62
@@ -121,7 +124,8 @@ class Task:
 
     def prepare(self, is_main: bool) -> None:
         """Before the resume comparison, on every rank: settle what the recipe leaves to the run's inputs (a
-        fine-tune's encoder comes from its checkpoint), so a resumed run compares what it trains."""
+        fine-tune's encoder comes from its checkpoint), so a resumed run compares what it trains. Called again when
+        the resume keeps saved values (which may name other inputs): settle them anew, do no work twice."""
 
     def ds_config(self, world: int, device) -> dict:
         return build_ds_config(self.recipe, world, device)
@@ -159,6 +163,11 @@ class Task:
 
     def end_epoch(self, run: RunView, epoch: int) -> None:
         """Epoch `epoch` is done (run.epoch is already the next one); may call run.save(). Not timed."""
+
+    def data_identity(self) -> Optional[dict]:
+        """What the training data holds, after build() (e.g. {"files", "content"} of the dataset index), or None:
+        recorded in every checkpoint, and a resume on other data says so."""
+        return None
 
     def state_dict(self) -> dict:
         """The task's own state, saved in every checkpoint."""
@@ -224,6 +233,25 @@ def reconcile_recipe(task: Task, found, zero_stage: int, recheck: Callable[[], i
     return r
 
 
+def newest_checkpoint(root: str) -> str:
+    """What a rerun continues from, in words."""
+    tags = ckpt.complete_tags(root)
+    return f"newest complete checkpoint {os.path.join(root, tags[-1][1])}" if tags else \
+        f"no complete checkpoint under {root} yet"
+
+
+def data_changed(found, now: Optional[dict]) -> None:
+    """Warn when the data the run resumes on holds other files than when checkpoint `found` was written (files
+    added to or removed from the folders, another list file's content): the settings bind a resume, the folders'
+    content can change under it, and that must not go unsaid."""
+    root, tag, meta = found
+    then = meta.get("data")
+    if then and now and then != now:
+        print(f"warning: resuming {os.path.join(root, tag)} on other data: {then.get('files')} files when it was "
+              f"written, {now.get('files')} now (content {then.get('content')} -> {now.get('content')}); "
+              f"the sample order changes from this epoch on", file=sys.stderr, flush=True)
+
+
 def check_resume(meta: dict, world_size: int, zero_stage: int, root: str, tag: str) -> bool:
     """Refuse a checkpoint this engine cannot load with a clear message; True when it is a universal checkpoint."""
     where = os.path.join(root, tag)
@@ -267,11 +295,16 @@ class Loop:
     schedule: Any           # engine.schedule.LrSchedule: the lr of every step and param group
     meta: dict              # what every checkpoint marker of this run records
     logger: MetricsLogger = None
+    goodput: Optional[Goodput] = None  # this attempt's time accounting (rank 0 writes OUTPUT_DIR/goodput.json)
     bar: Any = None
     loss: LossMeter = None
     own_norm: bool = False  # the loop, not DeepSpeed, takes the grad norm (on logging steps)
     norm: Any = None        # this logging step's grad norm (own_norm)
     last_saved: int = -1
+    last_save_time: float = 0.0  # time.monotonic() of the last save (or the start): checkpoint.every_minutes
+    saver: Any = None       # engine.checkpoint.AsyncSaver (checkpoint.async), or None: synchronous saves
+    saver_done: list = field(default_factory=list)  # stats of the synchronous saves not yet logged
+    save_log: list = field(default_factory=list)    # the stats of every save of this run (the summary's)
     t_mark: float = 0.0     # images/s counts training only: hooks and checkpoints move the mark
     steps_mark: int = 0
     data_wait: float = 0.0  # seconds spent waiting for the loader since the last logging step
@@ -297,6 +330,11 @@ class Loop:
     def is_ckpt_step(self, step: int) -> bool:
         every = self.task.recipe.checkpoint.every_steps
         return bool(every and step % every == 0) or step == self.view.stop_step
+
+    def time_due(self) -> bool:
+        """checkpoint.every_minutes have passed since the last save, by this rank's clock (rank 0's decides)."""
+        minutes = self.task.recipe.checkpoint.every_minutes
+        return bool(minutes) and time.monotonic() - self.last_save_time >= 60.0 * minutes
 
 
 def train_step(s: Loop, images, labels, stopper: StopOnSignal) -> bool:
@@ -324,13 +362,19 @@ def train_step(s: Loop, images, labels, stopper: StopOnSignal) -> bool:
     if not boundary:
         return False
     p.step += 1
+    liveness.set_step(p.step)  # named when a peer is lost
     if s.clock is not None:
         report_startup(s)  # collective, once
     s.bar.update(1)
-    if stopper.requested(p.step, v.device):  # collective; every rank stops at this step
+    # collective: every rank stops, saves by the clock (rank 0's) and stops for a failed background save at this step
+    stop, (due, failed) = stopper.check(p.step, v.device, (v.is_main and s.time_due(),
+                                                           s.saver is not None and s.saver.failed))
+    if stop:
         v.stop_step = p.step
+    if failed:
+        s.saver.wait("stopping")  # raises the failure (every rank's thread agreed on it)
     epoch_done = p.batch >= s.per_epoch
-    log_step, ckpt_step = s.is_log_step(p.step), s.is_ckpt_step(p.step)
+    log_step, ckpt_step = s.is_log_step(p.step), s.is_ckpt_step(p.step) or bool(due)
     bad_at = s.loss.first_nonfinite() if log_step or ckpt_step or epoch_done else None  # collective
     if bad_at is not None:
         roll_back(s, bad_at)  # raises NonFiniteLossError when it may not
@@ -352,10 +396,15 @@ def report_startup(s: Loop) -> None:
     slowest rank's recorded with the first metrics line and printed on rank 0 (engine/phases.py)."""
     if s.view.device.type == "cuda":  # the step's compute, not its launches; the gather would wait for it anyway
         torch.cuda.synchronize(s.view.device)
+    if s.saver is not None:  # the snapshot's host buffers, now that the optimizer state exists (torch makes it lazily)
+        with startup_phase("checkpoint_snapshot"):
+            s.saver.warm(s.engine)
     s.clock.mark("first_step")
     s.clock.move(s.data_wait - s.first_wait, "first_step", "first_batch")  # the loader's wait for later micro-batches
     t = time.time()
-    record = startup_record(all_gather_object(s.clock.timeline()))
+    mine = s.clock.timeline()
+    s.goodput.startup(sum(v for k, v in mine["phases"].items() if k not in ("first_batch", "first_step")))
+    record = startup_record(all_gather_object(mine))
     s.clock = None
     s.logger.attach(s.view.step, "startup", record)
     s.view.say(startup_line(record))
@@ -387,6 +436,9 @@ def log(s: Loop, out) -> None:
         m["data/bad_samples"] = s.loader.bad_samples  # this rank, this epoch (skipped files)
     m.update(memory_gb(v.device))
     m.update(s.task.log_extras(v, out, m))
+    saves(s)
+    s.goodput.trained(v.step, wall)
+    m["goodput"] = s.goodput.fraction()  # of the run's wall time so far, every attempt (goodput.json: the rest)
     s.logger.log(v.step, m)
     s.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", data=f"{100 * data_frac:.0f}%")
     s.first_loss = mean_loss if s.first_loss is None else s.first_loss
@@ -445,6 +497,8 @@ def roll_back(s: Loop, at: int) -> None:
     """The loss was not finite at step `at`: back to the last checkpoint (on_nonfinite: rollback; the data stream
     continues past the bad batches), or NonFiniteLossError."""
     r, v = s.task.recipe, s.view
+    if s.saver is not None:  # a save in flight (of a step whose loss was checked) is the one to roll back to
+        s.saver.wait("rolling back")
     last = ckpt.complete_tags(v.ckpt_root)
     msg = (f"loss became NaN/Inf at optimizer step {at + 1} (lr {s.lr(at):.3g}, precision {v.precision}); no "
            f"checkpoint was written after it.")
@@ -462,15 +516,41 @@ def roll_back(s: Loop, at: int) -> None:
                     f"stream continues past the bad batches.")
 
 
-def save(s: Loop) -> str:
-    """A checkpoint of this step (collective): weights, optimizer, data position, every rank's RNG, task state."""
+def save(s: Loop, wait: bool = False) -> str:
+    """A checkpoint of this step (collective): weights, optimizer, data position, every rank's RNG, task state.
+    Asynchronous (checkpoint.async): the loop pauses for the snapshot only; `wait`: return once it is complete
+    (run.save() of a task's hook, the final save)."""
     p, v = s.pos, s.view
+    t = time.perf_counter()
     client = {"step": p.step, "epoch": p.epoch, "batch": p.batch, "rng": all_gather_object(ckpt.rng_state()),
               "samples": p.batch * v.plan.micro * v.world,  # of this epoch, all ranks
               "task": s.task.state_dict(), "mff_meta": dict(s.meta, step=p.step), **ds_compat.universal_info()}
-    s.last_saved = p.step
-    return ckpt.save(s.engine, v.ckpt_root, p.step, client, dict(s.meta, epoch=p.epoch, batch=p.batch),
-                     s.task.recipe.checkpoint.keep_last)
+    s.last_saved, s.last_save_time = p.step, time.monotonic()
+    stats = {"step": p.step, "async": s.saver is not None}
+    tag_dir = ckpt.save(s.engine, v.ckpt_root, p.step, client, dict(s.meta, epoch=p.epoch, batch=p.batch),
+                        s.task.recipe.checkpoint.keep_last, saver=s.saver, stats=stats)
+    stats["stall_s"] = time.perf_counter() - t  # the loop's pause: a wait for the previous save included
+    s.goodput.checkpoint(stats["stall_s"])
+    if s.saver is None:
+        s.saver_done.append(stats)
+    elif wait:
+        s.saver.wait("going on")
+    return tag_dir
+
+
+def saves(s: Loop) -> None:
+    """The saves completed since the last call: one record each in the next metrics line ("checkpoints") and
+    TensorBoard (checkpoints/*), and a line on the console."""
+    done = s.saver_done + (s.saver.take_done() if s.saver is not None else [])
+    s.saver_done = []
+    for d in done:
+        d = {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
+        s.save_log.append(d)
+        s.logger.event(d["step"], "checkpoints", d)
+        rate = d["bytes"] / max(d["write_s"], 1e-9) / 2**20
+        s.view.say(f"checkpoint global_step{d['step']}: {d['bytes'] / 2**30:.2f} GiB; the loop paused "
+                   f"{d['stall_s']:.2f} s; written {'in the background ' if d['async'] else ''}in {d['write_s']:.1f} s "
+                   f"({rate:.0f} MiB/s)")
 
 
 def restore(s: Loop, root: str, tag: str, rollback: bool = False) -> None:
@@ -530,17 +610,20 @@ def setup(task: Task, output_dir: str, max_steps: Optional[int], resume: str) ->
     from deepspeed.utils import logger as ds_logger
     ds_logger.setLevel(os.environ.get("MFF_DS_LOG_LEVEL", "WARNING"))
     clock.mark("imports")
-    r, env = task.recipe, init_distributed(task.recipe.distributed.timeout_s, output_dir)
+    r, env = task.recipe, init_distributed(task.recipe.distributed.timeout_s, output_dir,
+                                           task.recipe.distributed.peer_timeout_s)
     clock.mark("distributed_init")
     ds_compat.check_version(env.rank == 0)
     checked(task, env.world_size)
     device = device_for(env.local_rank)
     task.prepare(env.rank == 0)
     ds_config = task.ds_config(env.world_size, device)
-    found = ckpt.find(output_dir, resume)  # collective: checksums verified in parallel
+    with startup_phase("checkpoint_verify"):  # its own phase of the start-up record
+        found = ckpt.find(output_dir, resume)  # collective: checksums verified in parallel
 
-    def recheck() -> int:  # with the run's saved values (and the batch plan they give)
+    def recheck() -> int:  # with the run's saved values (the encoder and the batch plan they give)
         nonlocal ds_config
+        task.prepare(env.rank == 0)
         checked(task, env.world_size)
         ds_config = task.ds_config(env.world_size, device)
         return zero_stage_of(ds_config)
@@ -549,6 +632,11 @@ def setup(task: Task, output_dir: str, max_steps: Optional[int], resume: str) ->
     v = RunView(env.rank, env.world_size, device, DTYPES[precision], precision, output_dir, ds_config, r.plan)
     found = resume_target(v, found)
     v.resumed = bool(found)
+    liveness.set_hint(lambda: newest_checkpoint(v.ckpt_root))
+    record = os.path.join(output_dir, LOST_PEER_FILE)
+    if v.is_main and os.path.exists(record):  # an earlier attempt's: kept one deep; this attempt's is written anew
+        os.replace(record, record + ".previous")
+    liveness.set_record(record)
     if said and said.warning() and v.is_main:
         print(f"warning: resuming {os.path.join(found[0], found[1])}: {len(said.kept)} saved setting(s) kept where "
               f"this version's defaults differ, {len(said.changed)} compatible change(s):\n  {said.warning()}",
@@ -573,20 +661,30 @@ def setup(task: Task, output_dir: str, max_steps: Optional[int], resume: str) ->
             "recipe": r.to_dict(), "world_size": v.world, "zero_stage": int(zero.get("stage", 0)),
             "precision": precision, "name": r.name, "parameter_alignment": bool(zero.get("parameter_alignment")),
             "batch_plan": {"global_batch": plan.global_batch, "micro_batch": plan.micro, "accumulation": plan.accum,
-                           "world_size": plan.world, "policy": r.batch.global_batch_policy, "lr": plan.lr}}
+                           "world_size": plan.world, "policy": r.batch.global_batch_policy, "lr": plan.lr},
+            "data": task.data_identity()}
+    if found and v.is_main:
+        data_changed(found, meta["data"])
     s = Loop(task, v, v.engine, optimizer, loader, plan.accum, schedule.steps_per_epoch * plan.accum, schedule, meta,
              own_norm=norm_is_ours(ds_config, precision))
-    v.save, v.say = lambda: save(s), (lambda line: s.bar.write(line)) if v.is_main and not task.quiet else print_none
+    v.save = lambda: save(s, wait=True)  # complete on return: a hook may read it (a fine-tune's best weights)
+    v.say = (lambda line: s.bar.write(line)) if v.is_main and not task.quiet else print_none
     if found:
         clock.mark("engine_init")
         restore(s, found[0], found[1])
         clock.mark("restore")
     s.last_saved = v.step if found else -1
-    s.logger = MetricsLogger(output_dir, v.is_main, r.logging.tensorboard)
+    # an earlier attempt's lines after the step this one starts from (0: it found no checkpoint) are redone: dropped
+    s.logger = MetricsLogger(output_dir, v.is_main, r.logging.tensorboard, resumed_at=v.step)
+    s.goodput = Goodput(output_dir, clock.t0, v.step, v.is_main)
+    liveness.on_end("goodput", lambda line: s.goodput.end("lost peer"))
     v.log, v.image = lambda m: s.logger.log(v.step, m), lambda tag, img: s.logger.image(tag, img, v.step)
     s.bar = progress_bar(v.is_main and r.logging.progress_bar and not task.quiet, v.stop_step, v.step)
     if found:
         v.say(f"resumed from {found[0]}/{found[1]} at step {v.step} (epoch {v.epoch}, batch {s.pos.batch})")
+    if r.checkpoint.async_:  # collective; its host buffers are allocated after the first step (report_startup)
+        s.saver = ckpt.AsyncSaver.make(v.engine, v.world, device, r.distributed.timeout_s, v.is_main, v.say)
+    s.last_save_time = time.monotonic()
     s.loss, s.phases, s.clock = LossMeter(device), PhaseTimer(device), clock
     clock.mark("engine_init")  # with the metrics logger and the progress bar
     s.t_mark, s.steps_mark = time.time(), v.step
@@ -598,13 +696,20 @@ def print_none(line: str) -> None:
 
 
 def finish(s: Loop, stopped_by: Optional[str]) -> dict:
-    """The last checkpoint, the summary and the task's entries in it, on every rank."""
+    """The last checkpoint (complete on disk before the task's exports read it), the summary and the task's
+    entries in it, on every rank."""
     v = s.view
+    if s.saver is not None:
+        s.saver.wait("the final save" if s.last_saved != v.step else "stopping")
     if s.last_saved != v.step:
-        save(s)
+        save(s, wait=True)
+    saves(s)
     summary = {"step": v.step, "total_steps": v.total_steps, "first_loss": s.first_loss, "last_loss": s.last_loss,
-               "output_dir": v.output_dir, "rollbacks": s.pos.rollbacks, "stopped_by": stopped_by}
+               "output_dir": v.output_dir, "rollbacks": s.pos.rollbacks, "stopped_by": stopped_by,
+               "checkpoints": s.save_log}
     summary.update(s.task.finish(v, stopped_by))
+    summary["goodput"] = s.goodput.end("stopped" if stopped_by else "done")
+    v.say(goodput_line(summary["goodput"]))
     if dist.is_initialized():
         dist.barrier()
     return summary
@@ -625,7 +730,13 @@ def fit(task: Task, output_dir: str, max_steps: Optional[int] = None, resume: st
             else:  # the loader ran dry before the epoch's last step
                 end_epoch(s)
         return finish(s, stopper.stopped_by)
+    except BaseException:
+        if s.goodput is not None:
+            s.goodput.end("error")
+        raise
     finally:
+        if s.saver is not None:  # an error left a save in flight: it is a good one (taken after a checked step)
+            s.saver.close()
         stopper.restore()
         if hasattr(s.loader, "close"):  # stop persistent workers now, not when the garbage collector gets to them
             s.loader.close()

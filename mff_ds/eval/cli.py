@@ -5,6 +5,7 @@ import sys
 
 from mff_ds import zoo
 from mff_ds.common import UserError
+from mff_ds.engine import liveness
 from mff_ds.engine.cli import load_or_report, print_schema, run_or_report, run_parser, stopped
 from mff_ds.engine.recipe import RecipeError
 
@@ -92,6 +93,7 @@ def _feature_probes(recipe, probe: str, pool: str, out: str) -> int:
               f"feature probes save nothing to resume; rerun the command", file=sys.stderr, flush=True)
         return e.exit_code
     except UserError as e:
+        liveness.failed(f"error: {e}")
         print(f"error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
@@ -125,6 +127,7 @@ def evaluate_main(argv=None, doc: str = None) -> int:
                                     interpolation=a.interpolation, num_workers=a.num_workers, num_heads=a.num_heads,
                                     output_dir=a.output_dir)
         except UserError as e:
+            liveness.failed(f"error: {e}")
             print(f"error: {e}", file=sys.stderr)
             return 2
         name = os.path.basename(os.path.dirname(os.path.abspath(path))) + "/" + os.path.basename(path)

@@ -174,11 +174,12 @@ def open_source(data, split):
     """The registered source `data.source` (EvalData) for `split`: "train" | "val"."""
     return SOURCES.get(data.source)(getattr(data, f"{split}_path"), split=split,
                                     num_samples=getattr(data, f"{split}_samples"),
-                                    samples_key=f"data.{split}_samples", index=getattr(data, f"{split}_index"))
+                                    samples_key=f"data.{split}_samples", index=getattr(data, f"{split}_index"),
+                                    allow_missing=getattr(data, "allow_missing", False))
 
 
 def build_train_loader(data, transform, *, micro_batch, rank, world, seed):
-    """-> (loader with .set_epoch(epoch, skip_batches) and len() = batches per epoch on this rank, classes)."""
+    """-> (loader with .set_epoch(epoch, skip_batches) and len() = batches per epoch on this rank, the source)."""
     source = open_source(data, "train")
     g = torch.Generator()
     kw = dict(num_workers=data.num_workers, pin_memory=data.pin_memory and torch.cuda.is_available(),
@@ -189,11 +190,11 @@ def build_train_loader(data, transform, *, micro_batch, rank, world, seed):
             raise UserError(f"data.train_path: {len(source)} images give no full micro-batch of {micro_batch} on "
                             f"each of {world} rank(s); expected a larger set or a smaller batch")
         loader = DataLoader(_FileSet(source, transform), batch_size=micro_batch, sampler=sampler, generator=g, **kw)
-        return _Loader(loader, sampler, sampler.per_rank // micro_batch, g, seed), source.classes
+        return _Loader(loader, sampler, sampler.per_rank // micro_batch, g, seed), source
     per_rank = len(source) // world // micro_batch * micro_batch
     ds = _StreamSet(source, transform, rank, world, seed, train=True, quota=per_rank)
     loader = DataLoader(ds, batch_size=micro_batch, generator=g, **kw)
-    return _Loader(loader, ds, per_rank // micro_batch, g, seed), source.classes
+    return _Loader(loader, ds, per_rank // micro_batch, g, seed), source
 
 
 class _Loader:
@@ -215,21 +216,20 @@ class _Loader:
 
 
 def build_val_loader(data, transform, *, batch, rank, world, path=None):
-    """-> (loader over this rank's share of the validation set, or of `path` (a directory or shards), classes or
-    None)."""
+    """-> (loader over this rank's share of the validation set, or of `path` (a directory or shards), the source)."""
     source = SOURCES.get(source_for_path(path))(path, split="val") if path else open_source(data, "val")
     return source_loader(data, source, transform, batch=batch, rank=rank, world=world)
 
 
 def source_loader(data, source, transform, *, batch, rank, world):
-    """-> (loader over this rank's share of `source`, each sample once over all ranks, classes or None)."""
+    """-> (loader over this rank's share of `source`, each sample once over all ranks, the source)."""
     kw = dict(num_workers=min(data.num_workers, 4), pin_memory=data.pin_memory and torch.cuda.is_available())
     if isinstance(source, FileSource):
         ds = torch.utils.data.Subset(_FileSet(source, transform, skip_unreadable=True),
                                      list(range(rank, len(source), world)))
-        return DataLoader(ds, batch_size=batch, shuffle=False, collate_fn=_collate_readable, **kw), source.classes
+        return DataLoader(ds, batch_size=batch, shuffle=False, collate_fn=_collate_readable, **kw), source
     ds = _StreamSet(source, transform, rank, world, 0, train=False)
-    return DataLoader(ds, batch_size=batch, **kw), source.classes
+    return DataLoader(ds, batch_size=batch, **kw), source
 
 
 def _collate_readable(batch):

@@ -175,7 +175,7 @@ def probe_main(recipe, probes: Sequence[str], output_dir: str, pool: str = "cls"
     from mff_ds.engine.distributed import device_for, init_distributed
 
     from mff_ds.common import write_json
-    env = init_distributed(recipe.distributed.timeout_s, output_dir)
+    env = init_distributed(recipe.distributed.timeout_s, output_dir, recipe.distributed.peer_timeout_s)
     res = probe_encoder(recipe.init.checkpoint, recipe.data, fmt=recipe.init.format, model=recipe.model,
                         img_size=recipe.data.img_size, probes=probes, pool=pool, seed=recipe.seed,
                         batch=recipe.eval_batch, device=device_for(env.local_rank))

@@ -40,6 +40,7 @@ class EvalData(Section):
     val_path: Optional[str] = None
     train_index: Optional[str] = None         # imagefolder: dataset index or mmpretrain list file (data.index in
     val_index: Optional[str] = None           # pretraining; docs/DATA.md); None: found or built
+    allow_missing: Bool = False               # files a list file names that are not there: left out, named (true)
     train_samples: Optional[PosInt] = None    # webdataset without _info.json
     val_samples: Optional[PosInt] = None
     num_classes: Optional[int_(ge=2)] = None  # None = number of ImageFolder classes
@@ -156,8 +157,8 @@ class EvalRecipe(BaseRecipe):
         keep = {k: d[k] for k in ("task", "seed", "precision", "init", "model", "augment", "head", "optim", "schedule")}
         if self.init.checkpoint is not None:  # the checkpoint fixes the encoder; only a num_heads hint is read
             keep["model"] = {k: v for k, v in d["model"].items() if k == "num_heads"}
-        keep["data"] = {k: v for k, v in d["data"].items() if k not in ("num_workers", "pin_memory")
-                        and not (k.endswith("_index") and v is None)}  # runs from before the index compare equal
+        # the index keys bind, None included (checkpoint.migrate gives older markers None)
+        keep["data"] = {k: v for k, v in d["data"].items() if k not in ("num_workers", "pin_memory")}
         keep["batch.global_batch"] = d["batch"]["global_batch"]
         return keep
 

@@ -122,12 +122,15 @@ class ClassifyTask(Task):
         self.quiet = quiet
         self.best_top1, self.best_epoch, self.history = -1.0, -1, []
         self.encoder = None  # (weights, config) of init.checkpoint, from prepare() until build()
+        self._prepared = None  # the (init.checkpoint, init.format) prepare() loaded
 
     def prepare(self, is_main):
         """The encoder of init.checkpoint: its architecture trains, each key the recipe says otherwise is named,
         and the recipe records it before the resume comparison."""
         r = self.recipe
-        if r.init.checkpoint is not None:  # (a random encoder is drawn in build(), from the seeded RNG)
+        source = (r.init.checkpoint, r.init.format)
+        if r.init.checkpoint is not None and source != self._prepared:  # (a random encoder: drawn in build())
+            self._prepared = source
             self.encoder = emodels.load_encoder(r.init.checkpoint, r.init.format, r.model)
             cfg = self.encoder[1]
             ignored = emodels.checkpoint_wins(r.model, cfg)
@@ -148,12 +151,16 @@ class ClassifyTask(Task):
         encoder_sd, cfg = self.encoder or emodels.load_encoder(None, r.init.format, r.model)
         self.encoder = None  # the model holds the weights now; no second copy
         img_size = r.data.img_size or cfg.img_size
-        train_loader, classes = edata.build_train_loader(
+        train_loader, self.train_source = edata.build_train_loader(
             r.data, edata.train_transform(r.task, img_size, r.augment), micro_batch=run.plan.micro,
             rank=run.rank, world=run.world, seed=r.seed)
-        self.val_loader, val_classes = edata.build_val_loader(r.data, edata.val_transform(img_size, r.augment),
-                                                              batch=r.eval_batch, rank=run.rank, world=run.world)
-        self.num_classes = _num_classes(r, classes, val_classes)
+        self.val_loader, val = edata.build_val_loader(r.data, edata.val_transform(img_size, r.augment),
+                                                      batch=r.eval_batch, rank=run.rank, world=run.world)
+        classes = self.train_source.classes
+        self.num_classes = _num_classes(r, classes, val.classes)
+        for split, source in (("train", self.train_source), ("val", val)):  # before a step: not a device assert
+            _labels_fit(source, self.num_classes, f"data.{split}_index" if getattr(r.data, f"{split}_index") else
+                        f"data.{split}_path", "data.num_classes")
         self.classes, self.vit = classes, dict(emodels.vit_kwargs(cfg), img_size=img_size)
         if r.task == "finetune":
             model = emodels.build_finetune_model(encoder_sd, cfg, self.num_classes, r.head.drop_path,
@@ -177,6 +184,9 @@ class ClassifyTask(Task):
             images, target = self.mixup(images, target)
         logits = engine(images.to(self.input_dtype))
         return ClassifierOutput(self.criterion(logits.float(), target), logits)
+
+    def data_identity(self):
+        return self.train_source.identity()
 
     def state_dict(self):
         return {"best_top1": self.best_top1, "best_epoch": self.best_epoch, "history": self.history}
@@ -245,6 +255,14 @@ def _num_classes(recipe: EvalRecipe, classes, val_classes) -> int:
     return n
 
 
+def _labels_fit(source, num_classes: int, key: str, classes_key: str) -> None:
+    """Every label the source knows before reading its samples in [0, num_classes), or one line naming the first
+    that is not."""
+    why = source.label_problem(num_classes)
+    if why:
+        raise UserError(f"{key}: expected labels in [0, {num_classes}) ({classes_key}: {num_classes}), got {why}")
+
+
 def run(recipe: EvalRecipe, output_dir: str, max_steps: Optional[int] = None, resume: str = "auto",
         quiet: bool = False) -> dict:
     """Train the classifier of `recipe` (continuing from a checkpoint under output_dir when resume='auto'),
@@ -266,10 +284,12 @@ def evaluate_checkpoint(path: str, val_path: str, *, img_size: Optional[int] = N
         raise UserError(f"--img-size: the classifier was built for {meta['vit']['img_size']} px, got {size}")
     aug = AugConfig(val_crop_pct=crop_pct, val_interpolation=interpolation)
     d = EvalData(source=source_for_path(val_path), val_path=val_path, num_workers=num_workers)
-    loader, classes = edata.build_val_loader(d, edata.val_transform(size, aug), batch=batch, rank=env.rank,
-                                             world=env.world_size)
-    if classes and len(classes) != meta["num_classes"]:
-        raise UserError(f"{val_path}: {len(classes)} class folders, the classifier has {meta['num_classes']} classes")
+    loader, source = edata.build_val_loader(d, edata.val_transform(size, aug), batch=batch, rank=env.rank,
+                                            world=env.world_size)
+    if source.classes and len(source.classes) != meta["num_classes"]:
+        raise UserError(f"{val_path}: {len(source.classes)} class folders, the classifier has {meta['num_classes']} "
+                        f"classes")
+    _labels_fit(source, meta["num_classes"], "--val", "the classifier's classes")
     res = metrics.evaluate(model, loader, device)
     res.update(checkpoint=str(path), task=meta.get("task"))
     if output_dir and env.rank == 0:

@@ -44,8 +44,8 @@ class Recipe(BaseRecipe):
         """What a resumed run must share with its checkpoint (shapes, schedule, data stream, numerics)."""
         d = self.to_dict()
         # speed only; `decode` (cpu | gpu) draws the same crops and flips, its resize rounds pixels differently
-        data = {k: v for k, v in d["data"].items() if k not in ("pin_memory", "prefetch_factor", "decode")
-                and not (k == "index" and v is None)}  # runs from before the index compare equal
+        # data.index binds like the other data settings, None included (checkpoint.migrate gives older markers None)
+        data = {k: v for k, v in d["data"].items() if k not in ("pin_memory", "prefetch_factor", "decode")}
         if not SOURCES.get(data["source"]).workers_pick_samples:  # shards: split among the workers
             data.pop("num_workers", None)
         # model.kernels picks an implementation of the same ops (a Triton kernel or the reference), like decode

@@ -28,10 +28,13 @@ class PretrainTask(Task):
             load_init(model, r.init_from)
         loader = build_loader(r.data, img_size=model.cfg.img_size, micro_batch=run.plan.micro, rank=run.rank,
                               world_size=run.world, seed=r.seed, epoch=0)
-        self.cfg, self.device, self.dtype = model.cfg, run.device, run.dtype
+        self.cfg, self.device, self.dtype, self.source = model.cfg, run.device, run.dtype, loader.dataset.source
         self.flops, self.peak = float(flops_per_image(model.cfg)), peak_tflops(run.device, r.logging.peak_tflops)
         self.mean, self.std = [v / 255 for v in IMAGENET_MEAN], [v / 255 for v in IMAGENET_STD]
         return model, loader
+
+    def data_identity(self):
+        return self.source.identity()
 
     def param_groups(self, model):
         o = self.recipe.optim
