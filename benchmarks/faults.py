@@ -7,6 +7,12 @@ the goodput of the whole run (engine/goodput.py), with every step logged once an
 
     python benchmarks/faults.py --out benchmarks/results/faults_2026-12-07     # as root; ~30 min on 2 cores
     python benchmarks/faults.py --only kill,pause_rank --steps 100             # a subset
+    python benchmarks/faults.py --launcher deepspeed --out ...                 # deepspeed --hostfile over pdsh
+
+With `--launcher deepspeed` (no restarts there: a person or a script reruns) the kill and freeze_cut faults are
+injected into `deepspeed --hostfile` over pdsh (node1 launches and holds rank 0), and what is measured is how the
+command ends: seconds from the fault to its exit, its exit code and its last lines; freeze_cut twice, with plain ssh
+and with ssh's keepalive in PDSH_SSH_ARGS_APPEND (KEEPALIVE below; docs/MULTINODE.md).
 
 Faults (injected once the run has logged --at steps, after its first checkpoint):
   kill        every process of node2 killed (its kernel closes their sockets: the peers see resets)
@@ -176,6 +182,63 @@ def _run(c: Cluster, fault: str, args) -> dict:
         return result
 
 
+KEEPALIVE = "-o ServerAliveInterval=15 -o ServerAliveCountMax=4"
+
+
+def deepspeed_run(fault: str, keepalive: bool, args) -> dict:
+    """deepspeed --hostfile over pdsh on node1 and node2, `fault` injected into node2 once 30 steps are logged."""
+    with Cluster(2) as c:
+        work = c.dir / "ds"
+        work.mkdir()
+        out = work / "out"
+        (work / "hostfile").write_text("node1 slots=1\nnode2 slots=1\n")
+        env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO),
+                   MFF_DS_CACHE=str(work / "cache"), PATH=f"{Path(PY).parent}:{os.environ.get('PATH', '')}")
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PDSH_SSH_ARGS_APPEND"):
+            env.pop(k, None)
+        c.run("node1", [str(REPO / "launch" / "slurm" / "deepspeed_env.sh"), ".deepspeed_env"], cwd=work, env=env,
+              check=True)
+        if keepalive:
+            env["PDSH_SSH_ARGS_APPEND"] = KEEPALIVE
+        cmd = [PY, "-m", "deepspeed.launcher.runner", "--hostfile", "hostfile", "--launcher", "pdsh", "--master_addr",
+               "node1", "--master_port", "29555", str(REPO / "launch" / "pretrain.py"), "--config",
+               str(REPO / "configs" / "demo.yaml"), "--output-dir", str(out), "--max-steps", "100000",
+               *[f"--set={kv}" for kv in DEMO]]
+        log = work / "run.log"
+        p = c.spawn("node1", cmd, cwd=work, env=env, log=log)
+        until(lambda: len(logged(out)) and logged(out)[-1] >= 30, 600, f"deepspeed {fault}: 30 steps")
+        t = time.monotonic()
+        if fault == "kill":
+            c.kill("node2")
+        else:
+            c.cut("node2")
+            c.freeze("node2")
+        try:
+            rc = p.wait(args.deepspeed_wait)
+        except subprocess.TimeoutExpired:
+            rc = None
+            p.kill()
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+        result = {"launcher": "deepspeed", "fault": fault, "ssh_keepalive": KEEPALIVE if keepalive else None,
+                  "ended_after_s": round(time.monotonic() - t, 1) if rc is not None else None, "exit_code": rc,
+                  "line": next((m.group(0) for line in lines for m in [re.search(r"lost peer: [^\n]*", line)] if m),
+                               None), "last_lines": lines[-6:],
+                  "traceback_in_last_lines": any("Traceback" in line for line in lines[-6:])}
+        print(json.dumps(result), flush=True)
+        return result
+
+
+def deepspeed_table(results) -> str:
+    rows = ["| fault | ssh | the deepspeed command ended after | exit code | the line | a traceback last |",
+            "|---|---|---:|---:|---|---|"]
+    for r in results:
+        end = f"{r['ended_after_s']:.0f} s" if r["ended_after_s"] is not None else \
+            f"not within {r.get('waited_s', '?')} s"
+        rows.append(f"| {r['fault']} | {'keepalive' if r['ssh_keepalive'] else 'plain'} | {end} | {r['exit_code']} | "
+                    f"`{(r['line'] or 'none').split(';')[0]}` | {'yes' if r['traceback_in_last_lines'] else 'no'} |")
+    return "\n".join(rows)
+
+
 def table(results) -> str:
     rows = ["| fault | detection | first step after the restart | steps redone | attempts | goodput | completed, "
             "each step once | the line |", "|---|---:|---:|---:|---:|---:|---|---|"]
@@ -196,9 +259,18 @@ def main():
     ap.add_argument("--only", default=",".join(FAULTS), help=f"comma-separated, of {', '.join(FAULTS)}")
     ap.add_argument("--steps", type=int, default=160, help="optimizer steps of each run")
     ap.add_argument("--at", type=int, default=60, help="inject the fault once this many steps are logged")
+    ap.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun")
+    ap.add_argument("--deepspeed-wait", type=int, default=300, help="seconds to wait for the deepspeed command to end")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("faults.py: needs root (the rig makes network, UTS and mount namespaces)")
+    if args.launcher == "deepspeed":
+        results = [dict(deepspeed_run(f, k, args), waited_s=args.deepspeed_wait)
+                   for f, k in (("kill", False), ("freeze_cut", False), ("freeze_cut", True))]
+        md = deepspeed_table(results)
+        print(md)
+        save(args, results, md, "faults_deepspeed")
+        return
     chosen = [f.strip() for f in args.only.split(",") if f.strip()]
     bad = [f for f in chosen if f not in FAULTS]
     if bad:
@@ -206,14 +278,18 @@ def main():
     results = [campaign_run(f, args) for f in chosen]
     md = table(results)
     print(md)
+    save(args, results, md, "faults")
+
+
+def save(args, results, md, name):
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()
         meta = {"machine": platform.platform(), "cpus": os.cpu_count(), "commit": commit, "steps": args.steps,
                 "at": args.at, "command": " ".join(sys.argv)}
-        Path(args.out, "faults.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-        Path(args.out, "faults.md").write_text(md + "\n")
+        Path(args.out, f"{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        Path(args.out, f"{name}.md").write_text(md + "\n")
 
 
 if __name__ == "__main__":

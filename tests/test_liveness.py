@@ -75,6 +75,27 @@ def test_a_store_that_stops_answering_ends_the_run_naming_rank_0s_host():
     watches[1].stop()
 
 
+def test_a_store_whose_calls_never_return_ends_the_run_naming_rank_0s_host(store):
+    """Rank 0's host cut off or powered down: its connections are never closed, and a TCPStore client's call then
+    blocks for ever whatever its timeout (measured on the cluster rig). Each call is bounded instead."""
+    watches, ended, lines = ranks(store)
+    release = threading.Event()
+
+    class Vanished:  # every call blocks, as on a connection whose peer is gone without a word
+        def __getattr__(self, name):
+            return lambda *a, **k: release.wait()
+    freeze(watches[0])
+    watches[1]._connect = Vanished
+    watches[1]._store = Vanished()
+    try:
+        assert ended[1].wait(20)
+        assert lines[1][0].startswith("lost peer: rank 0 on hosta (the rendezvous store at 127.0.0.1:")
+        assert "has not answered for 1 s (TimeoutError)" in lines[1][0]
+    finally:
+        release.set()
+        watches[1].stop()
+
+
 def test_no_alarm_for_a_pause_shorter_than_the_timeout_nor_for_a_rank_that_finished(store):
     watches, ended, lines = ranks(store, lost_after=1.0)
     watches[1]._stop.set()  # paused for less than the timeout, then going on

@@ -84,6 +84,7 @@ class Watch:
         # what a rerun continues from, in words (the training loop sets it: the newest complete checkpoint)
         self.hint: Callable[[], str] = lambda: "no checkpoint yet"
         self.period = period or min(5.0, max(lost_after / 6, 0.05))
+        self.op_timeout = min(10.0, max(lost_after / 3, 1.0))  # one store call (connect, add, get)
         global _generation
         _generation += 1  # a later watch of this process (another run in it) counts afresh: every rank agrees
         run = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID") or "run"
@@ -103,7 +104,7 @@ class Watch:
 
     def _connect(self):
         import torch.distributed as dist
-        timeout = datetime.timedelta(seconds=min(10.0, max(self.lost_after / 3, 1.0)))
+        timeout = datetime.timedelta(seconds=self.op_timeout)
         return dist.TCPStore(self.addr, self.port, None, False, timeout=timeout, wait_for_workers=False)
 
     def store(self):
@@ -111,11 +112,36 @@ class Watch:
             self._store = self._connect()
         return self._store
 
+    def bounded(self, fn: Callable):
+        """fn() (store calls) waited for at most op_timeout seconds, else TimeoutError. A TCPStore client's call
+        blocks for ever, whatever its timeout, on a connection whose peer vanished without closing it (a host cut
+        off or powered down; measured on tests/rigs/cluster.py), so every call runs in a thread of its own that is
+        left behind (a daemon; the store is reconnected) when it does not return."""
+        box = []
+
+        def call():
+            try:
+                box.append((True, fn()))
+            except BaseException as e:  # noqa: BLE001 (handed to the caller)
+                box.append((False, e))
+        t = threading.Thread(target=call, name="mff-ds-liveness-call", daemon=True)
+        t.start()
+        t.join(self.op_timeout)
+        if not box:
+            self._store = None
+            raise TimeoutError(f"the rendezvous store did not answer in {self.op_timeout:.0f} s")
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
     def start(self) -> "Watch":
-        self.store().add(self._key("beat", self.rank), 1)  # registered before anyone waits on it
-        if self.rank == 0:
-            for r in range(self.world):
-                self.store().add(self._key("beat", r), 0)
+        def register():  # before anyone waits on it
+            self.store().add(self._key("beat", self.rank), 1)
+            if self.rank == 0:
+                for r in range(self.world):
+                    self.store().add(self._key("beat", r), 0)
+        self.bounded(register)
         self._thread = threading.Thread(target=self._run, name="mff-ds-liveness", daemon=True)
         self._thread.start()
         return self
@@ -126,53 +152,53 @@ class Watch:
     # ------------------------------------------------------------------------------------------- the loop
     def _run(self):
         last_seen = {r: (None, self.clock()) for r in range(self.world)}  # counter, when it last moved
-        contact = tick = self.clock()  # the last time the store answered; this loop's last turn
+        contact = tick = self.clock()  # the last time the store answered; the end of this loop's last turn
+
+        def beat():
+            store = self.store()
+            store.add(self._key("beat", self.rank), 1)
+            verdict = self._read(store)
+            if verdict is None:
+                watched = range(self.world) if self.rank == 0 else [0]
+                values = store.multi_get([self._key("beat", r) for r in watched])
+                now = self.clock()
+                for r, v in zip(watched, values):
+                    if int(v) != last_seen[r][0]:
+                        last_seen[r] = (int(v), now)
+                lost = [r for r in watched if r != self.rank and (last_seen[r][0] or 0) < DONE
+                        and now - last_seen[r][1] > self.lost_after]
+                if lost:
+                    verdict = self.lost(lost, f"no heartbeat for {self.lost_after:.0f} s")
+            return verdict
+
         while not self._stop.wait(self.period):
             verdict = None
-            now = self.clock()
-            if now - tick > 3 * self.period + 1.0:  # this process was stopped itself (SIGSTOP, a frozen host): what
-                contact = now                        # it did not see meanwhile is no one else's silence
-                last_seen = {r: (v, now) for r, (v, _) in last_seen.items()}
-            tick = now
+            if self.clock() - tick > 3 * self.period + 1.0:  # this process was stopped itself (SIGSTOP, a frozen
+                contact = self.clock()                          # host): what it did not see meanwhile is no one
+                last_seen = {r: (v, contact) for r, (v, _) in last_seen.items()}  # else's silence
             try:
-                store = self.store()
-                store.add(self._key("beat", self.rank), 1)
-                verdict = self._read(store, wait_for_errors=True)
-                if verdict is None:
-                    watched = range(self.world) if self.rank == 0 else [0]
-                    keys = [self._key("beat", r) for r in watched]
-                    now = self.clock()
-                    for r, v in zip(watched, store.multi_get(keys)):
-                        v = int(v)
-                        if v != last_seen[r][0]:
-                            last_seen[r] = (v, now)
-                    lost = [r for r in watched if r != self.rank and (last_seen[r][0] or 0) < DONE
-                            and now - last_seen[r][1] > self.lost_after]
-                    if lost:
-                        verdict = self.lost(lost, f"no heartbeat for {self.lost_after:.0f} s")
+                verdict = self.bounded(beat)
                 contact = self.clock()
-            except Exception as e:  # noqa: BLE001 (the store itself stopped answering: rank 0's host, or the link)
+                if verdict is not None and verdict[0] == "error":  # ranks failing together say their own error
+                    self._stop.wait(self.grace)
+            except Exception as e:  # noqa: BLE001 (the store stopped answering: rank 0's host, or the link)
                 self._store = None
-                if self.clock() - contact <= self.lost_after:
-                    continue
-                verdict = ("lost", self.lost_line([0], f"the rendezvous store at {self.addr}:{self.port} has not "
-                                                       f"answered for {self.lost_after:.0f} s ({type(e).__name__})"),
-                           [self.hosts[0]])
+                if self.clock() - contact > self.lost_after:
+                    verdict = ("lost", self.lost_line([0], f"the rendezvous store at {self.addr}:{self.port} has "
+                                                           f"not answered for {self.lost_after:.0f} s "
+                                                           f"({type(e).__name__})"), [self.hosts[0]])
+            tick = self.clock()
             if verdict is not None and not self._stop.is_set() and not self._explaining:
                 self.verdict = verdict
                 self._end(verdict[1])
                 return
 
-    def _read(self, store, wait_for_errors=False) -> Optional[tuple]:
-        """The published verdict (kind, line, hosts), if any; wait_for_errors: another rank's error only after the
-        grace, when this rank is not ending by itself meanwhile."""
+    def _read(self, store) -> Optional[tuple]:
+        """The published verdict (kind, line, hosts), if any."""
         key = self._key("verdict")
         if not store.check([key]):
             return None
-        verdict = _parse(store.get(key).decode())
-        if verdict[0] == "error" and wait_for_errors:  # ranks failing together each say their own error first
-            self._stop.wait(self.grace)
-        return verdict
+        return _parse(store.get(key).decode())
 
     def publish(self, kind: str, line: str, hosts: List[str]) -> tuple:
         """The verdict every rank ends with, (kind, line, hosts): the first one published (this, or an earlier)."""
@@ -195,7 +221,7 @@ class Watch:
             return
         self.stop()
         try:
-            self.store().add(self._key("beat", self.rank), DONE)
+            self.bounded(lambda: self.store().add(self._key("beat", self.rank), DONE))
         except Exception:  # noqa: BLE001 (the store may be gone with rank 0, which also finished)
             pass
 
@@ -205,8 +231,9 @@ class Watch:
             return
         self.stop()
         try:
-            self.publish("error", f"{who([self.rank], self.hosts)} stopped: {line.strip().splitlines()[-1][:300]}"
-                         f"{'' if self.step is None else f' at step {self.step}'}; {self.hint()}", [])
+            text = (f"{who([self.rank], self.hosts)} stopped: {line.strip().splitlines()[-1][:300]}"
+                    f"{'' if self.step is None else f' at step {self.step}'}; {self.hint()}")
+            self.bounded(lambda: self.publish("error", text, []))
         except Exception:  # noqa: BLE001
             pass
 
@@ -220,16 +247,16 @@ class Watch:
         first, verdict = None, None
         try:
             while verdict is None:
-                store = self.store()
-                verdict = self._read(store)
+                verdict, values = self.bounded(lambda: (self._read(self.store()), [int(v) for v in self.store(
+                ).multi_get([self._key("beat", r) for r in range(self.world)])]))
                 if verdict is not None:
                     break
-                values = [int(v) for v in store.multi_get([self._key("beat", r) for r in range(self.world)])]
                 first = first or values
                 if self.clock() >= deadline:
                     still = [r for r, v in enumerate(values) if r != self.rank and v == first[r] and v < DONE]
                     if still:
-                        verdict = self.lost(still, f"a collective failed ({_short(exc)}) and its heartbeat stopped")
+                        verdict = self.bounded(lambda: self.lost(still, f"a collective failed ({_short(exc)}) and "
+                                                                        f"its heartbeat stopped"))
                     break
                 time.sleep(min(self.period, 1.0))
         except Exception:  # noqa: BLE001 (no store: rank 0's host is gone with it)
