@@ -15,6 +15,7 @@ Medians over the saves (the final save, which waits for its write, excluded), an
 
   OMP_NUM_THREADS=1 python benchmarks/checkpoint.py --engines            # ViT-B and ViT-L, both modes, ~30 min on 2 cores
   OMP_NUM_THREADS=1 python benchmarks/checkpoint.py --archs vit-b --steps 6 --out-dir /tmp/ckpt
+  OMP_NUM_THREADS=1 python benchmarks/checkpoint.py --archs vit-b --run-dir /mnt/nfs_rw/ckpt --disk "sshfs ..."   # a network filesystem
 
 `--engines` adds the comparison of the alternatives on the same ViT-B engine state (no training loop): DeepSpeed's
 DecoupledCheckpointEngine (a spawned writer process fed through a queue) and torch.distributed.checkpoint's async_save
@@ -118,7 +119,7 @@ def engines(args) -> dict:
         eng.step()
         return eng, x
 
-    root = tempfile.mkdtemp(dir=args.out_dir)
+    root = tempfile.mkdtemp(dir=args.run_dir or args.out_dir)
     out = {}
     eng, x = engine_with({})
     for name, saver in (("ours_sync", None), ("ours_async", ckpt.AsyncSaver(eng, 1, torch.device("cpu"), 600))):
@@ -218,6 +219,9 @@ def main():
     ap.add_argument("--every", default="vit-b=1,vit-l=2",
                     help="a save every N steps, per model (ViT-L's write outlasts one step of batch 2 here)")
     ap.add_argument("--repeats", type=int, default=1, help="pairs of runs per mode (medians over them)")
+    ap.add_argument("--run-dir", default=None, help="where the runs write their checkpoints (default: --out-dir), "
+                    "e.g. a network filesystem's mount")
+    ap.add_argument("--disk", default="local (the output dir's filesystem)", help="what --run-dir is, for the record")
     ap.add_argument("--engines", action="store_true", help="also compare DeepSpeed's decoupled engine and DCP")
     ap.add_argument("--engine-saves", type=int, default=3)
     ap.add_argument("--engine-arch", default="mff_vit_base_patch16")
@@ -230,12 +234,13 @@ def main():
         print(json.dumps(one(arch, mode, int(every), args.steps, int(args.batch), args.out_dir)))
         return
     os.makedirs(args.out_dir, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix="ckpt_bench_", dir=args.out_dir)
+    os.makedirs(args.run_dir or args.out_dir, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix="ckpt_bench_", dir=args.run_dir or args.out_dir)
     res = {"runs": {}, "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "command": " ".join([f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')}", "python"] + sys.argv),
            "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "mem_gib": _mem_gib(),
                        "python": platform.python_version(),
-                       "disk": "local (the output dir's filesystem)"}}
+                       "disk": args.disk}}
     try:
         for arch in [a for a in args.archs.split(",") if a]:
             tries = {}

@@ -188,9 +188,16 @@ class Cluster:
         """Start `host`: its anchor (hostname, a fresh /tmp and /dev/shm, the rig's /etc/hosts) and its sshd."""
         if self.anchor.get(host) is not None:
             raise RigError(f"{host} is up already")
-        script = (f"hostname {host} && mount -t tmpfs -o mode=1777 tmpfs /tmp && "
-                  f"mount -t tmpfs -o mode=1777 tmpfs /dev/shm && mount --bind {self.dir}/hosts /etc/hosts && "
-                  "exec sleep infinity")
+        # what the rig's user runs from (the repo, its venv) stays visible where it lives in this machine's /tmp or
+        # /dev/shm (a clone in /tmp): bound aside before the fresh tmpfs hides it, then back at its own path
+        keep = [(k, self.dir / f"keep{i}") for i, k in enumerate(self.kept())]
+        script = " && ".join(
+            [f"hostname {host}"] + [f"mkdir -p {shlex.quote(str(a))} && mount --bind {shlex.quote(k)} "
+                                    f"{shlex.quote(str(a))}" for k, a in keep] +
+            ["mount -t tmpfs -o mode=1777 tmpfs /tmp", "mount -t tmpfs -o mode=1777 tmpfs /dev/shm"] +
+            [f"mkdir -p {shlex.quote(k)} && mount --bind {shlex.quote(str(a))} {shlex.quote(k)} && "
+             f"umount {shlex.quote(str(a))}" for k, a in keep] +
+            [f"mount --bind {self.dir}/hosts /etc/hosts", "exec sleep infinity"])
         with open(self.dir / f"{host}.anchor.log", "w") as log:
             # unshare makes the new mount namespace's mounts private: the host's own mounts stay its own. (Not `ip
             # netns exec`: it remounts /sys, which hides /sys/fs/cgroup, and slurmd refuses to start without it.)
@@ -209,6 +216,18 @@ class Cluster:
                    log=self.dir / f"{host}.sshd.log")
         wait_until(lambda: self.run(host, ["ssh", host, "true"], capture_output=True).returncode == 0, 20,
                    f"{host}'s sshd (log {self.dir}/{host}.sshd.log)")
+
+    @staticmethod
+    def kept() -> list:
+        """The folders directly in /tmp or /dev/shm that hold our working directory, this Python or the rig's code:
+        every host sees them (the rest of its /tmp and /dev/shm is its own)."""
+        out = []
+        for path in (os.getcwd(), sys.prefix, os.path.realpath(sys.executable), str(Path(__file__).resolve())):
+            parts = Path(os.path.realpath(path)).parts
+            for top in (("/", "tmp"), ("/", "dev", "shm")):
+                if parts[:len(top)] == top and len(parts) > len(top):
+                    out.append(str(Path(*parts[:len(top) + 1])))
+        return sorted(set(out))
 
     def close(self):
         """Remove everything the rig made; also after a failed start or test (what is not there is skipped, and a
