@@ -687,3 +687,15 @@ def test_a_run_names_every_skipped_sample_once_per_epoch(tmp_path, photo):
     assert sorted((r.epoch, os.path.basename(r.sample)) for r in rows) == sorted(  # each once per epoch
         (e, n) for e in (0, 1) for n in ("bad_corrupt.jpg", "bad_notimage.jpg", "bad_truncated.jpg"))
     assert all(r.step == 4 * r.epoch + r.batch + 1 and r.reason for r in rows)
+
+
+def test_a_cache_folder_that_cannot_be_made_is_refused_in_one_line(tmp_path, monkeypatch):
+    """MFF_DS_CACHE naming a file (or a folder without write permission): one line naming the setting, not a raw
+    FileExistsError from the rank that builds the demo data."""
+    from mff_ds.common import UserError
+    from mff_ds.data import demo
+    (tmp_path / "cache").write_text("not a folder")
+    monkeypatch.setenv("MFF_DS_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(UserError, match=r"MFF_DS_CACHE: expected a folder this process can write, got "
+                                        rf"{tmp_path / 'cache'} \(File exists"):
+        demo.demo_root()

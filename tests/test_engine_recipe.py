@@ -1,12 +1,13 @@
 """Recipe validation and overrides, lr schedule, DeepSpeed config merge, launcher environment detection."""
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+
+import forkserver
 
 from mff_ds.engine import distributed as D
 from mff_ds.engine.optim import build_ds_config
@@ -209,7 +210,7 @@ def test_cli_fails_fast_on_bad_recipe(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nbatch: {global_batch: 11, micro_batch: 4}\nmodel: {arch: mff_vit_nano_patch16}\n")
     env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
-    p = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(bad), "--output-dir",
+    p = forkserver.run([sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(bad), "--output-dir",
                         str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2
     assert "batch.global_batch: 11 images cannot be split exactly over 2 rank(s)" in p.stderr

@@ -263,7 +263,7 @@ def test_rig_left_by_a_killed_run_is_removed(cluster):
 
 
 # ------------------------------------------------------------------ launchers across the two hosts
-STEPS = 40  # each launcher trains 3 steps, then resumes to STEPS; the weights must equal ONE_HOST's
+STEPS = 24  # each launcher trains 3 steps, then resumes to STEPS; the weights must equal ONE_HOST's
 
 
 def checkpoint_tensors(out: Path, step: int) -> dict:
@@ -373,7 +373,7 @@ def test_torchrun_c10d_rendezvous_two_hosts(cluster, one_host):
     # /tmp (MFF_DS_CACHE: the demo photographs are built there); restarts across hosts need a store per rendezvous
     # round (distributed.restart_store)
     env = base_env(LOGLEVEL="INFO", MFF_DS_CACHE="/tmp/mff_ds", MFF_DS_COLLECTIVE_TIMEOUT_S="60",
-                   MFF_DS_PEER_TIMEOUT_S="10", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+                   MFF_DS_PEER_TIMEOUT_S="6", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     hosts = ("node1", "node2")
     agents = {h: c.spawn(h, cmd, cwd=work, env=env, log=work / f"{h}.log") for h in hosts}
     freeze = 10
@@ -395,7 +395,7 @@ def test_torchrun_c10d_rendezvous_two_hosts(cluster, one_host):
     ranks = {h: re.findall(r"group_rank=(\d)\n.*group_world_size=2\n", log) for h, log in logs.items()}
     assert sorted(r[0] for r in ranks.values()) == ["0", "1"], logs
     text = "".join(logs.values())
-    lost = re.search(r"lost peer: rank 1 on node[12] \(no heartbeat for 10 s\) at step (\d+); newest complete "
+    lost = re.search(r"lost peer: rank 1 on node[12] \(no heartbeat for 6 s\) at step (\d+); newest complete "
                      r"checkpoint \S+/global_step(\d+);", text)
     assert lost, text[-4000:]
     saved = int(lost.group(2))
@@ -473,8 +473,8 @@ def test_slurm_sbatch_two_nodes_trains_resumes_and_saves_on_signal(cluster, slur
     # script leaves node2 out of the step, and the run resumes on node1 alone (world 2 -> 1: a universal
     # checkpoint) and completes
     t0 = time.time()
-    last = first + 40
-    job = sbatch(c, env, out, ["--max-steps", str(last)], MFF_DS_PEER_TIMEOUT_S="10",
+    last = first + 20
+    job = sbatch(c, env, out, ["--max-steps", str(last)], MFF_DS_PEER_TIMEOUT_S="6",
                  MFF_DS_COLLECTIVE_TIMEOUT_S="300")
     wait_for(lambda: len(steps_logged(out)) >= first + 2, 120, "job 2 to train 2 steps", None,
              out / f"slurm-{job}.out")
@@ -494,7 +494,7 @@ def test_slurm_sbatch_two_nodes_trains_resumes_and_saves_on_signal(cluster, slur
     print(f"sbatch 2 nodes x 1 task (srun): resume, a rank frozen, requeue without its host, resume, "
           f"{last - first} steps: {time.time() - t0:.1f}s")
     assert f"at step {first} " in log and "resumed from" in log, log[-4000:]
-    lost = re.search(r"pretrain.sbatch: (lost peer: rank 1 on node2 \(no heartbeat for 10 s\) at step (\d+); "
+    lost = re.search(r"pretrain.sbatch: (lost peer: rank 1 on node2 \(no heartbeat for 6 s\) at step (\d+); "
                      r"newest complete checkpoint \S+global_step(\d+);[^\n]*\[exit 69\])", log)
     assert lost, log[-4000:]
     at, saved = int(lost.group(2)), int(lost.group(3))
@@ -536,14 +536,14 @@ def test_killed_rank_ends_the_run_and_is_named(tmp_path):
         os.kill(ranks[0], 0)  # the surviving rank is gone too
 
 
-@pytest.mark.parametrize("sig, how", [(signal.SIGSTOP, "no heartbeat for 8 s"),
+@pytest.mark.parametrize("sig, how", [(signal.SIGSTOP, "no heartbeat for 5 s"),
                                       (signal.SIGKILL, "a collective failed (RuntimeError: ")])
 def test_a_lost_rank_ends_the_run_named_instead_of_hanging(tmp_path, sig, how):
     """No launcher to watch the ranks (two bare processes, as srun starts them), the default 30-minute collective
     timeout. Rank 1 stops answering (SIGSTOP): rank 0's heartbeat watch ends the run within MFF_DS_PEER_TIMEOUT_S.
     Rank 1 is killed: rank 0's next collective fails (its sockets reset) and the stopped heartbeat names rank 1.
     Either way rank 0's last line names rank 1, exit 69."""
-    collective_s, peer_s = "1800", "8"
+    collective_s, peer_s = "1800", "5"
     need()
     out = tmp_path / "out"
     port = free_port()

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mff_ds.common import cache_dir
+from mff_ds.common import UserError, cache_dir
 
 # Photographs inside the scikit-image wheel (skimage/data/); the others in skimage.data are fetched by pooch.
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "hubble_deep_field.jpg", "retina.jpg",
@@ -27,8 +27,12 @@ def _build_once(name, build):
     final = cache_dir() / name
     if final.is_dir():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-tmp-", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-tmp-", dir=final.parent))
+    except OSError as e:
+        raise UserError(f"{'MFF_DS_CACHE' if os.environ.get('MFF_DS_CACHE') else 'the cache folder'}: expected a "
+                        f"folder this process can write, got {final.parent} ({e.strerror or e})") from None
     try:
         build(tmp)
         try:
