@@ -8,8 +8,8 @@ through the rendezvous store every run already has (the TCPStore at MASTER_ADDR:
 started from: torchrun's agent, or rank 0 under the deepspeed launcher and srun), read by a thread of its own, so a
 slow first step (compilation), a checkpoint save, an evaluation or a slow link never look like a loss.
 
-- Every rank adds 1 to its key every `period` seconds from a daemon thread (its own TCPStore client, with a short
-  timeout, so a store that stops answering is noticed too).
+- Every rank adds 1 to its key every `period` seconds from a daemon thread (its own TCPStore client, every call bounded
+  in time, so a store that stops answering is noticed too).
 - Rank 0 reads every rank's counter; one that has not moved for `lost_after` seconds (distributed.peer_timeout_s,
   45 s; MFF_DS_PEER_TIMEOUT_S wins) is lost. Rank 0 publishes the verdict (first writer wins) and every rank that
   reads it ends: one line (LOST_LINE), the torch elastic error file when torchrun set one, exit LOST_PEER_EXIT.
