@@ -236,6 +236,16 @@ def test_rig_hosts_are_separate_and_its_faults_work(cluster):
     assert on("node1", "ssh", "node2", f"test ! -e /tmp/{mark} && hostname").strip() == "node2"
 
 
+def test_the_rig_keeps_the_folder_of_tmp_it_runs_from_visible_in_its_hosts(monkeypatch):
+    """Each host gets a fresh /tmp; a checkout (and its venv) in this machine's /tmp, as a fresh clone may be, is bound
+    back into every host at its own path, or no host could start a command from it (Cluster.boot)."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as d:
+        os.makedirs(os.path.join(d, "repo", "sub"))
+        monkeypatch.chdir(os.path.join(d, "repo", "sub"))
+        assert os.path.realpath(d) in rig.Cluster.kept()  # the folder directly in /tmp: the bind covers the tree
+        monkeypatch.chdir("/")
+
+
 def test_rig_left_by_a_killed_run_is_removed(cluster):
     """A rig whose process was SIGKILLed keeps its hosts (processes, namespaces, links, files); the next rig's sweep
     removes them, and only them (this module's rig lives on)."""
